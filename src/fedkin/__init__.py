@@ -1,0 +1,3 @@
+"""fedkin: personalized federated learning and estimation (generative view)."""
+
+__version__ = "0.1.0"
