@@ -1,0 +1,50 @@
+"""`fedkin` command line: one sub-command per job; each module registers its own parser.
+
+A sub-command module exposes ``register(subparsers)``, which adds a parser and sets
+``func=callable(args) -> int``. Benchmarks register under ``fedkin bench`` through
+``register_bench(bench_subparsers)``. A :class:`~fedkin.core.errors.UserError` anywhere
+below becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from fedkin.core.errors import UserError
+
+COMMAND_MODULES = ("fedkin.cli.run", "fedkin.cli.listing", "fedkin.estimation.cli")
+BENCH_MODULES = ("fedkin.bench.throughput", "fedkin.estimation.bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="fedkin", description="Personalized federated learning and estimation."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    bench = sub.add_parser("bench", help="measure speed and statistical performance")
+    bench_sub = bench.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    for name in BENCH_MODULES:
+        importlib.import_module(name).register_bench(bench_sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"fedkin: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedkin: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
