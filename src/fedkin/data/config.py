@@ -1,0 +1,121 @@
+"""Validated configs for datasets and partitioners (pydantic v2, discriminated by ``name``)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class IidPartition(_Strict):
+    """Uniformly random split; client sizes differ by at most one."""
+
+    name: Literal["iid"] = Field("iid", description="Partitioner name.")
+
+
+class DirichletPartition(_Strict):
+    """Label skew: each class is dealt to clients in Dir(alpha) proportions (Hsu et al. 2019)."""
+
+    name: Literal["dirichlet"] = Field("dirichlet", description="Partitioner name.")
+    alpha: float = Field(
+        0.3, gt=0, description="Dirichlet concentration; smaller means stronger label skew."
+    )
+    min_size: int = Field(
+        2,
+        ge=2,
+        description="Redraw until every client holds at least this many samples "
+        "(>= 2: one for train, one for test).",
+    )
+
+
+class PathologicalPartition(_Strict):
+    """Shard split (McMahan et al. 2017): each client holds at most k classes."""
+
+    name: Literal["pathological"] = Field("pathological", description="Partitioner name.")
+    classes_per_client: int = Field(
+        2, ge=1, description="Label-pure shards per client (an upper bound on its classes)."
+    )
+
+
+class QuantitySkewPartition(_Strict):
+    """IID labels with lognormal client sizes."""
+
+    name: Literal["quantity"] = Field("quantity", description="Partitioner name.")
+    sigma: float = Field(
+        1.0, ge=0, description="Std dev of the log client-size weights (0 gives equal sizes)."
+    )
+    min_size: int = Field(2, ge=2, description="Samples every client gets before the skew.")
+
+
+PartitionConfig = Annotated[
+    IidPartition | DirichletPartition | PathologicalPartition | QuantitySkewPartition,
+    Field(discriminator="name"),
+]
+
+
+class DigitsConfig(_Strict):
+    """scikit-learn's bundled 8x8 digits (1797 samples, 10 classes), pooled and partitioned."""
+
+    name: Literal["digits"] = Field("digits", description="Dataset name.")
+    num_clients: int = Field(100, gt=0, description="Number of clients.")
+    test_fraction: float = Field(
+        0.25, gt=0, lt=1, description="Share of each client's samples held out for testing."
+    )
+    partition: PartitionConfig = Field(
+        default_factory=lambda: DirichletPartition(alpha=0.3),
+        description="How the pooled samples are split among clients.",
+    )
+
+
+class SyntheticConfig(_Strict):
+    """Synthetic(alpha, beta) of the FedProx paper (Li et al. 2020), one generated client each."""
+
+    name: Literal["synthetic"] = Field("synthetic", description="Dataset name.")
+    num_clients: int = Field(30, gt=0, description="Number of clients.")
+    alpha: float = Field(
+        1.0, ge=0, description="Std dev of the per-client mean u_k of the model W_k, b_k."
+    )
+    beta: float = Field(
+        1.0, ge=0, description="Std dev of the per-client mean B_k of the feature mean v_k."
+    )
+    dim: int = Field(60, gt=0, description="Feature dimension.")
+    num_classes: int = Field(10, ge=2, description="Number of classes.")
+    iid: bool = Field(
+        False,
+        description="FedProx's Synthetic-IID: one shared model and zero feature mean for all "
+        "clients (alpha and beta are ignored).",
+    )
+    test_fraction: float = Field(
+        0.25, gt=0, lt=1, description="Share of each client's samples held out for testing."
+    )
+
+
+class FashionMnistConfig(_Strict):
+    """Fashion-MNIST from the standard IDX files (train + test pooled: 70,000 images)."""
+
+    name: Literal["fashion-mnist"] = Field("fashion-mnist", description="Dataset name.")
+    root: str = Field(
+        "/usr/share/datasets/fashion-mnist",
+        description="Directory with the four IDX files (.gz or uncompressed); "
+        "`apt-get install dataset-fashion-mnist` puts them in the default.",
+    )
+    num_clients: int = Field(20, gt=0, description="Number of clients.")
+    test_fraction: float = Field(
+        0.25, gt=0, lt=1, description="Share of each client's samples held out for testing."
+    )
+    partition: PartitionConfig = Field(
+        default_factory=lambda: DirichletPartition(alpha=0.1),
+        description="How the pooled samples are split among clients.",
+    )
+    max_samples: int | None = Field(
+        None, gt=0, description="Use a random subset of this many images (None: all)."
+    )
+
+
+DataConfig = Annotated[
+    DigitsConfig | SyntheticConfig | FashionMnistConfig, Field(discriminator="name")
+]

@@ -1,0 +1,221 @@
+"""`FederatedDataset`: one tensor store plus padded per-client train/test index tables.
+
+All samples of all clients live in ``x`` / ``y``. Client ``i`` owns the rows
+``train_index[i, :train_sizes[i]]`` (train) and ``test_index[i, :test_sizes[i]]`` (test);
+the tables are padded with ``-1``. Because the tables are rectangular, a whole cohort's
+batches are produced by one gather (``x[index_table[clients, …]]``) with no Python loop
+over clients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedkin.core.errors import DataError
+from fedkin.core.rng import Stream
+
+# Larger than any rng key (keys live in [0, 2**32)), so padded slots always sort last.
+_PAD_KEY = 2**33
+
+
+def pad_index(parts: Sequence[np.ndarray | torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack per-client index arrays into an int64 table ``[num_clients, max_len]`` padded
+    with ``-1``, and return it with the int64 sizes ``[num_clients]``."""
+    sizes = torch.tensor([len(p) for p in parts], dtype=torch.int64)
+    width = int(sizes.max()) if len(parts) else 0
+    table = torch.full((len(parts), width), -1, dtype=torch.int64)
+    if width:
+        flat = torch.cat([torch.as_tensor(np.asarray(p), dtype=torch.int64) for p in parts])
+        owner = torch.repeat_interleave(torch.arange(len(parts)), sizes)
+        starts = torch.cumsum(sizes, 0) - sizes
+        rank = torch.arange(len(flat)) - starts[owner]
+        table[owner, rank] = flat
+    return table, sizes
+
+
+def check_splits(train_sizes: torch.Tensor, test_sizes: torch.Tensor) -> None:
+    """Raise :class:`DataError` unless every client has ≥1 train and ≥1 test sample."""
+    bad_train = int((train_sizes < 1).sum())
+    bad_test = int((test_sizes < 1).sum())
+    if bad_train or bad_test:
+        raise DataError(
+            f"{bad_train} of {len(train_sizes)} clients have an empty train split and "
+            f"{bad_test} have an empty test split; every client needs at least 1 train and "
+            "1 test sample. Use fewer clients (data.num_clients), a more even partition "
+            "(larger data.partition.alpha) or a larger data.partition.min_size."
+        )
+
+
+def _gather_padded(
+    x: torch.Tensor, y: torch.Tensor, table: torch.Tensor, sizes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of a padded index table (already selected for a cohort), cut to the cohort's
+    largest size; padded slots get x = 0, y = 0 and mask = False."""
+    width = int(sizes.max()) if len(sizes) else 0
+    idx = table[:, :width]
+    mask = idx >= 0
+    safe = idx.clamp(min=0)
+    xs = x[safe] * mask.view(*mask.shape, *([1] * (x.dim() - 1))).to(x.dtype)
+    ys = torch.where(mask, y[safe], torch.zeros((), dtype=y.dtype))
+    return xs, ys, mask
+
+
+@dataclass
+class FederatedDataset:
+    """Samples of all clients in one store, with per-client padded train/test index tables.
+
+    ``x``: float32 ``[N, *feature_shape]``; ``y``: int64 ``[N]`` in ``[0, num_classes)``;
+    ``train_index`` / ``test_index``: int64 ``[num_clients, max_size]`` padded with ``-1``;
+    ``train_sizes`` / ``test_sizes``: int64 ``[num_clients]``; ``image_shape``: ``(C, H, W)``
+    view of one sample for CNNs (``None`` for tabular data).
+    """
+
+    name: str
+    x: torch.Tensor
+    y: torch.Tensor
+    num_classes: int
+    train_index: torch.Tensor
+    train_sizes: torch.Tensor
+    test_index: torch.Tensor
+    test_sizes: torch.Tensor
+    image_shape: tuple[int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.x.dtype != torch.float32 or self.y.dtype != torch.int64:
+            raise TypeError(f"x must be float32 and y int64, got {self.x.dtype} and {self.y.dtype}")
+        if len(self.x) != len(self.y):
+            raise ValueError(f"x has {len(self.x)} rows but y has {len(self.y)}")
+        if self.image_shape is not None and int(np.prod(self.image_shape)) != int(
+            np.prod(self.feature_shape)
+        ):
+            raise ValueError(
+                f"image_shape {self.image_shape} does not match feature shape {self.feature_shape}"
+            )
+        check_splits(self.train_sizes, self.test_sizes)
+
+    @classmethod
+    def from_parts(
+        cls,
+        name: str,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        num_classes: int,
+        train_parts: Sequence[np.ndarray | torch.Tensor],
+        test_parts: Sequence[np.ndarray | torch.Tensor],
+        image_shape: tuple[int, int, int] | None = None,
+    ) -> FederatedDataset:
+        """Build from per-client lists of row indices into ``x`` / ``y``."""
+        train_index, train_sizes = pad_index(train_parts)
+        test_index, test_sizes = pad_index(test_parts)
+        return cls(
+            name, x, y, num_classes, train_index, train_sizes, test_index, test_sizes, image_shape
+        )
+
+    @property
+    def num_clients(self) -> int:
+        """Number of clients."""
+        return int(self.train_index.shape[0])
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's features, as stored in ``x``."""
+        return tuple(self.x.shape[1:])
+
+    def client_train(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """All train samples ``(x, y)`` of client ``i``."""
+        idx = self.train_index[i, : int(self.train_sizes[i])]
+        return self.x[idx], self.y[idx]
+
+    def client_test(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """All test samples ``(x, y)`` of client ``i``."""
+        idx = self.test_index[i, : int(self.test_sizes[i])]
+        return self.x[idx], self.y[idx]
+
+    def sample_train_batches(
+        self, clients: torch.Tensor, stream: Stream, round: int, steps: int, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Minibatches for ``steps`` local steps of every client in a cohort, step-major.
+
+        For client ``c`` with ``n`` train samples, the epoch order in round ``r`` is
+        ``perm = argsort(stream.keys(r, c, p) for p < n)``; step ``s``, slot ``j`` takes train
+        position ``perm[(s·B + j) mod n]``. So a client sees no repeat until it has seen all of
+        its data (sampling without replacement, wrapping into a new pass of the same order),
+        and the batches depend only on (seed, round, client id) — never on which other clients
+        are in the cohort or on their order. One vectorized gather, no loop over clients.
+
+        Returns ``x [steps, K, B, *feature_shape]`` and ``y [steps, K, B]``.
+        """
+        clients = torch.as_tensor(clients, dtype=torch.int64, device=self.train_index.device)
+        sizes = self.train_sizes[clients]  # [K]
+        width = int(sizes.max()) if len(clients) else 0
+        table = self.train_index[clients, :width]  # [K, M]
+        positions = torch.arange(width, device=table.device)
+        keys = stream.keys(round, clients[:, None], positions[None, :]).to(table.device)
+        keys = torch.where(positions[None, :] < sizes[:, None], keys, _PAD_KEY)
+        perm = torch.argsort(keys, dim=1, stable=True)  # [K, M]; valid positions first
+        slots = torch.arange(steps * batch_size, device=table.device)
+        order = torch.gather(perm, 1, slots[None, :] % sizes[:, None])  # [K, S·B]
+        rows = torch.gather(table, 1, order).view(len(clients), steps, batch_size)
+        rows = rows.transpose(0, 1)  # [S, K, B]
+        return self.x[rows], self.y[rows]
+
+    def test_batches(
+        self, clients: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every test sample of a cohort, padded to the largest test split among ``clients``:
+        ``x [K, T, *feature_shape]``, ``y [K, T]``, ``mask [K, T]`` (bool; padded slots hold
+        x = 0, y = 0, mask = False)."""
+        clients = torch.as_tensor(clients, dtype=torch.int64, device=self.test_index.device)
+        return _gather_padded(self.x, self.y, self.test_index[clients], self.test_sizes[clients])
+
+    def train_batches(
+        self, clients: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every train sample of a cohort, padded like :meth:`test_batches`."""
+        clients = torch.as_tensor(clients, dtype=torch.int64, device=self.train_index.device)
+        return _gather_padded(self.x, self.y, self.train_index[clients], self.train_sizes[clients])
+
+    def label_counts(self, split: str = "train") -> torch.Tensor:
+        """Per-client label histogram, int64 ``[num_clients, num_classes]``, of the ``"train"``,
+        ``"test"`` or ``"all"`` split."""
+        tables = {"train": [self.train_index], "test": [self.test_index]}
+        tables["all"] = tables["train"] + tables["test"]
+        if split not in tables:
+            raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+        counts = torch.zeros(self.num_clients, self.num_classes, dtype=torch.int64)
+        for table in tables[split]:
+            mask = table >= 0
+            labels = torch.where(mask, self.y[table.clamp(min=0)], 0)
+            counts.scatter_add_(1, labels, mask.to(torch.int64))
+        return counts
+
+    def summary(self) -> dict[str, object]:
+        """Sizes and heterogeneity at a glance (plain Python values, JSON-serializable)."""
+
+        def stats(sizes: torch.Tensor) -> dict[str, float]:
+            s = sizes.to(torch.float64)
+            return {
+                "min": int(s.min()),
+                "median": float(torch.quantile(s, 0.5)),
+                "max": int(s.max()),
+                "mean": float(s.mean()),
+            }
+
+        classes_per_client = (self.label_counts("all") > 0).sum(dim=1).to(torch.float64)
+        return {
+            "name": self.name,
+            "num_clients": self.num_clients,
+            "num_samples": len(self.x),
+            "num_train": int(self.train_sizes.sum()),
+            "num_test": int(self.test_sizes.sum()),
+            "num_classes": self.num_classes,
+            "feature_shape": list(self.feature_shape),
+            "image_shape": list(self.image_shape) if self.image_shape else None,
+            "train_size": stats(self.train_sizes),
+            "test_size": stats(self.test_sizes),
+            "mean_classes_per_client": float(classes_per_client.mean()),
+        }
