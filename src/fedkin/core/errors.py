@@ -2,7 +2,7 @@
 
 
 class UserError(Exception):
-    """Bad input from the user: a config key, a file, a flag. The message says what and how to fix it."""
+    """Bad input from the user (a config key, a file, a flag); the message says how to fix it."""
 
 
 class ConfigError(UserError):

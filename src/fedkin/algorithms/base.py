@@ -1,0 +1,138 @@
+"""The algorithm interface: a prior, a local solver and a population update.
+
+In the generative view, population parameters Γ generate client parameters θ_i ~ p(θ | Γ),
+which generate data D_i ~ p(D | θ_i). A client solves the MAP problem
+
+    min_θ  L_i(θ; D_i) + R(θ; Γ),        R = −log p(θ | Γ)  (scaled),
+
+and the server re-estimates Γ from what clients send. An :class:`Algorithm` is exactly these
+pieces, written as pure functions of trees of tensors so the engine can ``vmap`` them over a
+cohort (or call them one client at a time):
+
+* ``init_population(params) -> Γ``               the population state (e.g. ``{"global": w}``)
+* ``init_client(Γ) -> s_i``                      persistent per-client state (personal model, …)
+* ``client_update(Γ, s_i, batches, ctx) -> (message, s_i', metrics)``   the local solver
+* ``population_update(Γ, aggregate, server) -> Γ'``                      the population update
+* ``personal_params(Γ, s_i) -> θ_i``              the model client i uses for its own predictions
+
+Messages travel through the channel (non-finite rejection, clipping, compression, noise,
+aggregation) before ``population_update`` sees their aggregate. Algorithms never touch
+threads, files or networks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel
+from torch import nn
+from torch.func import functional_call, grad
+
+from fedkin.core.tree import Tree, tree_map, tree_sub
+from fedkin.optim import Optimizer
+
+
+class ServerStep:
+    """Applies the server optimizer to population parameters with a pseudo-gradient (FedOpt).
+
+    With SGD(lr=1, momentum=0) and pseudo-gradient −Δ̄ this is plain FedAvg: w ← w + Δ̄.
+    The optimizer state lives in ``state`` and is checkpointed with the run.
+    """
+
+    def __init__(self, optimizer: Optimizer) -> None:
+        self.optimizer = optimizer
+        self.state: dict[str, Tree] = {}
+
+    def __call__(self, key: str, params: Tree, pseudo_grad: Tree) -> Tree:
+        state = self.state.get(key)
+        if state is None:
+            state = self.optimizer.init(params)
+        new, self.state[key] = self.optimizer.update(pseudo_grad, state, params)
+        return new
+
+
+class Algorithm:
+    """Base class; subclasses set ``name``, ``Config`` and override the pieces they change."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[BaseModel]]
+    #: False for algorithms without a population model (Local): global metrics are skipped.
+    has_global_model: ClassVar[bool] = True
+
+    def __init__(
+        self, config: BaseModel, model: nn.Module, client_optimizer: Optimizer, local_steps: int
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.client_optimizer = client_optimizer
+        self.local_steps = local_steps
+
+    # ----- the model as a function -------------------------------------------------------
+    def logits(self, params: Tree, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, params, (x,))
+
+    def data_loss(self, params: Tree, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """L_i(θ; batch): mean cross-entropy −log p(y | x, θ)."""
+        return F.cross_entropy(self.logits(params, x), y)
+
+    # ----- shared local solver -------------------------------------------------------------
+    def local_solve(
+        self,
+        params: Tree,
+        objective: Any,
+        batches: tuple[torch.Tensor, torch.Tensor],
+        optimizer: Optimizer | None = None,
+        opt_state: Tree | None = None,
+        steps: int | None = None,
+    ) -> tuple[Tree, Tree, torch.Tensor]:
+        """Run ``steps`` optimizer steps on ``objective(params, x, y) -> (total, data_loss)``.
+
+        ``batches`` are ``(xs [S, B, …], ys [S, B])``; step s uses batch ``s mod S``.
+        Returns the new parameters, the optimizer state and the mean data loss over steps.
+        """
+        optimizer = optimizer or self.client_optimizer
+        state = optimizer.init(params) if opt_state is None else opt_state
+        xs, ys = batches
+        steps = self.local_steps if steps is None else steps
+        grad_fn = grad(objective, has_aux=True)
+        loss_sum = torch.zeros(())
+        for s in range(steps):
+            b = s % xs.shape[0]
+            g, data_loss = grad_fn(params, xs[b], ys[b])
+            params, state = optimizer.update(g, state, params)
+            loss_sum = loss_sum + data_loss.detach()
+        return params, state, loss_sum / max(steps, 1)
+
+    def plain_objective(self, params: Tree, x: torch.Tensor, y: torch.Tensor):
+        """Objective without a prior: (L_i, L_i)."""
+        loss = self.data_loss(params, x, y)
+        return loss, loss
+
+    # ----- the three pieces ----------------------------------------------------------------
+    def init_population(self, params: Tree) -> Tree:
+        return {"global": params}
+
+    def init_client(self, population: Tree) -> Tree:
+        return {}
+
+    def client_update(
+        self, population: Tree, client: Tree, batches: tuple[torch.Tensor, torch.Tensor], ctx: Tree
+    ) -> tuple[Tree, Tree, Tree]:
+        raise NotImplementedError(f"{type(self).__name__} must define its local solver")
+
+    def population_update(self, population: Tree, aggregate: Tree, server: ServerStep) -> Tree:
+        """Default: w ← ServerOpt(w, pseudo-gradient −Δ̄) for the averaged model delta Δ̄."""
+        if "delta" not in aggregate:
+            return population
+        pseudo_grad = tree_map(torch.neg, aggregate["delta"])
+        return {**population, "global": server("global", population["global"], pseudo_grad)}
+
+    def personal_params(self, population: Tree, client: Tree) -> Tree:
+        return population["global"]
+
+    # ----- helpers shared by subclasses ---------------------------------------------------
+    @staticmethod
+    def delta_message(new_params: Tree, old_params: Tree) -> Tree:
+        return {"delta": tree_sub(new_params, old_params)}

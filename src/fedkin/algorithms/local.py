@@ -1,0 +1,40 @@
+"""Local-only training: no collaboration.
+
+Prior: flat (independent clients), R = 0.
+Local solver: K optimizer steps on L_i(θ_i) from the client's own persistent θ_i (initialized
+from the shared initial model); the client's optimizer state persists too. No message.
+Population update: none.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from fedkin.algorithms.base import Algorithm
+from fedkin.core.tree import Tree
+
+
+class LocalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["local"] = "local"
+
+
+class Local(Algorithm):
+    name = "local"
+    Config = LocalConfig
+    has_global_model = False
+
+    def init_client(self, population: Tree) -> Tree:
+        theta = population["global"]
+        return {"params": theta, "opt": self.client_optimizer.init(theta)}
+
+    def client_update(self, population: Tree, client: Tree, batches, ctx: Tree):
+        theta, opt, loss = self.local_solve(
+            client["params"], self.plain_objective, batches, opt_state=client["opt"]
+        )
+        return {}, {"params": theta, "opt": opt}, {"train_loss": loss}
+
+    def personal_params(self, population: Tree, client: Tree) -> Tree:
+        return client["params"]

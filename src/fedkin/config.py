@@ -1,0 +1,229 @@
+"""The experiment configuration: one validated pydantic schema, YAML plus ``key=value`` overrides.
+
+Errors never reach the user as a traceback: :func:`load_config` turns every validation
+problem into one line that names the dotted key and what is allowed (the accepted names of a
+variant, the allowed keys of a section, or the constraint), raised as ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedkin.algorithms import ALGORITHMS
+from fedkin.core.errors import ConfigError
+from fedkin.data.config import DataConfig, DigitsConfig
+from fedkin.engine import EngineConfig
+from fedkin.models import MlpConfig, ModelConfig
+from fedkin.optim import OptimizerConfig, SgdConfig
+
+AlgorithmConfig = Annotated[
+    Union[tuple(cls.Config for cls in ALGORITHMS.values())],  # noqa: UP007 (built at import)
+    Field(discriminator="name"),
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ClientConfig(_Section):
+    local_steps: int = Field(
+        5, ge=1, description="local optimizer steps per round (one batch each)"
+    )
+    batch_size: int = Field(16, ge=1, description="samples per local batch")
+    optimizer: OptimizerConfig = Field(default_factory=lambda: SgdConfig(lr=0.1))
+
+
+class ServerConfig(_Section):
+    optimizer: OptimizerConfig = Field(
+        default_factory=lambda: SgdConfig(lr=1.0),
+        description="server optimizer on the pseudo-gradient −Δ̄ (sgd lr=1: FedAvg; adam: FedAdam)",
+    )
+
+
+class CohortConfig(_Section):
+    clients_per_round: int = Field(
+        10, ge=1, description="clients sampled (without replacement) per round"
+    )
+    weighting: Literal["samples", "uniform"] = Field(
+        "samples", description="aggregation weights: by train samples n_i, or equal"
+    )
+
+
+class EvalConfig(_Section):
+    every: int = Field(5, ge=1, description="evaluate every N rounds (and always after the last)")
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(1, ge=1, description="write the checkpoint every N rounds")
+
+
+class ExperimentConfig(_Section):
+    name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$", description="run name")
+    seed: int = Field(
+        0, ge=0, description="seed: all randomness derives from (seed, round, client)"
+    )
+    rounds: int = Field(30, ge=1, description="communication rounds")
+    data: DataConfig = Field(default_factory=DigitsConfig)
+    model: ModelConfig = Field(default_factory=MlpConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=lambda: ALGORITHMS["fedavg"].Config())
+    client: ClientConfig = Field(default_factory=ClientConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    cohort: CohortConfig = Field(default_factory=CohortConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _cohort_fits(self) -> ExperimentConfig:
+        if self.cohort.clients_per_round > self.data.num_clients:
+            raise ValueError(
+                f"cohort.clients_per_round={self.cohort.clients_per_round} exceeds "
+                f"data.num_clients={self.data.num_clients}; allowed: 1..{self.data.num_clients}"
+            )
+        return self
+
+
+# ----- loading --------------------------------------------------------------------------------
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` → nested dict; values are parsed as YAML scalars/lists."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. rounds=10)")
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {p!r}")
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from None
+    return out
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in update.items():
+        merged[k] = (
+            deep_merge(merged[k], v)
+            if isinstance(v, dict) and isinstance(merged.get(k), dict)
+            else v
+        )
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"config file {str(path)!r} must be a mapping of keys, got {type(raw).__name__}"
+        )
+    return raw
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> ExperimentConfig:
+    raw = read_yaml(path) if path else {}
+    raw = deep_merge(raw, parse_overrides(overrides or []))
+    return validate_config(raw)
+
+
+def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+# ----- error messages ---------------------------------------------------------------------------
+
+
+def _variants(annotation: Any) -> dict[str, type[BaseModel]]:
+    """Models a field may hold, keyed by their ``name`` tag ("" for a single untagged model)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return {"": annotation}
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _variants(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        out = {}
+        for member in typing.get_args(annotation):
+            if (
+                isinstance(member, type)
+                and issubclass(member, BaseModel)
+                and "name" in member.model_fields
+            ):
+                out[member.model_fields["name"].default] = member
+        return out
+    return {}
+
+
+def _walk(loc: tuple[Any, ...]) -> tuple[str, type[BaseModel] | None]:
+    """Dotted user-facing path of a pydantic error location (union tags dropped) and the
+    model class that contains its last key."""
+    cls: type[BaseModel] | None = ExperimentConfig
+    parent: type[BaseModel] | None = ExperimentConfig
+    names: list[str] = []
+    i = 0
+    while i < len(loc):
+        key = loc[i]
+        i += 1
+        names.append(str(key))
+        parent = cls
+        if cls is None or key not in cls.model_fields:
+            cls = None
+            continue
+        variants = _variants(cls.model_fields[key].annotation)
+        if "" in variants:
+            cls = variants[""]
+        elif variants and i < len(loc) and loc[i] in variants:
+            cls = variants[loc[i]]
+            i += 1
+        else:
+            cls = None
+    return ".".join(names), parent
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path, parent = _walk(tuple(e["loc"]))
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            allowed = ", ".join(parent.model_fields) if parent else "?"
+            lines.append(f"unknown key '{path}'; allowed keys here: {allowed}")
+        elif kind in ("union_tag_invalid", "union_tag_not_found"):
+            expected = e.get("ctx", {}).get("expected_tags", "")
+            got = e.get("ctx", {}).get("tag")
+            what = f"'{got}' is not one of" if got is not None else "is required; one of"
+            lines.append(f"{path}.name: {what}: {expected}")
+        elif kind == "value_error":
+            lines.append(str(e["msg"]).removeprefix("Value error, "))
+        else:
+            lines.append(f"{path}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid config: " + "; ".join(lines)
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,149 @@
+"""Trackers: subscribers to a run's records (console progress, metrics.jsonl, summary, plots)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+PLOT = "metrics.png"
+
+
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_records(run_dir: Path, last_round: int) -> None:
+    """Drop records after ``last_round`` (those of rounds the checkpoint does not cover)."""
+    kept = [r for r in read_records(run_dir) if r["round"] <= last_round]
+    (Path(run_dir) / METRICS).write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+class JsonlTracker:
+    """Appends one JSON line per record to ``metrics.jsonl``; writes ``summary.json`` at the end."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+
+    def start(self, info: dict[str, Any]) -> None:
+        self._file = open(self.run_dir / METRICS, "a")  # noqa: SIM115 (closed in finish)
+
+    def record(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        self._file.close()
+        (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+class PlotTracker:
+    """Writes ``metrics.png``: train loss and accuracies over rounds, from ``metrics.jsonl``."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+
+    def start(self, info: dict[str, Any]) -> None: ...
+
+    def record(self, record: dict[str, Any]) -> None: ...
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        plot_run(self.run_dir)
+
+
+def plot_run(run_dir: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_records(run_dir)
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot([r["round"] for r in train], [r["train_loss"] for r in train])
+    ax_loss.set(xlabel="round", ylabel="train loss (clients' mean)", title="local training loss")
+    for key, label in [
+        ("global_acc_weighted", "global model"),
+        ("personal_acc_mean", "personal (mean over clients)"),
+        ("personal_acc_p10", "personal (10th percentile)"),
+    ]:
+        pts = [(r["round"], r[key]) for r in evals if key in r]
+        if pts:
+            ax_acc.plot(*zip(*pts, strict=True), marker="o", label=label)
+    ax_acc.set(xlabel="round", ylabel="test accuracy", title="accuracy on clients' test splits")
+    ax_acc.legend()
+    fig.tight_layout()
+    out = Path(run_dir) / PLOT
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+class ConsoleTracker:
+    """Live progress bar (round, elapsed, ETA, current metrics) and a final summary table."""
+
+    SHOWN = ("train_loss", "global_acc_weighted", "personal_acc_mean", "rejected_updates")
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self.latest: dict[str, Any] = {}
+
+    def start(self, info: dict[str, Any]) -> None:
+        ds = info["dataset"]
+        self.console.print(
+            f"[bold]{info['name']}[/]: {ds.get('name', '')} with "
+            f"{ds.get('num_clients', '?')} clients; run directory [cyan]{info['run_dir']}[/]"
+        )
+        self.progress = Progress(
+            TextColumn("round {task.completed}/{task.total}"),
+            BarColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[metrics]}"),
+            console=self.console,
+            transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(
+            "train", total=info["rounds"], completed=info["start_round"], metrics=""
+        )
+
+    def record(self, record: dict[str, Any]) -> None:
+        self.latest.update({k: v for k, v in record.items() if k in self.SHOWN})
+        text = "  ".join(f"{k}={_fmt(v)}" for k, v in self.latest.items())
+        self.progress.update(self.task, completed=record["round"], metrics=text)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        self.progress.stop()
+        self.console.print(summary_table(summary))
+
+    def abort(self) -> None:
+        self.progress.stop()
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    table = Table(title=f"fedkin run: {summary.get('name', '')} ({summary.get('algorithm', '')})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in summary.items():
+        if k not in ("name", "algorithm"):
+            table.add_row(k, _fmt(v))
+    return table
