@@ -77,7 +77,10 @@ class SyntheticConfig(_Strict):
     name: Literal["synthetic"] = Field("synthetic", description="Dataset name.")
     num_clients: int = Field(30, gt=0, description="Number of clients.")
     alpha: float = Field(
-        1.0, ge=0, description="Std dev of the per-client mean u_k of the model W_k, b_k."
+        1.0,
+        ge=0,
+        description="Std dev of the per-client mean u_k of the model W_k, b_k (shifts all "
+        "logits of a client equally, so it does not change the labels).",
     )
     beta: float = Field(
         1.0, ge=0, description="Std dev of the per-client mean B_k of the feature mean v_k."

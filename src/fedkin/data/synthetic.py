@@ -18,6 +18,11 @@ std 0.5 (variance 0.25). ``iid=True`` is the reference Synthetic-IID (``generate
 one shared ``W, b ~ N(0, 1)`` and ``v_k = 0`` for every client; α and β are then ignored
 (the general script would use ``v_k = B_k·1``, which is 0 at its IID setting β = 0).
 
+Note that α does not change the data at all: ``u_k`` adds ``u_k·(1 + Σ_j x_j)`` to *every*
+logit of client ``k`` alike, so the argmax — the label — is the same for any α (true of the
+paper's definition and of the reference code; here the same seed gives identical (x, y) for
+every α). Heterogeneity comes from β (feature shift) and the per-client model noise.
+
 Each client's draws use its own generator seeded from ``stream.child("client").keys(k)``,
 so client ``k``'s data does not depend on ``num_clients`` and no global RNG is touched.
 The natural partition is kept (one generated client = one client); each client is split
