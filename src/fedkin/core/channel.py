@@ -28,6 +28,8 @@ def finite_rows(tree: Tree, size: int) -> torch.Tensor:
 def reject_nonfinite(messages: Tree, weights: torch.Tensor) -> tuple[Tree, torch.Tensor, dict]:
     """Give zero weight to messages containing NaN/Inf and zero them so they cannot leak in."""
     ok = finite_rows(messages, len(weights))
+    if ok.all():
+        return messages, weights, {"rejected_updates": 0.0}
     cleaned = tree_map(
         lambda t: torch.where(ok.reshape(-1, *([1] * (t.dim() - 1))), t, torch.zeros_like(t)),
         messages,

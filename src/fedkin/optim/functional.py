@@ -29,11 +29,11 @@ def sgd(lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> Optimize
 
     def update(grads: Tree, state: Tree, params: Tree) -> tuple[Tree, Tree]:
         if weight_decay:
-            grads = tree_map(lambda g, p: g + weight_decay * p, grads, params)
+            grads = tree_map(lambda g, p: g.add(p, alpha=weight_decay), grads, params)
         if momentum:
-            m = tree_map(lambda m, g: momentum * m + g, state["m"], grads)
-            return tree_map(lambda p, d: p - lr * d, params, m), {"m": m}
-        return tree_map(lambda p, g: p - lr * g, params, grads), state
+            m = tree_map(lambda m, g: g.add(m, alpha=momentum), state["m"], grads)
+            return tree_map(lambda p, d: p.add(d, alpha=-lr), params, m), {"m": m}
+        return tree_map(lambda p, g: p.add(g, alpha=-lr), params, grads), state
 
     return Optimizer(init, update)
 
