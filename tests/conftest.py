@@ -1,0 +1,65 @@
+"""Shared fixtures for the foundation tests: tiny experiment configs and the CLI entry point."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import pytest
+
+# A tiny but complete experiment: 20 digits clients, 5 per round, a 16-unit MLP, 2 local steps.
+# Every variant section names its variant explicitly (data.name, model.name, …), so these
+# overrides do not depend on how partial variant sections are defaulted.
+TINY = [
+    "data.name=digits",
+    "data.num_clients=20",
+    "data.partition.name=iid",
+    "cohort.clients_per_round=5",
+    "model.name=mlp",
+    "model.hidden=[16]",
+    "client.local_steps=2",
+    "client.batch_size=8",
+    "rounds=3",
+]
+
+
+def tiny(*extra: str) -> list[str]:
+    """The tiny overrides followed by ``extra`` (later overrides win)."""
+    return [*TINY, *extra]
+
+
+def tiny_config(*extra: str):
+    from fedkin.config import load_config
+
+    return load_config(None, tiny(*extra))
+
+
+def drop_timings(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records without wall-clock fields (keys ending in ``_s``)."""
+    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records]
+
+
+def _usable(module: str, hook: str) -> bool:
+    try:
+        return hasattr(importlib.import_module(module), hook)
+    except ImportError:
+        return False
+
+
+@pytest.fixture
+def cli(monkeypatch):
+    """``fedkin.cli.main.main``; sub-command modules that other engineers have not written yet
+    are left out of the parser (once they exist the real parser is used unchanged)."""
+    from fedkin.cli import main as cli_main
+
+    monkeypatch.setattr(
+        cli_main,
+        "COMMAND_MODULES",
+        tuple(m for m in cli_main.COMMAND_MODULES if _usable(m, "register")),
+    )
+    monkeypatch.setattr(
+        cli_main,
+        "BENCH_MODULES",
+        tuple(m for m in cli_main.BENCH_MODULES if _usable(m, "register_bench")),
+    )
+    return cli_main.main
