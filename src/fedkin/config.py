@@ -64,6 +64,11 @@ class CheckpointConfig(_Section):
     every: int = Field(1, ge=1, description="write the checkpoint every N rounds")
 
 
+class ClientModelGroup(_Section):
+    model: ModelConfig = Field(description="architecture of this group's personal models")
+    fraction: float = Field(gt=0, le=1, description="share of the clients in this group")
+
+
 class ExperimentConfig(_Section):
     name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$", description="run name")
     seed: int = Field(
@@ -72,6 +77,10 @@ class ExperimentConfig(_Section):
     rounds: int = Field(30, ge=1, description="communication rounds")
     data: DataConfig = Field(default_factory=DigitsConfig)
     model: ModelConfig = Field(default_factory=MlpConfig)
+    client_models: list[ClientModelGroup] = Field(
+        default_factory=list,
+        description="personal architectures by client group (empty: every client uses `model`)",
+    )
     algorithm: AlgorithmConfig = Field(default_factory=lambda: ALGORITHMS["fedavg"].Config())
     client: ClientConfig = Field(default_factory=ClientConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
@@ -87,6 +96,17 @@ class ExperimentConfig(_Section):
                 f"cohort.clients_per_round={self.cohort.clients_per_round} exceeds "
                 f"data.num_clients={self.data.num_clients}; allowed: 1..{self.data.num_clients}"
             )
+        if self.client_models:
+            total = sum(g.fraction for g in self.client_models)
+            if abs(total - 1.0) > 1e-6:
+                raise ValueError(f"client_models fractions must sum to 1, got {total:g}")
+            algorithm = ALGORITHMS[self.algorithm.name]
+            if not algorithm.supports_model_groups:
+                allowed = ", ".join(n for n, a in ALGORITHMS.items() if a.supports_model_groups)
+                raise ValueError(
+                    f"algorithm.name={self.algorithm.name} needs one architecture for all clients; "
+                    f"client_models works with: {allowed}"
+                )
         return self
 
 

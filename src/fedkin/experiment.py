@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,32 +41,85 @@ class Tracker(Protocol):
     def finish(self, summary: dict[str, Any]) -> None: ...
 
 
+@dataclass
+class ClientGroup:
+    """Clients sharing one personal architecture: its algorithm instance and state store.
+
+    Row ``j`` of ``store`` is client ``members[j]`` (members sorted ascending).
+    """
+
+    algorithm: Algorithm
+    members: torch.Tensor
+    store: ClientStore
+
+    def rows(self, clients: torch.Tensor) -> torch.Tensor:
+        return torch.searchsorted(self.members, clients)
+
+
+def _take(tree: Any, positions: torch.Tensor, dim: int) -> Any:
+    """Select clients ``positions`` along ``dim`` of every tensor in a tree/tuple."""
+    if isinstance(tree, dict):
+        return {k: _take(v, positions, dim) for k, v in tree.items()}
+    if isinstance(tree, tuple):
+        return tuple(_take(v, positions, dim) for v in tree)
+    return tree.index_select(dim, positions)
+
+
+def _cat(parts: list[Any]) -> Any:
+    if isinstance(parts[0], dict):
+        return {k: _cat([p[k] for p in parts]) for k in parts[0]}
+    return torch.cat(parts)
+
+
 class Experiment:
-    """Holds the live state of a run (population, client store, server state, round)."""
+    """Holds the live state of a run (population, client groups and stores, server, round)."""
 
     def __init__(self, config: ExperimentConfig) -> None:
         self.config = config
         self.stream = Stream(config.seed)
         self.dataset = build_dataset(config.data, config.seed)
-        ds = self.dataset
-        self.model = build_model(
-            config.model, ds.feature_shape, ds.image_shape, ds.num_classes, seed=config.seed
-        )
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.algorithm: Algorithm = ALGORITHMS[config.algorithm.name](
-            config.algorithm,
-            self.model,
-            config.client.optimizer.build(),
-            config.client.local_steps,
-        )
         self.engine = config.engine.build()
-        init = {k: v.detach().clone() for k, v in self.model.named_parameters()}
-        self.population: Tree = self.algorithm.init_population(init)
-        self.store = ClientStore(self.algorithm.init_client(self.population), ds.num_clients)
+        self.groups = self._build_groups()
+        self.algorithm: Algorithm = self.groups[0].algorithm
+        self.model = self.algorithm.model
+        self.population: Tree = self.algorithm.init_population(self.algorithm.initial_params())
+        for group in self.groups:
+            group.store = ClientStore(
+                group.algorithm.init_client(self.population), len(group.members)
+            )
         self.server = ServerStep(config.server.optimizer.build())
         self.channel = Channel()
         self.round = 0  # rounds completed
+
+    def _build_groups(self) -> list[ClientGroup]:
+        """One group per personal architecture; clients are assigned by a seeded permutation."""
+        cfg, ds = self.config, self.dataset
+        n = ds.num_clients
+        specs = [(g.model, g.fraction) for g in cfg.client_models] or [(cfg.model, 1.0)]
+        order = torch.argsort(self.stream.child("model-groups").keys(torch.arange(n)))
+        bounds = [round(n * sum(f for _, f in specs[: g + 1])) for g in range(len(specs))]
+        groups, start = [], 0
+        for g, ((model_cfg, _), stop) in enumerate(zip(specs, bounds, strict=True)):
+            seed = cfg.seed if g == 0 else cfg.seed + 7919 * g
+            model = build_model(model_cfg, ds.feature_shape, ds.image_shape, ds.num_classes, seed)
+            model.requires_grad_(False)
+            algorithm = ALGORITHMS[cfg.algorithm.name](
+                cfg.algorithm, model, cfg.client.optimizer.build(), cfg.client.local_steps
+            )
+            members = order[start:stop].sort().values
+            groups.append(ClientGroup(algorithm, members, store=None))  # type: ignore[arg-type]
+            start = stop
+        self.group_of = torch.empty(n, dtype=torch.long)
+        for g, group in enumerate(groups):
+            self.group_of[group.members] = g
+        return groups
+
+    @property
+    def store(self) -> ClientStore:
+        """The client store when all clients share one architecture."""
+        if len(self.groups) != 1:
+            raise AttributeError("this experiment has several client groups; use .groups[g].store")
+        return self.groups[0].store
 
     # ----- one round ----------------------------------------------------------------------------
     def sample_cohort(self, round_: int) -> torch.Tensor:
@@ -82,16 +136,30 @@ class Experiment:
         )
         n_i = ds.train_sizes[cohort].to(torch.float32)
         ctx = {"client_id": cohort, "num_samples": n_i, "round": torch.full_like(cohort, r)}
-        messages, states, metrics = self.engine.map(
-            self.algorithm.client_update,
-            (self.population, self.store.gather(cohort), batches, ctx),
-            (None, 0, 1, 0),
-        )
-        k = len(cohort)
-        ok = finite_rows(messages, k) & finite_rows(states, k) & finite_rows(metrics, k)
-        self.store.scatter(cohort, states, keep=ok)
-        weights = (n_i if cfg.cohort.weighting == "samples" else torch.ones(k)) * ok
-        aggregate, channel_metrics = self.channel(messages, weights)
+        weights = n_i if cfg.cohort.weighting == "samples" else torch.ones(len(cohort))
+        messages, oks, losses, kept_weights = [], [], [], []
+        for g, group in enumerate(self.groups):
+            pos = torch.nonzero(self.group_of[cohort] == g).squeeze(1)
+            if len(pos) == 0:
+                continue
+            whole = len(pos) == len(cohort)
+            sub_batches = batches if whole else _take(batches, pos, 1)
+            sub_ctx = ctx if whole else _take(ctx, pos, 0)
+            rows = group.rows(cohort[pos])
+            msg, states, metrics = self.engine.map(
+                group.algorithm.client_update,
+                (self.population, group.store.gather(rows), sub_batches, sub_ctx),
+                (None, 0, 1, 0),
+            )
+            k = len(pos)
+            ok = finite_rows(msg, k) & finite_rows(states, k) & finite_rows(metrics, k)
+            group.store.scatter(rows, states, keep=ok)
+            messages.append(msg)
+            oks.append(ok)
+            losses.append(metrics["train_loss"][ok])
+            kept_weights.append(weights[pos] * ok)
+        ok = torch.cat(oks)
+        aggregate, channel_metrics = self.channel(_cat(messages), torch.cat(kept_weights))
         if ok.any():
             self.population = self.algorithm.population_update(
                 self.population, aggregate, self.server
@@ -103,11 +171,11 @@ class Experiment:
                 f"The last good checkpoint is round {self.round}."
             )
         self.round += 1
-        loss = metrics["train_loss"][ok]
+        loss = torch.cat(losses)
         return {
             "round": self.round,
             "kind": "train",
-            "clients": k,
+            "clients": len(cohort),
             "train_loss": float(loss.mean()) if len(loss) else float("nan"),
             **channel_metrics,
             "rejected_updates": float((~ok).sum()),
@@ -118,17 +186,20 @@ class Experiment:
     def evaluate(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         record: dict[str, Any] = {"round": self.round, "kind": "eval"}
-        alg = self.algorithm
+        alg, ds = self.algorithm, self.dataset
+        counts = ds.test_sizes.to(torch.float64)
         if alg.has_global_model:
-            glob = evaluate_global(alg, self.population["global"], self.dataset)
-            record.update(summarize("global", *glob))
-        personalizes = type(alg).personal_params is not Algorithm.personal_params
-        pers = (
-            evaluate_personal(alg, self.engine, self.population, self.store, self.dataset)
-            if personalizes or not alg.has_global_model
-            else glob
-        )
-        record.update(summarize("personal", *pers))
+            correct, loss = evaluate_global(alg, self.population["global"], ds)
+            record.update(summarize("global", correct, loss, counts))
+        if type(alg).personal_params is not Algorithm.personal_params or not alg.has_global_model:
+            correct = torch.zeros(ds.num_clients, dtype=torch.float64)
+            loss = torch.zeros(ds.num_clients, dtype=torch.float64)
+            for g in self.groups:
+                c, l_ = evaluate_personal(
+                    g.algorithm, self.engine, self.population, g.store, ds, g.members
+                )
+                correct[g.members], loss[g.members] = c, l_
+        record.update(summarize("personal", correct, loss, counts))
         record["eval_time_s"] = time.perf_counter() - t0
         return record
 
@@ -138,14 +209,15 @@ class Experiment:
             "round": self.round,
             "population": self.population,
             "server": self.server.state,
-            "store": self.store.state_dict(),
+            "stores": [g.store.state_dict() for g in self.groups],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.round = state["round"]
         self.population = state["population"]
         self.server.state = state["server"]
-        self.store.load_state_dict(state["store"])
+        for group, store_state in zip(self.groups, state["stores"], strict=True):
+            group.store.load_state_dict(store_state)
 
     def save_checkpoint(self, run_dir: Path) -> None:
         """Atomic write: a crash mid-write leaves the previous checkpoint intact."""

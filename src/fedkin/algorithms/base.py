@@ -60,6 +60,10 @@ class Algorithm:
     Config: ClassVar[type[BaseModel]]
     #: False for algorithms without a population model (Local): global metrics are skipped.
     has_global_model: ClassVar[bool] = True
+    #: True if clients may hold personal models of different architectures (``client_models``):
+    #: the engine then runs one vectorized group per architecture. Requires that messages do
+    #: not depend on the personal architecture.
+    supports_model_groups: ClassVar[bool] = False
 
     def __init__(
         self, config: BaseModel, model: nn.Module, client_optimizer: Optimizer, local_steps: int
@@ -70,6 +74,10 @@ class Algorithm:
         self.local_steps = local_steps
 
     # ----- the model as a function -------------------------------------------------------
+    def initial_params(self) -> Tree:
+        """This instance's model parameters at initialization (its group's architecture)."""
+        return {k: v.detach().clone() for k, v in self.model.named_parameters()}
+
     def logits(self, params: Tree, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, params, (x,))
 

@@ -2,7 +2,8 @@
 
 Prior: flat (independent clients), R = 0.
 Local solver: K optimizer steps on L_i(θ_i) from the client's own persistent θ_i (initialized
-from the shared initial model); the client's optimizer state persists too. No message.
+from the initial model of the client's architecture group); the client's optimizer state
+persists too. No message.
 Population update: none.
 """
 
@@ -25,9 +26,10 @@ class Local(Algorithm):
     name = "local"
     Config = LocalConfig
     has_global_model = False
+    supports_model_groups = True
 
     def init_client(self, population: Tree) -> Tree:
-        theta = population["global"]
+        theta = self.initial_params()
         return {"params": theta, "opt": self.client_optimizer.init(theta)}
 
     def client_update(self, population: Tree, client: Tree, batches, ctx: Tree):

@@ -35,8 +35,10 @@ def summarize(
 
 
 @torch.no_grad()
-def evaluate_global(algorithm: Algorithm, params: Tree, dataset, chunk: int = 8192):
-    """Per-client (correct, loss_sum, count) of the global model on each client's test split."""
+def evaluate_global(
+    algorithm: Algorithm, params: Tree, dataset, chunk: int = 8192
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-client (correct, loss_sum) of the global model on each client's test split."""
     mask = dataset.test_index >= 0
     owner = torch.arange(dataset.num_clients).unsqueeze(1).expand_as(dataset.test_index)[mask]
     index = dataset.test_index[mask]
@@ -48,14 +50,23 @@ def evaluate_global(algorithm: Algorithm, params: Tree, dataset, chunk: int = 81
         y = dataset.y[idx]
         correct.index_add_(0, who, (logits.argmax(-1) == y).to(torch.float64))
         loss_sum.index_add_(0, who, F.cross_entropy(logits, y, reduction="none").to(torch.float64))
-    return correct, loss_sum, dataset.test_sizes.to(torch.float64)
+    return correct, loss_sum
 
 
 @torch.no_grad()
 def evaluate_personal(
-    algorithm: Algorithm, engine, population: Tree, store: ClientStore, dataset, chunk: int = 1024
-):
-    """Per-client (correct, loss_sum, count) of each client's personal model on its test split."""
+    algorithm: Algorithm,
+    engine,
+    population: Tree,
+    store: ClientStore,
+    dataset,
+    clients: torch.Tensor,
+    chunk: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-client (correct, loss_sum) of each client's personal model on its test split.
+
+    ``clients[j]`` is the dataset id of the client whose state is row ``j`` of ``store``.
+    """
 
     def one_client(pop: Tree, state: Tree, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor):
         logits = algorithm.logits(algorithm.personal_params(pop, state), x)
@@ -65,16 +76,12 @@ def evaluate_personal(
         return (hit * m).sum(), (loss * m).sum()
 
     corrects, losses = [], []
-    for start in range(0, dataset.num_clients, chunk):
-        ids = torch.arange(start, min(start + chunk, dataset.num_clients))
-        x, y, m = dataset.test_batches(ids)
+    for start in range(0, len(clients), chunk):
+        rows = torch.arange(start, min(start + chunk, len(clients)))
+        x, y, m = dataset.test_batches(clients[rows])
         c, loss = engine.map(
-            one_client, (population, store.gather(ids), x, y, m), (None, 0, 0, 0, 0)
+            one_client, (population, store.gather(rows), x, y, m), (None, 0, 0, 0, 0)
         )
         corrects.append(c)
         losses.append(loss)
-    return (
-        torch.cat(corrects).to(torch.float64),
-        torch.cat(losses).to(torch.float64),
-        dataset.test_sizes.to(torch.float64),
-    )
+    return torch.cat(corrects).to(torch.float64), torch.cat(losses).to(torch.float64)
