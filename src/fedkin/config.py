@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fedkin.algorithms import ALGORITHMS
 from fedkin.core.errors import ConfigError
+from fedkin.core.store import StoreConfig
 from fedkin.data.config import DataConfig, DigitsConfig
 from fedkin.engine import EngineConfig
 from fedkin.models import MlpConfig, ModelConfig
@@ -86,6 +87,7 @@ class ExperimentConfig(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     cohort: CohortConfig = Field(default_factory=CohortConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 

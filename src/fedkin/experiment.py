@@ -25,7 +25,7 @@ from fedkin.core.channel import Channel, finite_rows
 from fedkin.core.errors import NonFiniteModelError
 from fedkin.core.evaluate import evaluate_global, evaluate_personal, summarize
 from fedkin.core.rng import Stream
-from fedkin.core.store import ClientStore
+from fedkin.core.store import ClientStore, make_store
 from fedkin.core.tree import Tree, tree_leaves
 from fedkin.data import build_dataset
 from fedkin.models import build_model
@@ -74,8 +74,9 @@ def _cat(parts: list[Any]) -> Any:
 class Experiment:
     """Holds the live state of a run (population, client groups and stores, server, round)."""
 
-    def __init__(self, config: ExperimentConfig) -> None:
+    def __init__(self, config: ExperimentConfig, run_dir: Path | None = None) -> None:
         self.config = config
+        self.run_dir = run_dir
         self.stream = Stream(config.seed)
         self.dataset = build_dataset(config.data, config.seed)
         self.engine = config.engine.build()
@@ -83,9 +84,12 @@ class Experiment:
         self.algorithm: Algorithm = self.groups[0].algorithm
         self.model = self.algorithm.model
         self.population: Tree = self.algorithm.init_population(self.algorithm.initial_params())
-        for group in self.groups:
-            group.store = ClientStore(
-                group.algorithm.init_client(self.population), len(group.members)
+        for g, group in enumerate(self.groups):
+            group.store = make_store(
+                config.store,
+                group.algorithm.init_client(self.population),
+                len(group.members),
+                run_dir / "client_state" / f"group{g}" if run_dir else None,
             )
         self.server = ServerStep(config.server.optimizer.build())
         self.channel = Channel()
@@ -217,13 +221,15 @@ class Experiment:
         self.population = state["population"]
         self.server.state = state["server"]
         for group, store_state in zip(self.groups, state["stores"], strict=True):
-            group.store.load_state_dict(store_state)
+            group.store.load_state_dict(store_state, self.round)
 
     def save_checkpoint(self, run_dir: Path) -> None:
         """Atomic write: a crash mid-write leaves the previous checkpoint intact."""
         tmp = run_dir / (CHECKPOINT + ".tmp")
         torch.save(self.state_dict(), tmp)
         os.replace(tmp, run_dir / CHECKPOINT)
+        for group in self.groups:
+            group.store.commit(self.round)
 
     def load_checkpoint(self, run_dir: Path) -> None:
         self.load_state_dict(torch.load(run_dir / CHECKPOINT, weights_only=False))

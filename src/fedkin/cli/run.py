@@ -89,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_dir = prepare_run_dir(config.name, args.out)
         (run_dir / "config.yaml").write_text(dump_config(config))
 
-    experiment = Experiment(config)
+    experiment = Experiment(config, run_dir)
     if args.resume:
         experiment.load_checkpoint(run_dir)
         truncate_records(run_dir, experiment.round)
