@@ -59,6 +59,13 @@ class CohortConfig(_Section):
 
 class EvalConfig(_Section):
     every: int = Field(5, ge=1, description="evaluate every N rounds (and always after the last)")
+    holdout_clients: float = Field(
+        0.0,
+        ge=0,
+        le=0.5,
+        description="fraction of clients that never train; evaluated as new clients after one "
+        "local adaptation from the population model (new_acc_*)",
+    )
 
 
 class CheckpointConfig(_Section):
@@ -93,10 +100,14 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _cohort_fits(self) -> ExperimentConfig:
-        if self.cohort.clients_per_round > self.data.num_clients:
+        training = self.data.num_clients - holdout_count(
+            self.data.num_clients, self.eval.holdout_clients
+        )
+        if self.cohort.clients_per_round > training:
             raise ValueError(
-                f"cohort.clients_per_round={self.cohort.clients_per_round} exceeds "
-                f"data.num_clients={self.data.num_clients}; allowed: 1..{self.data.num_clients}"
+                f"cohort.clients_per_round={self.cohort.clients_per_round} exceeds the "
+                f"{training} training clients (data.num_clients={self.data.num_clients}, "
+                f"eval.holdout_clients={self.eval.holdout_clients}); allowed: 1..{training}"
             )
         if self.client_models:
             total = sum(g.fraction for g in self.client_models)
@@ -110,6 +121,11 @@ class ExperimentConfig(_Section):
                     f"client_models works with: {allowed}"
                 )
         return self
+
+
+def holdout_count(num_clients: int, fraction: float) -> int:
+    """Number of held-out (never training) clients: round(fraction · N), at least 1 if > 0."""
+    return max(1, round(fraction * num_clients)) if fraction > 0 else 0
 
 
 # ----- loading --------------------------------------------------------------------------------

@@ -20,12 +20,12 @@ from typing import Any, Protocol
 import torch
 
 from fedkin.algorithms import ALGORITHMS, Algorithm, ServerStep
-from fedkin.config import ExperimentConfig
+from fedkin.config import ExperimentConfig, holdout_count
 from fedkin.core.channel import Channel, finite_rows
 from fedkin.core.errors import NonFiniteModelError
 from fedkin.core.evaluate import evaluate_global, evaluate_personal, summarize
 from fedkin.core.rng import Stream
-from fedkin.core.store import ClientStore, make_store
+from fedkin.core.store import ClientStore, MemoryStore, make_store
 from fedkin.core.tree import Tree, tree_leaves
 from fedkin.data import build_dataset
 from fedkin.models import build_model
@@ -94,6 +94,14 @@ class Experiment:
         self.server = ServerStep(config.server.optimizer.build())
         self.channel = Channel()
         self.round = 0  # rounds completed
+        n_new = holdout_count(self.dataset.num_clients, config.eval.holdout_clients)
+        order = torch.argsort(
+            self.stream.child("holdout").keys(torch.arange(self.dataset.num_clients))
+        )
+        self.new_clients = order[len(order) - n_new :].sort().values
+        self.is_training = torch.ones(self.dataset.num_clients, dtype=torch.bool)
+        self.is_training[self.new_clients] = False
+        self.training_clients = torch.nonzero(self.is_training).squeeze(1)
 
     def _build_groups(self) -> list[ClientGroup]:
         """One group per personal architecture; clients are assigned by a seeded permutation."""
@@ -127,9 +135,10 @@ class Experiment:
 
     # ----- one round ----------------------------------------------------------------------------
     def sample_cohort(self, round_: int) -> torch.Tensor:
-        n, k = self.dataset.num_clients, self.config.cohort.clients_per_round
-        keys = self.stream.child("cohort").keys(round_, torch.arange(n))
-        return torch.argsort(keys)[:k].sort().values
+        """k training clients without replacement, a function of (seed, round) only."""
+        k, pool = self.config.cohort.clients_per_round, self.training_clients
+        keys = self.stream.child("cohort").keys(round_, pool)
+        return pool[torch.argsort(keys)[:k]].sort().values
 
     def run_round(self) -> dict[str, Any]:
         r, cfg, ds = self.round, self.config, self.dataset
@@ -141,7 +150,7 @@ class Experiment:
         n_i = ds.train_sizes[cohort].to(torch.float32)
         ctx = {"client_id": cohort, "num_samples": n_i, "round": torch.full_like(cohort, r)}
         weights = n_i if cfg.cohort.weighting == "samples" else torch.ones(len(cohort))
-        messages, oks, losses, kept_weights = [], [], [], []
+        messages, oks, client_metrics, kept_weights, ids = [], [], [], [], []
         for g, group in enumerate(self.groups):
             pos = torch.nonzero(self.group_of[cohort] == g).squeeze(1)
             if len(pos) == 0:
@@ -160,8 +169,9 @@ class Experiment:
             group.store.scatter(rows, states, keep=ok)
             messages.append(msg)
             oks.append(ok)
-            losses.append(metrics["train_loss"][ok])
+            client_metrics.append(metrics)
             kept_weights.append(weights[pos] * ok)
+            ids.append(cohort[pos])
         ok = torch.cat(oks)
         aggregate, channel_metrics = self.channel(_cat(messages), torch.cat(kept_weights))
         if ok.any():
@@ -175,37 +185,104 @@ class Experiment:
                 f"The last good checkpoint is round {self.round}."
             )
         self.round += 1
-        loss = torch.cat(losses)
         return {
             "round": self.round,
             "kind": "train",
             "clients": len(cohort),
-            "train_loss": float(loss.mean()) if len(loss) else float("nan"),
+            **self._client_metric_summary(_cat(client_metrics), torch.cat(ids), ok),
             **channel_metrics,
             "rejected_updates": float((~ok).sum()),
             "round_time_s": time.perf_counter() - t0,
         }
 
+    def _client_metric_summary(
+        self, metrics: Tree, clients: torch.Tensor, ok: torch.Tensor
+    ) -> dict[str, Any]:
+        """Mean over accepted clients of every per-client metric (``train_loss``, ``psi``, …);
+        metrics the algorithm lists in ``per_client_metrics`` are also logged per client id."""
+        out: dict[str, Any] = {}
+        for name, values in metrics.items():
+            kept = values[ok].to(torch.float64)
+            out[name] = float(kept.mean()) if len(kept) else float("nan")
+            if name in self.algorithm.per_client_metrics:
+                out[f"{name}_by_client"] = {
+                    str(int(c)): float(v) for c, v in zip(clients[ok], kept, strict=True)
+                }
+        return out
+
     # ----- evaluation ---------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
+        """Global and personalized accuracy over training clients; new-client accuracy over the
+        held-out clients after one local adaptation from the population (``new_*``)."""
         t0 = time.perf_counter()
         record: dict[str, Any] = {"round": self.round, "kind": "eval"}
         alg, ds = self.algorithm, self.dataset
         counts = ds.test_sizes.to(torch.float64)
+        train = self.is_training
         if alg.has_global_model:
-            correct, loss = evaluate_global(alg, self.population["global"], ds)
-            record.update(summarize("global", correct, loss, counts))
-        if type(alg).personal_params is not Algorithm.personal_params or not alg.has_global_model:
-            correct = torch.zeros(ds.num_clients, dtype=torch.float64)
-            loss = torch.zeros(ds.num_clients, dtype=torch.float64)
-            for g in self.groups:
-                c, l_ = evaluate_personal(
-                    g.algorithm, self.engine, self.population, g.store, ds, g.members
-                )
-                correct[g.members], loss[g.members] = c, l_
-        record.update(summarize("personal", correct, loss, counts))
+            g_correct, g_loss = evaluate_global(alg, self.population["global"], ds)
+            record.update(summarize("global", g_correct[train], g_loss[train], counts[train]))
+        if self._personalizes():
+            correct, loss = self._evaluate_personal(lambda g: (g.store, g.members))
+        else:
+            correct, loss = g_correct, g_loss
+        record.update(summarize("personal", correct[train], loss[train], counts[train]))
+        if len(self.new_clients):
+            new = self.new_clients
+            if self._personalizes():
+                correct, loss = self._evaluate_personal(self._adapted_store)
+            record.update(summarize("new", correct[new], loss[new], counts[new]))
         record["eval_time_s"] = time.perf_counter() - t0
         return record
+
+    def _personalizes(self) -> bool:
+        alg = self.algorithm
+        return (
+            type(alg).personal_params is not Algorithm.personal_params or not alg.has_global_model
+        )
+
+    def _evaluate_personal(self, states_of) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-client personal (correct, loss_sum); ``states_of(group)`` gives a store and the
+        client ids of its rows. Clients not covered stay zero."""
+        n = self.dataset.num_clients
+        correct = torch.zeros(n, dtype=torch.float64)
+        loss = torch.zeros(n, dtype=torch.float64)
+        for g in self.groups:
+            store, clients = states_of(g)
+            if len(clients):
+                c, l_ = evaluate_personal(
+                    g.algorithm, self.engine, self.population, store, self.dataset, clients
+                )
+                correct[clients], loss[clients] = c, l_
+        return correct, loss
+
+    def _adapted_store(self, group: ClientGroup) -> tuple[ClientStore, torch.Tensor]:
+        """States of the group's held-out clients after one run of the algorithm's local solver
+        from a fresh ``init_client`` state, and their ids."""
+        new = group.members[~self.is_training[group.members]]
+        fresh = MemoryStore(group.algorithm.init_client(self.population), len(new))
+        if len(new) == 0:
+            return fresh, new
+        cfg = self.config
+        batches = self.dataset.sample_train_batches(
+            new,
+            self.stream.child("adapt"),
+            self.round,
+            cfg.client.local_steps,
+            cfg.client.batch_size,
+        )
+        ctx = {
+            "client_id": new,
+            "num_samples": self.dataset.train_sizes[new].to(torch.float32),
+            "round": torch.full_like(new, self.round),
+        }
+        _, states, _ = self.engine.map(
+            group.algorithm.client_update,
+            (self.population, fresh.gather(torch.arange(len(new))), batches, ctx),
+            (None, 0, 1, 0),
+        )
+        fresh.scatter(torch.arange(len(new)), states)
+        return fresh, new
 
     # ----- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -64,6 +64,9 @@ class Algorithm:
     #: the engine then runs one vectorized group per architecture. Requires that messages do
     #: not depend on the personal architecture.
     supports_model_groups: ClassVar[bool] = False
+    #: Names of scalar metrics from ``client_update`` to log per client id (e.g. AdaPeD's ψ);
+    #: every metric is also logged as its mean over the cohort's accepted clients.
+    per_client_metrics: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self, config: BaseModel, model: nn.Module, client_optimizer: Optimizer, local_steps: int
