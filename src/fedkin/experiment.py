@@ -94,6 +94,7 @@ class Experiment:
         self.server = ServerStep(config.server.optimizer.build())
         self.channel = Channel()
         self.round = 0  # rounds completed
+        self.client_accuracy: dict[str, list[float]] = {}  # per-client, from the last evaluate()
         n_new = holdout_count(self.dataset.num_clients, config.eval.holdout_clients)
         order = torch.argsort(
             self.stream.child("holdout").keys(torch.arange(self.dataset.num_clients))
@@ -227,11 +228,13 @@ class Experiment:
         else:
             correct, loss = g_correct, g_loss
         record.update(summarize("personal", correct[train], loss[train], counts[train]))
+        self.client_accuracy = {"personal": (correct[train] / counts[train]).tolist()}
         if len(self.new_clients):
             new = self.new_clients
             if self._personalizes():
                 correct, loss = self._evaluate_personal(self._adapted_store)
             record.update(summarize("new", correct[new], loss[new], counts[new]))
+            self.client_accuracy["new"] = (correct[new] / counts[new]).tolist()
         record["eval_time_s"] = time.perf_counter() - t0
         return record
 
@@ -341,6 +344,7 @@ class Experiment:
             "rounds": self.round,
             "session_time_s": time.perf_counter() - t_start,
             **{k: v for k, v in last_eval.items() if k not in ("kind", "round")},
+            **{f"{k}_acc_by_client": v for k, v in self.client_accuracy.items()},
         }
         for t in trackers:
             t.finish(summary)

@@ -144,6 +144,6 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in summary.items():
-        if k not in ("name", "algorithm"):
+        if k not in ("name", "algorithm") and not k.endswith("_by_client"):
             table.add_row(k, _fmt(v))
     return table

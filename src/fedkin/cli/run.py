@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import sys
 from pathlib import Path
@@ -53,59 +52,23 @@ def _split_items(items: list[str]) -> tuple[str | None, list[str]]:
     return path, overrides
 
 
-def prepare_run_dir(config_name: str, out: Path | None) -> Path:
-    from fedkin.experiment import CHECKPOINT
-
-    if out is None:
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = Path("runs") / f"{stamp}-{config_name}"
-    if (out / CHECKPOINT).exists():
-        raise UserError(f"{out} already holds a run; continue it with `fedkin run --resume {out}`")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedkin.config import dump_config, load_config
-    from fedkin.experiment import CHECKPOINT, Experiment
-    from fedkin.tracking import (
-        SUMMARY,
-        ConsoleTracker,
-        JsonlTracker,
-        PlotTracker,
-        truncate_records,
-    )
+    from fedkin.config import load_config
+    from fedkin.runs import default_run_dir, execute, new_run, resume_run
 
     if args.resume:
         if args.items or args.out:
             raise UserError("--resume takes only the run directory (its config.yaml is reused)")
         run_dir = args.resume
-        if not (run_dir / CHECKPOINT).exists():
-            raise UserError(f"{run_dir} has no {CHECKPOINT}; nothing to resume")
-        config = load_config(run_dir / "config.yaml")
+        experiment = resume_run(run_dir)
     else:
         path, overrides = _split_items(args.items)
         config = load_config(path, overrides)
-        run_dir = prepare_run_dir(config.name, args.out)
-        (run_dir / "config.yaml").write_text(dump_config(config))
-
-    experiment = Experiment(config, run_dir)
-    if args.resume:
-        experiment.load_checkpoint(run_dir)
-        truncate_records(run_dir, experiment.round)
-        if experiment.round >= config.rounds and (run_dir / SUMMARY).exists():
-            print(f"{run_dir} is complete ({experiment.round} rounds).", file=sys.stderr)
-            return 0
-
-    console = ConsoleTracker()
-    trackers = [JsonlTracker(run_dir), PlotTracker(run_dir)]
-    if not args.quiet:
-        trackers.insert(0, console)
+        run_dir = args.out or default_run_dir(config.name)
+        experiment = new_run(config, run_dir)
     try:
-        summary = experiment.run(run_dir, trackers)
+        summary = execute(experiment, run_dir, progress=not args.quiet)
     except KeyboardInterrupt:
-        if not args.quiet:
-            console.abort()
         print(
             f"fedkin: interrupted after round {experiment.round}; the last checkpoint is in "
             f"{run_dir}. Continue with: fedkin run --resume {run_dir}",
@@ -113,15 +76,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         return 130
     except NonFiniteModelError as err:
-        if not args.quiet:
-            console.abort()
         print(f"fedkin: error: {err} Run directory: {run_dir}", file=sys.stderr)
         return 1
     if args.quiet:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps({k: v for k, v in summary.items() if not k.endswith("_by_client")}))
     else:
-        console.console.print(
+        print(
             f"written: {run_dir}/ (config.yaml, metrics.jsonl, summary.json, checkpoint.pt, "
-            "metrics.png)"
+            "metrics.png)",
+            file=sys.stderr,
         )
     return 0

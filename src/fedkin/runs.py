@@ -1,0 +1,70 @@
+"""Run directories: start a run, resume it from its checkpoint, execute it with trackers.
+
+A run directory holds ``config.yaml`` (the fully resolved config), ``metrics.jsonl``,
+``summary.json``, ``checkpoint.pt`` (plus ``client_state/`` for disk stores) and
+``metrics.png``. Used by ``fedkin run`` and ``fedkin compare``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+from fedkin.config import ExperimentConfig, dump_config, load_config
+from fedkin.core.errors import UserError
+from fedkin.experiment import CHECKPOINT, Experiment
+from fedkin.tracking import SUMMARY, ConsoleTracker, JsonlTracker, PlotTracker, truncate_records
+
+
+def default_run_dir(name: str) -> Path:
+    return Path("runs") / f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{name}"
+
+
+def new_run(config: ExperimentConfig, run_dir: Path) -> Experiment:
+    """Create ``run_dir`` (which must not hold a run yet) and the experiment for it."""
+    if (run_dir / CHECKPOINT).exists():
+        raise UserError(
+            f"{run_dir} already holds a run; continue it with `fedkin run --resume {run_dir}`"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(config))
+    return Experiment(config, run_dir)
+
+
+def resume_run(run_dir: Path) -> Experiment:
+    """The experiment of ``run_dir`` restored to its last checkpoint (later records dropped)."""
+    if not (run_dir / CHECKPOINT).exists():
+        raise UserError(f"{run_dir} has no {CHECKPOINT}; nothing to resume")
+    experiment = Experiment(load_config(run_dir / "config.yaml"), run_dir)
+    experiment.load_checkpoint(run_dir)
+    truncate_records(run_dir, experiment.round)
+    return experiment
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / SUMMARY
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def execute(experiment: Experiment, run_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """Run the remaining rounds with the standard trackers; returns the summary.
+
+    Exceptions (``KeyboardInterrupt``, ``NonFiniteModelError``) propagate after the progress
+    display is closed; the checkpoint on disk is the last completed one.
+    """
+    if experiment.round >= experiment.config.rounds:
+        summary = read_summary(run_dir)
+        if summary is not None:
+            return summary
+    console = ConsoleTracker() if progress else None
+    trackers = [JsonlTracker(run_dir), PlotTracker(run_dir)]
+    if console:
+        trackers.insert(0, console)
+    try:
+        return experiment.run(run_dir, trackers)
+    except BaseException:
+        if console:
+            console.abort()
+        raise
