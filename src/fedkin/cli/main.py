@@ -14,7 +14,12 @@ from collections.abc import Sequence
 
 from fedkin.core.errors import UserError
 
-COMMAND_MODULES = ("fedkin.cli.run", "fedkin.cli.listing", "fedkin.estimation.cli")
+COMMAND_MODULES = (
+    "fedkin.cli.run",
+    "fedkin.cli.compare",
+    "fedkin.cli.listing",
+    "fedkin.estimation.cli",
+)
 BENCH_MODULES = ("fedkin.bench.throughput", "fedkin.estimation.bench")
 
 

@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_run)
 
 
-def _split_items(items: list[str]) -> tuple[str | None, list[str]]:
+def split_items(items: list[str]) -> tuple[str | None, list[str]]:
     path = None
     overrides = []
     for item in items:
@@ -62,7 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_dir = args.resume
         experiment = resume_run(run_dir)
     else:
-        path, overrides = _split_items(args.items)
+        path, overrides = split_items(args.items)
         config = load_config(path, overrides)
         run_dir = args.out or default_run_dir(config.name)
         experiment = new_run(config, run_dir)
