@@ -21,10 +21,14 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from fedkin.algorithms import ALGORITHMS
-from fedkin.config import deep_merge, parse_overrides, read_yaml, validate_config
+from fedkin.config import (
+    CompareSection,
+    deep_merge,
+    parse_overrides,
+    read_yaml,
+    validate_config,
+)
 from fedkin.core.errors import ConfigError
 from fedkin.experiment import CHECKPOINT
 from fedkin.runs import execute, new_run, read_summary, resume_run
@@ -41,22 +45,13 @@ COLUMNS = [
 ]
 
 
-class CompareSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    algorithms: list[str] = Field(default_factory=lambda: ["fedavg", "local"])
-    seeds: int = Field(3, ge=1)
-    algorithm_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
-
-
 def plan(
     path: str | None, overrides: list[str], algorithms: list[str] | None, seeds: int | None
 ) -> tuple[dict[str, Any], CompareSection]:
     """Split a comparison config into the shared experiment dict and the compare section."""
     raw = deep_merge(read_yaml(path) if path else {}, parse_overrides(overrides))
-    try:
-        section = CompareSection.model_validate(raw.pop("compare", {}))
-    except Exception as err:  # pydantic ValidationError
-        raise ConfigError(f"invalid compare section: {err}") from None
+    section = validate_config(raw).compare or CompareSection()
+    raw.pop("compare", None)
     if algorithms:
         section.algorithms = algorithms
     if seeds:

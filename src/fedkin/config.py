@@ -77,6 +77,18 @@ class ClientModelGroup(_Section):
     fraction: float = Field(gt=0, le=1, description="share of the clients in this group")
 
 
+class CompareSection(_Section):
+    """Used by `fedkin compare` (ignored by `fedkin run`)."""
+
+    algorithms: list[str] = Field(
+        default_factory=lambda: ["fedavg", "local"], description="algorithms to compare"
+    )
+    seeds: int = Field(3, ge=1, description="seeds 0..N-1; each seed fixes partition and cohorts")
+    algorithm_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per-algorithm options, e.g. {ditto: {lam: 0.5}}"
+    )
+
+
 class ExperimentConfig(_Section):
     name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$", description="run name")
     seed: int = Field(
@@ -97,6 +109,7 @@ class ExperimentConfig(_Section):
     store: StoreConfig = Field(default_factory=StoreConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    compare: CompareSection | None = Field(None, description=CompareSection.__doc__)
 
     @model_validator(mode="after")
     def _cohort_fits(self) -> ExperimentConfig:
