@@ -200,9 +200,35 @@ def load_config(
     return validate_config(raw)
 
 
+def fill_variant_names(raw: dict[str, Any], cls: type[BaseModel] | None = None) -> dict[str, Any]:
+    """Give every variant section without a ``name`` the name of its default variant, so
+    ``data.partition.alpha=0.5`` alone keeps the default partitioner instead of failing."""
+    cls = cls or ExperimentConfig
+    out = dict(raw)
+    for key, value in raw.items():
+        field = cls.model_fields.get(key)
+        if field is None or not isinstance(value, dict):
+            continue
+        variants = _variants(field.annotation)
+        if "" in variants:
+            out[key] = fill_variant_names(value, variants[""])
+            continue
+        if not variants:
+            continue
+        name = value.get("name")
+        if name is None:
+            default = field.get_default(call_default_factory=True)
+            name = getattr(default, "name", None)
+            if name is None:
+                continue
+            value = {"name": name, **value}
+        out[key] = fill_variant_names(value, variants[name]) if name in variants else value
+    return out
+
+
 def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
     try:
-        return ExperimentConfig.model_validate(raw)
+        return ExperimentConfig.model_validate(fill_variant_names(raw))
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
 
@@ -256,6 +282,13 @@ def _walk(loc: tuple[Any, ...]) -> tuple[str, type[BaseModel] | None]:
     return ".".join(names), parent
 
 
+def _expected_names(loc: tuple[Any, ...]) -> str:
+    """The variant names allowed at ``loc`` (a discriminated-union field)."""
+    _, parent = _walk(loc)
+    field = parent.model_fields.get(str(loc[-1])) if parent else None
+    return ", ".join(repr(n) for n in _variants(field.annotation)) if field else "?"
+
+
 def format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
@@ -265,8 +298,8 @@ def format_validation_error(err: ValidationError) -> str:
             allowed = ", ".join(parent.model_fields) if parent else "?"
             lines.append(f"unknown key '{path}'; allowed keys here: {allowed}")
         elif kind in ("union_tag_invalid", "union_tag_not_found"):
-            expected = e.get("ctx", {}).get("expected_tags", "")
             got = e.get("ctx", {}).get("tag")
+            expected = e.get("ctx", {}).get("expected_tags") or _expected_names(tuple(e["loc"]))
             what = f"'{got}' is not one of" if got is not None else "is required; one of"
             lines.append(f"{path}.name: {what}: {expected}")
         elif kind == "value_error":
