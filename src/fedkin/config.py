@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedkin.algorithms import ALGORITHMS
+from fedkin.backends import BackendConfig, LocalBackendConfig
 from fedkin.core.errors import ConfigError
 from fedkin.core.store import StoreConfig
 from fedkin.data.config import DataConfig, DigitsConfig
@@ -107,6 +108,7 @@ class ExperimentConfig(_Section):
     cohort: CohortConfig = Field(default_factory=CohortConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
+    backend: BackendConfig = Field(default_factory=LocalBackendConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     compare: CompareSection | None = Field(None, description=CompareSection.__doc__)

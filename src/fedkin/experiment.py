@@ -79,7 +79,7 @@ class Experiment:
         self.run_dir = run_dir
         self.stream = Stream(config.seed)
         self.dataset = build_dataset(config.data, config.seed)
-        self.engine = config.engine.build()
+        self.engine = config.backend.wrap(config.engine.build())
         self.groups = self._build_groups()
         self.algorithm: Algorithm = self.groups[0].algorithm
         self.model = self.algorithm.model
