@@ -340,6 +340,7 @@ def calibrate_noise_multiplier(
     *,
     population: int | None = None,
     cohort_size: int | None = None,
+    pld_discretization: float = 1e-4,
 ) -> float:
     """Smallest noise multiplier ``z`` whose ``steps``-fold composition is (target_ε, δ)-DP.
 
@@ -349,7 +350,8 @@ def calibrate_noise_multiplier(
     ``z/√steps``, so PLD starts from dp-accounting's analytic Gaussian calibration
     (``get_sigma_gaussian``); otherwise ``dp_accounting.calibrate_dp_mechanism`` searches with
     Brent's method. Either way ``z`` is then raised until the accountant's own ε is
-    ``<= target_epsilon``.
+    ``<= target_epsilon`` (with PLD at ``pld_discretization``, the loss-grid step; coarser is
+    faster and still a valid, slightly looser, upper bound).
     """
     PrivacyBudget(target_epsilon, delta)
     if not (isinstance(steps, int) and steps >= 1):
@@ -364,7 +366,7 @@ def calibrate_noise_multiplier(
         return PrivacyEvent.gaussian(z, sampling_prob=q, count=steps)
 
     def eps(z: float) -> float:
-        return float(_compose([event(z)], accountant, 1e-4).get_epsilon(delta))
+        return float(_compose([event(z)], accountant, pld_discretization).get_epsilon(delta))
 
     template = event(1.0)
     relation = _relation([template])
@@ -381,7 +383,7 @@ def calibrate_noise_multiplier(
 
         z = tol + float(
             dpa.calibrate_dp_mechanism(
-                lambda: _fresh(accountant, relation, 1e-4),
+                lambda: _fresh(accountant, relation, pld_discretization),
                 make_event,
                 target_epsilon,
                 delta,
