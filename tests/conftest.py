@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import pytest
@@ -39,27 +38,9 @@ def drop_timings(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records]
 
 
-def _usable(module: str, hook: str) -> bool:
-    try:
-        return hasattr(importlib.import_module(module), hook)
-    except ImportError:
-        return False
-
-
 @pytest.fixture
-def cli(monkeypatch):
-    """``fedkin.cli.main.main``; sub-command modules that other engineers have not written yet
-    are left out of the parser (once they exist the real parser is used unchanged)."""
-    from fedkin.cli import main as cli_main
+def cli():
+    """``fedkin.cli.main.main``: the real command line, called in-process."""
+    from fedkin.cli.main import main
 
-    monkeypatch.setattr(
-        cli_main,
-        "COMMAND_MODULES",
-        tuple(m for m in cli_main.COMMAND_MODULES if _usable(m, "register")),
-    )
-    monkeypatch.setattr(
-        cli_main,
-        "BENCH_MODULES",
-        tuple(m for m in cli_main.BENCH_MODULES if _usable(m, "register_bench")),
-    )
-    return cli_main.main
+    return main

@@ -183,14 +183,12 @@ def _uninterrupted(cli, out: Path, overrides: list[str]) -> list[dict]:
 @pytest.fixture(scope="module")
 def reference_runs(tmp_path_factory):
     """Uninterrupted runs per case (metrics.jsonl records), built once."""
-    from fedkin.cli.main import main as real_main
-
     cache: dict[str, list[dict]] = {}
 
     def get(cli, case: str) -> list[dict]:
         if case not in cache:
             out = tmp_path_factory.mktemp("ref") / case
-            cache[case] = _uninterrupted(cli or real_main, out, _resume_overrides(case))
+            cache[case] = _uninterrupted(cli, out, _resume_overrides(case))
         return cache[case]
 
     return get
