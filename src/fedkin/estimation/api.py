@@ -26,7 +26,6 @@ from typing import Literal
 import torch
 
 from fedkin.core.errors import ConfigError, DataError
-from fedkin.core.rng import Stream
 from fedkin.estimation.bernoulli import fit_bernoulli
 from fedkin.estimation.data import ClientData
 from fedkin.estimation.gaussian import fit_gaussian
@@ -104,8 +103,8 @@ def estimate(
                 if method == "local"
                 else "james-stein has no private variant; use --method empirical-bayes"
             )
-        if generator is None:
-            generator = Stream(secrets.randbits(62)).child("dp-noise").generator()
+        if generator is None:  # a secret 63-bit seed: the noise must not be reproducible
+            generator = torch.Generator().manual_seed(secrets.randbits(63))
         mom, report, notes = private_moments(
             data,
             privacy,

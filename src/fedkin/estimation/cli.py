@@ -43,7 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("data", nargs="?", type=Path, metavar="DATA.csv", help="samples: client,value")
-    p.add_argument("--out", type=Path, help="output CSV (with --simulate: directory for PNGs)")
+    p.add_argument(
+        "--out", type=Path, metavar="EST.csv", help="output CSV (with --simulate: PNG directory)"
+    )
     p.add_argument(
         "--method",
         choices=METHODS,

@@ -91,13 +91,13 @@ def fit_gaussian(data: ClientData, mom: Moments, method: str, pooled: bool = Tru
 
     raw = _pool(mom.spread - sigma2 * mom.inv_n, pooled)
     tau2 = torch.clamp(raw, min=0.0)
-    noise_sd = _pool_sd(
-        torch.sqrt(
-            mom.spread_noise_sd**2
-            + (mom.inv_n * _noise(mom.sigma2_noise_sd, sigma2)) ** 2
-            + (sigma2 * mom.inv_n_noise_sd) ** 2
-        ),
-        pooled,
+    # sd of the privacy noise in τ̂² (delta method): spread and σ̂² noises are independent per
+    # coordinate; the noise in h̄ is shared by all coordinates.
+    per_coordinate = torch.sqrt(
+        mom.spread_noise_sd**2 + (mom.inv_n * _noise(mom.sigma2_noise_sd, sigma2)) ** 2
+    )
+    noise_sd = torch.sqrt(
+        _pool_sd(per_coordinate, pooled) ** 2 + (sigma2 * mom.inv_n_noise_sd) ** 2
     )
     prior_var = tau2 + NOISE_CONFIDENCE * noise_sd + mom.mean_noise_var
     a = torch.where(prior_var + s2 > 0, prior_var / (prior_var + s2), torch.ones_like(s2))

@@ -1,0 +1,238 @@
+"""User-level DP for federated rounds: clip, noise and account the population messages.
+
+Central (DP-FedAvg, McMahan et al. 2018) with uniform client weights:
+
+    Δ̃ = ( Σ_{i∈S} clip_C(m_i) + N(0, z²C² I) ) / m,     clip_C(v) = v · min(1, C/‖v‖₂),
+
+where m is the *expected* cohort size (fixed denominator, so one client changes the sum by at
+most C). Local: each client sends clip_C(m_i) + N(0, z²C² I) and the server averages what it
+receives. With adaptive clipping (Andrew et al. 2021) the clip norm follows the γ-quantile of
+update norms, C ← C·exp(−η(b̄ − γ)), from a noisy count b̄ of unclipped updates; the two
+Gaussian releases are split so that together they cost exactly one Gaussian with multiplier z:
+z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2).
+
+Every round records one event in a :class:`~fedkin.privacy.accountant.PrivacyAccountant`
+(Poisson sampling with q = m/N, add/remove-one; or a fixed-size cohort, replace-one with
+sensitivity 2C). Noise is drawn from the counter-based stream (seed, round, leaf, element), so
+a resumed run adds the same noise. Personal models never enter this path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from fedkin.core.errors import ConfigError
+from fedkin.core.rng import Stream
+from fedkin.core.tree import Tree, tree_leaves, tree_map
+from fedkin.privacy.accountant import (
+    PrivacyAccountant,
+    PrivacyBudget,
+    PrivacyEvent,
+    calibrate_noise_multiplier,
+)
+from fedkin.privacy.config import PrivacyConfig
+
+
+def row_norms(messages: Tree, size: int) -> torch.Tensor:
+    """‖m_i‖₂ over all leaves of each client's message, shape [K]."""
+    total = torch.zeros(size, dtype=torch.float64)
+    for leaf in tree_leaves(messages):
+        total += leaf.reshape(size, -1).to(torch.float64).pow(2).sum(1)
+    return total.sqrt()
+
+
+def clip_rows(messages: Tree, size: int, clip: float) -> tuple[Tree, torch.Tensor]:
+    """Scale each client's message to L2 norm ≤ clip; returns clipped messages and norms."""
+    norms = row_norms(messages, size)
+    factor = (clip / norms.clamp(min=1e-12)).clamp(max=1.0)
+    scaled = tree_map(
+        lambda t: t * factor.to(t.dtype).reshape(-1, *([1] * (t.dim() - 1))), messages
+    )
+    return scaled, norms
+
+
+def _map_indexed(fn, tree: Tree, counter: list[int] | None = None) -> Tree:
+    """tree_map that also passes each leaf's position in a fixed traversal order."""
+    counter = [0] if counter is None else counter
+    out: Tree = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out[k] = _map_indexed(fn, v, counter)
+        else:
+            out[k] = fn(v, counter[0])
+            counter[0] += 1
+    return out
+
+
+def central_noise(tree: Tree, stream: Stream, round_: int) -> Tree:
+    """N(0, 1) noise shaped like ``tree``, a function of (round, leaf, element)."""
+    return _map_indexed(
+        lambda t, j: stream.normal(round_, j, torch.arange(t.numel())).reshape(t.shape).to(t.dtype),
+        tree,
+    )
+
+
+def client_noise(tree: Tree, stream: Stream, round_: int, clients: torch.Tensor) -> Tree:
+    """N(0, 1) noise shaped like a stacked ``tree`` [K, …], a function of (round, leaf, client,
+    element) so each client's draw does not depend on the rest of the cohort."""
+
+    def draw(t: torch.Tensor, j: int) -> torch.Tensor:
+        idx = torch.arange(t[0].numel())
+        z = stream.normal(round_, j, clients[:, None], idx[None, :])
+        return z.reshape(t.shape).to(t.dtype)
+
+    return _map_indexed(draw, tree)
+
+
+class UserLevelDP:
+    """Clipping, noise and accounting of population messages, one round at a time."""
+
+    def __init__(
+        self,
+        config: PrivacyConfig,
+        *,
+        population: int,
+        cohort_size: int,
+        sampling: str,
+        rounds: int,
+        seed: int,
+    ) -> None:
+        self.config = config
+        self.population = population
+        self.cohort_size = cohort_size
+        self.sampling = sampling
+        self.q = cohort_size / population
+        self.stream = Stream(seed).child("dp-noise")
+        self.clip = config.clip
+        # replace-one (fixed-size cohorts) doubles the sensitivity of a clipped sum
+        self.sensitivity_factor = 2.0 if sampling == "fixed" else 1.0
+        self.noise_multiplier = config.noise_multiplier or self._calibrate(rounds)
+        self.update_noise = self.noise_multiplier
+        if config.adaptive_clip is not None:
+            sigma_b = config.adaptive_clip.count_noise or cohort_size / 20
+            if 2 * sigma_b <= self.noise_multiplier:
+                raise ConfigError(
+                    f"privacy.adaptive_clip.count_noise={sigma_b:g} is too small for noise "
+                    f"multiplier {self.noise_multiplier:.4g}: need count_noise > z/2"
+                )
+            self.count_noise = sigma_b
+            self.update_noise = (self.noise_multiplier**-2 - (2 * sigma_b) ** -2) ** -0.5
+        budget = config.budget_epsilon
+        self.accountant = PrivacyAccountant(
+            config.accountant,
+            budget=PrivacyBudget(budget, config.delta) if budget is not None else None,
+        )
+        planned = self._epsilon_of([self.round_event(rounds)])
+        if budget is not None and planned > budget * (1 + 1e-6):
+            raise ConfigError(
+                f"privacy: {rounds} rounds with noise multiplier {self.noise_multiplier:.4g} "
+                f"would spend ε={planned:.4g} > budget {budget:g} (δ={config.delta:g}); "
+                "raise privacy.noise_multiplier, lower rounds, or raise the budget"
+            )
+        self.planned_epsilon = planned
+
+    # ----- accounting ---------------------------------------------------------------------------
+    def round_event(self, count: int = 1) -> PrivacyEvent:
+        z = self.noise_multiplier / self.sensitivity_factor
+        if self.config.mechanism == "local":
+            return PrivacyEvent.gaussian(z, count=count, label="local")
+        if self.sampling == "fixed":
+            return PrivacyEvent.fixed_cohort_gaussian(
+                z, self.population, self.cohort_size, count=count, label="round"
+            )
+        return PrivacyEvent.gaussian(z, sampling_prob=self.q, count=count, label="round")
+
+    def _epsilon_of(self, events: list[PrivacyEvent]) -> float:
+        probe = PrivacyAccountant(self.config.accountant)
+        for e in events:
+            probe.record(e)
+        return probe.epsilon(self.config.delta)
+
+    def _calibrate(self, rounds: int) -> float:
+        c = self.config
+        if c.mechanism == "local":
+            z = calibrate_noise_multiplier(c.target_epsilon, c.delta, 1.0, rounds, c.accountant)
+        elif self.sampling == "fixed":
+            z = calibrate_noise_multiplier(
+                c.target_epsilon,
+                c.delta,
+                steps=rounds,
+                accountant=c.accountant,
+                population=self.population,
+                cohort_size=self.cohort_size,
+            )
+        else:
+            z = calibrate_noise_multiplier(c.target_epsilon, c.delta, self.q, rounds, c.accountant)
+        return z * self.sensitivity_factor
+
+    def can_run_round(self) -> bool:
+        return not self.accountant.would_exceed(self.round_event())
+
+    def record_round(self) -> dict[str, float]:
+        self.accountant.record(self.round_event())
+        return {"epsilon": self.accountant.epsilon(self.config.delta), "clip_norm": self.clip}
+
+    def summary(self) -> dict[str, float]:
+        """ε spent (main accountant and the RDP cross-check), δ and the noise multiplier."""
+        delta = self.config.delta
+        return {
+            "epsilon": self.accountant.epsilon(delta),
+            "epsilon_rdp": self.accountant.epsilon(delta, accountant="rdp")
+            if self.sampling != "fixed"
+            else self.accountant.epsilon(delta),
+            "delta": delta,
+            "noise_multiplier": self.noise_multiplier,
+            "planned_epsilon": self.planned_epsilon,
+        }
+
+    # ----- channel steps ------------------------------------------------------------------------
+    def clip_step(
+        self, messages: Tree, weights: torch.Tensor, round_: int
+    ) -> tuple[Tree, torch.Tensor, dict[str, Any]]:
+        """Clip every accepted message to C (and, for local DP, add the client's noise)."""
+        k = len(weights)
+        clipped, norms = clip_rows(messages, k, self.clip)
+        accepted = weights > 0
+        self._unclipped = (norms <= self.clip) & accepted
+        metrics = {"clipped_fraction": float(((norms > self.clip) & accepted).sum() / max(k, 1))}
+        if self.config.mechanism == "local":
+            noise = client_noise(clipped, self.stream.child("local"), round_, self._client_ids)
+            clipped = tree_map(
+                lambda m, n: m + self.noise_multiplier * self.clip * n, clipped, noise
+            )
+        return clipped, (weights > 0).to(weights.dtype), metrics
+
+    def aggregate(self, messages: Tree, weights: torch.Tensor, round_: int) -> Tree:
+        """Central: (Σ clipped + N(0, z_Δ²C²)) / m.  Local: mean of the received noisy messages."""
+        total = tree_map(lambda t: torch.tensordot(weights.to(t.dtype), t, dims=1), messages)
+        if self.config.mechanism == "local":
+            return tree_map(lambda t: t / max(float(weights.sum()), 1.0), total)
+        noise = central_noise(total, self.stream.child("central"), round_)
+        sigma = self.update_noise * self.clip
+        noisy = tree_map(lambda t, n: (t + sigma * n) / self.cohort_size, total, noise)
+        if self.config.adaptive_clip is not None:
+            self._adapt_clip(round_)
+        return noisy
+
+    def _adapt_clip(self, round_: int) -> None:
+        a = self.config.adaptive_clip
+        centered = float(self._unclipped.sum()) - 0.5 * float(self._accepted_count)
+        noise = float(self.stream.child("count").normal(round_))
+        b = (centered + self.count_noise * noise) / self.cohort_size + 0.5
+        self.clip = self.clip * math.exp(-a.learning_rate * (b - a.target_quantile))
+
+    def bind_cohort(self, client_ids: torch.Tensor, accepted: torch.Tensor) -> None:
+        """The round's client ids (local-noise counters) and accepted count (adaptive clip)."""
+        self._client_ids = client_ids
+        self._accepted_count = int(accepted.sum())
+
+    # ----- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"accountant": self.accountant.state_dict(), "clip": self.clip}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.accountant.load_state_dict(state["accountant"])
+        self.clip = state["clip"]
