@@ -369,3 +369,54 @@ def test_fedavg_eval_record_personal_equals_global():
     assert record["global_acc_weighted"] == pytest.approx(
         float(correct.sum() / exp.dataset.test_sizes.sum())
     )
+
+
+# ----- one round against a naive torch.optim implementation ---------------------------------------
+
+
+def _naive_round(exp: Experiment, mu: float, weighting: str) -> dict[str, torch.Tensor]:
+    """FedAvg/FedProx round 0 written plainly: per client, copy the model, K torch.optim.SGD
+    steps on its batches (plus μ/2‖θ − w‖²), then the weighted average of the local models."""
+    cfg, ds = exp.config, exp.dataset
+    cohort = exp.sample_cohort(0)
+    xs, ys = ds.sample_train_batches(
+        cohort, exp.stream.child("batches"), 0, cfg.client.local_steps, cfg.client.batch_size
+    )
+    w = {k: v.clone() for k, v in exp.population["global"].items()}
+    locals_, weights = [], []
+    for j, c in enumerate(cohort.tolist()):
+        params = {k: v.clone().requires_grad_() for k, v in w.items()}
+        opt = torch.optim.SGD(list(params.values()), lr=cfg.client.optimizer.lr)
+        for s in range(cfg.client.local_steps):
+            opt.zero_grad()
+            logits = torch.func.functional_call(exp.model, params, (xs[s, j],))
+            loss = F.cross_entropy(logits, ys[s, j])
+            loss = loss + 0.5 * mu * sum(((params[k] - w[k]) ** 2).sum() for k in w)
+            loss.backward()
+            opt.step()
+        locals_.append({k: v.detach() for k, v in params.items()})
+        weights.append(float(ds.train_sizes[c]) if weighting == "samples" else 1.0)
+    total = sum(weights)
+    return {k: sum(p * m[k] for p, m in zip(weights, locals_, strict=True)) / total for k in w}
+
+
+@pytest.mark.parametrize(
+    ("algo", "mu", "weighting"),
+    [("fedavg", 0.0, "samples"), ("fedavg", 0.0, "uniform"), ("fedprox", 0.5, "samples")],
+)
+def test_round_matches_naive_implementation(algo, mu, weighting):
+    extra = [f"algorithm.mu={mu}"] if algo == "fedprox" else []
+    overrides = [
+        f"algorithm.name={algo}",
+        *extra,
+        f"cohort.weighting={weighting}",
+        "client.local_steps=3",
+        "data.partition.name=dirichlet",  # unequal client sizes, so the weighting matters
+        "data.partition.alpha=0.5",
+    ]
+    exp = Experiment(tiny_config(*overrides))
+    sizes = exp.dataset.train_sizes[exp.sample_cohort(0)]
+    assert sizes.unique().numel() > 1
+    expected = _naive_round(exp, mu, weighting)
+    exp.run_round()
+    assert_close(exp.population["global"], expected, rtol=1e-4, atol=1e-6)
