@@ -81,7 +81,11 @@ def fit_bernoulli(data: ClientData, mom: Moments, method: str) -> Fit:
             "no between-client variation detected (V̂ ≤ 0): κ = ∞, every client gets the pooled rate"
         )
     if bool((c > 0).all()) and bool((prior_var >= c).any()):
-        notes.append("spread exceeds any Beta prior (V̂ ≥ p̂(1 − p̂)): κ = 0, local rates")
+        notes.append(
+            "spread exceeds any Beta prior (V̂ ≥ p̂(1 − p̂)): κ = 0, local rates"
+            if bool((v >= c).any())
+            else "privacy noise dominates the population statistics: κ = 0, local rates"
+        )
     b = torch.where(torch.isinf(kappa), torch.zeros_like(p_hat), n / (kappa + n))
     est = p + b * (p_hat - p)
     post_var = torch.where(

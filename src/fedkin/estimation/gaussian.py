@@ -117,6 +117,10 @@ def fit_gaussian(data: ClientData, mom: Moments, method: str, pooled: bool = Tru
     hyper = {"mu": mom.mean.tolist(), "tau2": tau2.tolist(), "sigma2": sigma2.tolist()}
     if bool((prior_var > tau2).any()):
         hyper["prior_var"] = prior_var.tolist()
+        notes.append(
+            "privacy noise raises the prior variance from τ̂² to prior_var (an upper bound), "
+            "moving estimates toward each client's own mean"
+        )
     return Fit(est, sd, "posterior_sd", hyper, tuple(notes))
 
 
