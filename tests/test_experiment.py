@@ -35,8 +35,8 @@ def _exclude(exp: Experiment, clients: list[int]):
     """A channel step giving zero weight to ``clients`` (the clean reference run)."""
     bad = torch.tensor(clients)
 
-    def step(messages, weights):
-        cohort = exp.sample_cohort(exp.round)
+    def step(messages, weights, *round_):  # channel steps may also receive the round number
+        cohort = exp.sample_cohort(exp.round)  # exp.round: rounds completed = this round's index
         return messages, weights * ~torch.isin(cohort, bad), {}
 
     return step
