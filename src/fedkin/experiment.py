@@ -28,6 +28,7 @@ from fedkin.core.rng import Stream
 from fedkin.core.store import ClientStore, MemoryStore, make_store
 from fedkin.core.tree import Tree, tree_leaves
 from fedkin.data import build_dataset
+from fedkin.data.federated import FederatedDataset
 from fedkin.models import build_model
 
 CHECKPOINT = "checkpoint.pt"
@@ -65,6 +66,17 @@ def _take(tree: Any, positions: torch.Tensor, dim: int) -> Any:
     return tree.index_select(dim, positions)
 
 
+def map_cohort(engine, fn, args, in_dims) -> tuple[Any, int]:
+    """``engine.map`` over a training cohort, and how many of its clients were dropped.
+
+    A backend that can lose workers mid-round (``backend.name=ray`` with
+    ``on_worker_failure=drop``) has its own ``map_cohort``: it returns non-finite rows for the
+    clients it lost — so the non-finite rejection keeps them out of the aggregate and the
+    store — and their count (``dropped_clients`` in the round record)."""
+    own = getattr(engine, "map_cohort", None)
+    return own(fn, args, in_dims) if own is not None else (engine.map(fn, args, in_dims), 0)
+
+
 def _cat(parts: list[Any]) -> Any:
     if isinstance(parts[0], dict):
         return {k: _cat([p[k] for p in parts]) for k in parts[0]}
@@ -74,11 +86,18 @@ def _cat(parts: list[Any]) -> Any:
 class Experiment:
     """Holds the live state of a run (population, client groups and stores, server, round)."""
 
-    def __init__(self, config: ExperimentConfig, run_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        run_dir: Path | None = None,
+        dataset: FederatedDataset | None = None,
+    ) -> None:
+        """``dataset``: a prebuilt federated dataset to use instead of building ``config.data``
+        (e.g. the synthetic million-client population of ``fedkin bench scale``)."""
         self.config = config
         self.run_dir = run_dir
         self.stream = Stream(config.seed)
-        self.dataset = build_dataset(config.data, config.seed)
+        self.dataset = build_dataset(config.data, config.seed) if dataset is None else dataset
         self.engine = config.backend.wrap(config.engine.build())
         self.groups = self._build_groups()
         self.algorithm: Algorithm = self.groups[0].algorithm
@@ -152,6 +171,7 @@ class Experiment:
         ctx = {"client_id": cohort, "num_samples": n_i, "round": torch.full_like(cohort, r)}
         weights = n_i if cfg.cohort.weighting == "samples" else torch.ones(len(cohort))
         messages, oks, client_metrics, kept_weights, ids = [], [], [], [], []
+        dropped = 0
         for g, group in enumerate(self.groups):
             pos = torch.nonzero(self.group_of[cohort] == g).squeeze(1)
             if len(pos) == 0:
@@ -160,11 +180,13 @@ class Experiment:
             sub_batches = batches if whole else _take(batches, pos, 1)
             sub_ctx = ctx if whole else _take(ctx, pos, 0)
             rows = group.rows(cohort[pos])
-            msg, states, metrics = self.engine.map(
+            (msg, states, metrics), lost = map_cohort(
+                self.engine,
                 group.algorithm.client_update,
                 (self.population, group.store.gather(rows), sub_batches, sub_ctx),
                 (None, 0, 1, 0),
             )
+            dropped += lost
             k = len(pos)
             ok = finite_rows(msg, k) & finite_rows(states, k) & finite_rows(metrics, k)
             group.store.scatter(rows, states, keep=ok)
@@ -193,6 +215,7 @@ class Experiment:
             **self._client_metric_summary(_cat(client_metrics), torch.cat(ids), ok),
             **channel_metrics,
             "rejected_updates": float((~ok).sum()),
+            "dropped_clients": float(dropped),
             "round_time_s": time.perf_counter() - t0,
         }
 
