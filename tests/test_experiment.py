@@ -172,7 +172,7 @@ RESUME_CASES = {
         "client.optimizer.momentum=0.9",
     ],
 }
-ROUNDS = 5
+ROUNDS = 4
 
 
 def _uninterrupted(cli, out: Path, overrides: list[str]) -> list[dict]:
