@@ -23,6 +23,7 @@ from fedkin.data.config import DataConfig, DigitsConfig
 from fedkin.engine import EngineConfig
 from fedkin.models import MlpConfig, ModelConfig
 from fedkin.optim import OptimizerConfig, SgdConfig
+from fedkin.privacy.config import PrivacyConfig
 
 AlgorithmConfig = Annotated[
     Union[tuple(cls.Config for cls in ALGORITHMS.values())],  # noqa: UP007 (built at import)
@@ -55,6 +56,11 @@ class CohortConfig(_Section):
     )
     weighting: Literal["samples", "uniform"] = Field(
         "samples", description="aggregation weights: by train samples n_i, or equal"
+    )
+    sampling: Literal["fixed", "poisson"] = Field(
+        "fixed",
+        description="fixed: exactly clients_per_round without replacement; poisson: each "
+        "training client joins independently with q = clients_per_round / N",
     )
 
 
@@ -109,6 +115,7 @@ class ExperimentConfig(_Section):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     backend: BackendConfig = Field(default_factory=LocalBackendConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     compare: CompareSection | None = Field(None, description=CompareSection.__doc__)
@@ -124,6 +131,17 @@ class ExperimentConfig(_Section):
                 f"{training} training clients (data.num_clients={self.data.num_clients}, "
                 f"eval.holdout_clients={self.eval.holdout_clients}); allowed: 1..{training}"
             )
+        if self.privacy.enabled:
+            if self.cohort.weighting != "uniform":
+                raise ValueError(
+                    "privacy needs cohort.weighting=uniform (DP bounds each client's influence; "
+                    "sample-count weights would leak and unbound it)"
+                )
+            if self.privacy.delta >= 1 / training:
+                raise ValueError(
+                    f"privacy.delta={self.privacy.delta:g} must be < 1/population = "
+                    f"1/{training} (a larger δ allows releasing one client's data outright)"
+                )
         if self.client_models:
             total = sum(g.fraction for g in self.client_models)
             if abs(total - 1.0) > 1e-6:

@@ -21,7 +21,7 @@ import torch
 
 from fedkin.algorithms import ALGORITHMS, Algorithm, ServerStep
 from fedkin.config import ExperimentConfig, holdout_count
-from fedkin.core.channel import Channel, finite_rows
+from fedkin.core.channel import Channel, finite_rows, reject_nonfinite
 from fedkin.core.errors import NonFiniteModelError
 from fedkin.core.evaluate import evaluate_global, evaluate_personal, summarize
 from fedkin.core.rng import Stream
@@ -30,6 +30,7 @@ from fedkin.core.tree import Tree, tree_leaves
 from fedkin.data import build_dataset
 from fedkin.data.federated import FederatedDataset
 from fedkin.models import build_model
+from fedkin.privacy.federated import UserLevelDP
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -111,7 +112,6 @@ class Experiment:
                 run_dir / "client_state" / f"group{g}" if run_dir else None,
             )
         self.server = ServerStep(config.server.optimizer.build())
-        self.channel = Channel()
         self.round = 0  # rounds completed
         self.client_accuracy: dict[str, list[float]] = {}  # per-client, from the last evaluate()
         n_new = holdout_count(self.dataset.num_clients, config.eval.holdout_clients)
@@ -122,6 +122,21 @@ class Experiment:
         self.is_training = torch.ones(self.dataset.num_clients, dtype=torch.bool)
         self.is_training[self.new_clients] = False
         self.training_clients = torch.nonzero(self.is_training).squeeze(1)
+        self.privacy: UserLevelDP | None = None
+        self.channel = Channel()
+        if config.privacy.enabled:
+            self.privacy = UserLevelDP(
+                config.privacy,
+                population=len(self.training_clients),
+                cohort_size=config.cohort.clients_per_round,
+                sampling=config.cohort.sampling,
+                rounds=config.rounds,
+                seed=config.seed,
+            )
+            self.channel = Channel(
+                [reject_nonfinite, self.privacy.clip_step], self.privacy.aggregate
+            )
+        self.stop_reason = ""
 
     def _build_groups(self) -> list[ClientGroup]:
         """One group per personal architecture; clients are assigned by a seeded permutation."""
@@ -155,8 +170,11 @@ class Experiment:
 
     # ----- one round ----------------------------------------------------------------------------
     def sample_cohort(self, round_: int) -> torch.Tensor:
-        """k training clients without replacement, a function of (seed, round) only."""
+        """Training clients of a round, a function of (seed, round) only: exactly k without
+        replacement, or (Poisson) each independently with probability q = k / N."""
         k, pool = self.config.cohort.clients_per_round, self.training_clients
+        if self.config.cohort.sampling == "poisson":
+            return pool[self.stream.child("cohort").uniform(round_, pool) < k / len(pool)]
         keys = self.stream.child("cohort").keys(round_, pool)
         return pool[torch.argsort(keys)[:k]].sort().values
 
@@ -164,6 +182,8 @@ class Experiment:
         r, cfg, ds = self.round, self.config, self.dataset
         t0 = time.perf_counter()
         cohort = self.sample_cohort(r)
+        if len(cohort) == 0:  # possible under Poisson sampling: nothing to train or release
+            return self._finish_round(r, t0, {"clients": 0})
         batches = ds.sample_train_batches(
             cohort, self.stream.child("batches"), r, cfg.client.local_steps, cfg.client.batch_size
         )
@@ -196,8 +216,10 @@ class Experiment:
             kept_weights.append(weights[pos] * ok)
             ids.append(cohort[pos])
         ok = torch.cat(oks)
-        aggregate, channel_metrics = self.channel(_cat(messages), torch.cat(kept_weights))
-        if ok.any():
+        if self.privacy is not None:
+            self.privacy.bind_cohort(torch.cat(ids), ok)
+        aggregate, channel_metrics = self.channel(_cat(messages), torch.cat(kept_weights), r)
+        if ok.any() or self.privacy is not None:
             self.population = self.algorithm.population_update(
                 self.population, aggregate, self.server
             )
@@ -207,15 +229,27 @@ class Experiment:
                 "Lower the learning rates (client.optimizer.lr, server.optimizer.lr). "
                 f"The last good checkpoint is round {self.round}."
             )
-        self.round += 1
+        return self._finish_round(
+            r,
+            t0,
+            {
+                "clients": len(cohort),
+                **self._client_metric_summary(_cat(client_metrics), torch.cat(ids), ok),
+                **channel_metrics,
+                "rejected_updates": float((~ok).sum()),
+                "dropped_clients": float(dropped),
+            },
+        )
+
+    def _finish_round(self, r: int, t0: float, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Close round r: account its privacy cost and build its record."""
+        if self.privacy is not None:
+            metrics.update(self.privacy.record_round())
+        self.round = r + 1
         return {
             "round": self.round,
             "kind": "train",
-            "clients": len(cohort),
-            **self._client_metric_summary(_cat(client_metrics), torch.cat(ids), ok),
-            **channel_metrics,
-            "rejected_updates": float((~ok).sum()),
-            "dropped_clients": float(dropped),
+            **metrics,
             "round_time_s": time.perf_counter() - t0,
         }
 
@@ -316,6 +350,7 @@ class Experiment:
             "round": self.round,
             "population": self.population,
             "server": self.server.state,
+            "privacy": self.privacy.state_dict() if self.privacy else None,
             "stores": [g.store.state_dict() for g in self.groups],
         }
 
@@ -323,6 +358,8 @@ class Experiment:
         self.round = state["round"]
         self.population = state["population"]
         self.server.state = state["server"]
+        if self.privacy is not None:
+            self.privacy.load_state_dict(state["privacy"])
         for group, store_state in zip(self.groups, state["stores"], strict=True):
             group.store.load_state_dict(store_state, self.round)
 
@@ -352,6 +389,12 @@ class Experiment:
         last_eval: dict[str, Any] = {}
         t_start = time.perf_counter()
         while self.round < cfg.rounds:
+            if self.privacy is not None and not self.privacy.can_run_round():
+                self.stop_reason = (
+                    f"privacy budget: another round would spend more than "
+                    f"ε={self.config.privacy.budget_epsilon:g}; stopped after round {self.round}"
+                )
+                break
             record = self.run_round()
             for t in trackers:
                 t.record(record)
@@ -361,10 +404,17 @@ class Experiment:
                     t.record(last_eval)
             if self.round % cfg.checkpoint.every == 0 or self.round == cfg.rounds:
                 self.save_checkpoint(run_dir)
+        if self.stop_reason and last_eval.get("round") != self.round:
+            last_eval = self.evaluate()
+            for t in trackers:
+                t.record(last_eval)
+            self.save_checkpoint(run_dir)
         summary = {
             "name": cfg.name,
             "algorithm": cfg.algorithm.name,
             "rounds": self.round,
+            **({"stop_reason": self.stop_reason} if self.stop_reason else {}),
+            **(self.privacy.summary() if self.privacy else {}),
             "session_time_s": time.perf_counter() - t_start,
             **{k: v for k, v in last_eval.items() if k not in ("kind", "round")},
             **{f"{k}_acc_by_client": v for k, v in self.client_accuracy.items()},

@@ -1,9 +1,10 @@
 """The path client messages travel to the server: a pipeline of steps, then an aggregator.
 
-Each step is a pure function of the stacked messages ``[K, …]`` and per-client weights
-``[K]`` that returns new messages and weights plus metrics (e.g. how many were rejected).
-The foundation ships the non-finite filter and (weighted) mean aggregation; clipping,
-compression, attacks and DP noise plug in as further steps.
+Each step is a function of the stacked messages ``[K, …]``, per-client weights ``[K]`` and the
+round number that returns new messages and weights plus metrics (e.g. how many were
+rejected); the aggregator turns them into one message. Steps so far: the non-finite filter,
+and DP clipping with a noisy aggregator (:mod:`fedkin.privacy.federated`); compression and
+robust aggregators plug in the same way.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 
 from fedkin.core.tree import Tree, tree_leaves, tree_map
 
-Step = Callable[[Tree, torch.Tensor], tuple[Tree, torch.Tensor, dict[str, float]]]
+Step = Callable[[Tree, torch.Tensor, int], tuple[Tree, torch.Tensor, dict[str, float]]]
+Aggregator = Callable[[Tree, torch.Tensor, int], Tree]
 
 
 def finite_rows(tree: Tree, size: int) -> torch.Tensor:
@@ -25,7 +27,9 @@ def finite_rows(tree: Tree, size: int) -> torch.Tensor:
     return ok
 
 
-def reject_nonfinite(messages: Tree, weights: torch.Tensor) -> tuple[Tree, torch.Tensor, dict]:
+def reject_nonfinite(
+    messages: Tree, weights: torch.Tensor, round_: int = 0
+) -> tuple[Tree, torch.Tensor, dict]:
     """Give zero weight to messages containing NaN/Inf and zero them so they cannot leak in."""
     ok = finite_rows(messages, len(weights))
     if ok.all():
@@ -37,7 +41,7 @@ def reject_nonfinite(messages: Tree, weights: torch.Tensor) -> tuple[Tree, torch
     return cleaned, weights * ok, {"rejected_updates": float((~ok).sum())}
 
 
-def weighted_mean(messages: Tree, weights: torch.Tensor) -> Tree:
+def weighted_mean(messages: Tree, weights: torch.Tensor, round_: int = 0) -> Tree:
     """Σ_k p_k m_k with p = weights / Σ weights (zero if every weight is zero)."""
     total = weights.sum()
     p = weights / total if total > 0 else torch.zeros_like(weights)
@@ -50,15 +54,17 @@ class Channel:
     def __init__(
         self,
         steps: list[Step] | None = None,
-        aggregator: Callable[[Tree, torch.Tensor], Tree] = weighted_mean,
+        aggregator: Aggregator = weighted_mean,
     ) -> None:
         self.steps = [reject_nonfinite] if steps is None else steps
         self.aggregator = aggregator
 
-    def __call__(self, messages: Tree, weights: torch.Tensor) -> tuple[Tree, dict[str, float]]:
+    def __call__(
+        self, messages: Tree, weights: torch.Tensor, round_: int = 0
+    ) -> tuple[Tree, dict[str, float]]:
         metrics: dict[str, float] = {}
         for step in self.steps:
-            messages, weights, m = step(messages, weights)
+            messages, weights, m = step(messages, weights, round_)
             metrics.update(m)
         metrics["accepted_updates"] = float((weights > 0).sum())
-        return self.aggregator(messages, weights), metrics
+        return self.aggregator(messages, weights, round_), metrics
