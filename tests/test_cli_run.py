@@ -307,13 +307,6 @@ def test_sigint_then_resume_matches_uninterrupted(cli, tmp_path):
 # ----- crash leftovers ----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    reason="BUG: tracking.read_records (used by truncate_records on resume) json-decodes every "
-    "line, so a metrics.jsonl whose last line was cut by a crash makes --resume die with a "
-    "JSONDecodeError traceback",
-    strict=True,
-    raises=json.JSONDecodeError,
-)
 def test_resume_after_crash_mid_write_of_metrics(cli, capsys, tmp_path):
     out = tmp_path / "crash"
     overrides = tiny("rounds=3", "eval.every=1")
@@ -334,12 +327,6 @@ def test_resume_after_crash_mid_write_of_metrics(cli, capsys, tmp_path):
     assert drop_timings(read_records(out)) == complete
 
 
-@pytest.mark.xfail(
-    reason="BUG: a run interrupted before its first checkpoint leaves metrics.jsonl behind; "
-    "runs.new_run accepts the directory again (it only checks checkpoint.pt) and JsonlTracker "
-    "appends, so the rerun's metrics.jsonl holds round 1 twice",
-    strict=True,
-)
 def test_rerun_after_interrupt_before_first_checkpoint(cli, capsys, tmp_path, monkeypatch):
     original = Experiment.evaluate
 
@@ -357,11 +344,6 @@ def test_rerun_after_interrupt_before_first_checkpoint(cli, capsys, tmp_path, mo
     assert keys == [(1, "train"), (1, "eval"), (2, "train"), (2, "eval")]
 
 
-@pytest.mark.xfail(
-    reason="BUG: the interrupt message says 'Continue with: fedkin run --resume DIR' even when "
-    "no checkpoint was written yet, and that command then fails with 'nothing to resume'",
-    strict=True,
-)
 def test_interrupt_before_first_checkpoint_does_not_suggest_resume(
     cli, capsys, tmp_path, monkeypatch
 ):
@@ -376,12 +358,6 @@ def test_interrupt_before_first_checkpoint_does_not_suggest_resume(
     assert "--resume" not in err
 
 
-@pytest.mark.xfail(
-    reason="BUG: resuming a run whose final checkpoint was written but whose summary.json was "
-    "not (crash during the trackers' finish) rewrites summary.json without the final "
-    "evaluation: Experiment.run only fills last_eval from evaluations of the current session",
-    strict=True,
-)
 def test_resume_finished_run_without_summary_restores_eval_metrics(cli, tmp_path):
     out = tmp_path / "nosummary"
     assert cli(["run", *tiny("rounds=2"), "--out", str(out), "--quiet"]) == 0

@@ -251,23 +251,12 @@ def test_variant_switch_keeps_other_sections_default():
 # ----- sections inside lists (client_models) -----------------------------------------------------
 
 
-@pytest.mark.xfail(
-    reason="BUG: config._walk does not descend into list fields, so a variant section inside "
-    "client_models reports 'one of: ?' instead of the model names",
-    strict=True,
-)
 def test_missing_name_in_list_item_lists_variant_names():
     msg = _error("algorithm.name=local", "client_models=[{model: {hidden: [3]}, fraction: 1.0}]")
     assert "client_models.0.model.name" in msg
     assert all(n in msg for n in ("logreg", "mlp", "cnn"))
 
 
-@pytest.mark.xfail(
-    reason="BUG: config._walk does not descend into list fields: an unknown key inside "
-    "client_models is reported as 'client_models.0.model.mlp.foo' (union tag in the path) "
-    "with 'allowed keys here: ?'",
-    strict=True,
-)
 def test_unknown_key_in_list_item_lists_allowed_keys():
     msg = _error(
         "algorithm.name=local", "client_models=[{model: {name: mlp, foo: 1}, fraction: 1.0}]"

@@ -291,7 +291,12 @@ def _walk(loc: tuple[Any, ...]) -> tuple[str, type[BaseModel] | None]:
         if cls is None or key not in cls.model_fields:
             cls = None
             continue
-        variants = _variants(cls.model_fields[key].annotation)
+        annotation = cls.model_fields[key].annotation
+        if typing.get_origin(annotation) is list and i < len(loc) and isinstance(loc[i], int):
+            names.append(str(loc[i]))  # an item of a list section
+            annotation = typing.get_args(annotation)[0]
+            i += 1
+        variants = _variants(annotation)
         if "" in variants:
             cls = variants[""]
         elif variants and i < len(loc) and loc[i] in variants:

@@ -409,6 +409,8 @@ class Experiment:
             for t in trackers:
                 t.record(last_eval)
             self.save_checkpoint(run_dir)
+        if not last_eval:  # resumed after the last round: its evaluation was recorded before
+            last_eval = self.evaluate()
         summary = {
             "name": cfg.name,
             "algorithm": cfg.algorithm.name,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,21 @@ def default_run_dir(name: str) -> Path:
     return Path("runs") / f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{name}"
 
 
+#: Files a run writes; a directory holding some of them but no checkpoint is a run that was
+#: interrupted before its first checkpoint, and is started over.
+RUN_FILES = ("metrics.jsonl", "summary.json", "metrics.png", "config.yaml")
+
+
 def new_run(config: ExperimentConfig, run_dir: Path) -> Experiment:
-    """Create ``run_dir`` (which must not hold a run yet) and the experiment for it."""
+    """Create ``run_dir`` (which must not hold a checkpointed run) and the experiment for it."""
     if (run_dir / CHECKPOINT).exists():
         raise UserError(
             f"{run_dir} already holds a run; continue it with `fedkin run --resume {run_dir}`"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "client_state", ignore_errors=True)
     (run_dir / "config.yaml").write_text(dump_config(config))
     return Experiment(config, run_dir)
 

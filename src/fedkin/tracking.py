@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -17,10 +18,16 @@ PLOT = "metrics.png"
 
 
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    """Records of ``metrics.jsonl``; a last line cut off by a crash mid-write is skipped."""
     path = Path(run_dir) / METRICS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines[:-1]]
+    # an unparsable last line is a record whose write was interrupted; its round is recomputed
+    with contextlib.suppress(json.JSONDecodeError, IndexError):
+        records.append(json.loads(lines[-1]))
+    return records
 
 
 def truncate_records(run_dir: Path, last_round: int) -> None:

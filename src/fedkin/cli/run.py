@@ -54,6 +54,7 @@ def split_items(items: list[str]) -> tuple[str | None, list[str]]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fedkin.config import load_config
+    from fedkin.experiment import CHECKPOINT
     from fedkin.runs import default_run_dir, execute, new_run, resume_run
 
     if args.resume:
@@ -69,11 +70,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         summary = execute(experiment, run_dir, progress=not args.quiet)
     except KeyboardInterrupt:
-        print(
-            f"fedkin: interrupted after round {experiment.round}; the last checkpoint is in "
-            f"{run_dir}. Continue with: fedkin run --resume {run_dir}",
-            file=sys.stderr,
-        )
+        if (run_dir / CHECKPOINT).exists():
+            hint = (
+                f"the last checkpoint is in {run_dir}. Continue with: fedkin run --resume {run_dir}"
+            )
+        else:
+            hint = "no checkpoint was written yet; run the same command again to start over"
+        print(f"fedkin: interrupted after round {experiment.round}; {hint}", file=sys.stderr)
         return 130
     except NonFiniteModelError as err:
         print(f"fedkin: error: {err} Run directory: {run_dir}", file=sys.stderr)
