@@ -33,6 +33,8 @@ from fedkin.models import build_model
 from fedkin.privacy.federated import UserLevelDP
 
 CHECKPOINT = "checkpoint.pt"
+#: Consecutive rounds with every client update rejected after which a run is declared diverged.
+DEAD_ROUNDS = 3
 
 
 class Tracker(Protocol):
@@ -137,6 +139,7 @@ class Experiment:
                 [reject_nonfinite, self.privacy.clip_step], self.privacy.aggregate
             )
         self.stop_reason = ""
+        self._dead_rounds = 0  # consecutive rounds in which every client update was rejected
 
     def _build_groups(self) -> list[ClientGroup]:
         """One group per personal architecture; clients are assigned by a seeded permutation."""
@@ -228,6 +231,13 @@ class Experiment:
                 f"the population model became NaN/Inf in round {r + 1}; the run stopped. "
                 "Lower the learning rates (client.optimizer.lr, server.optimizer.lr). "
                 f"The last good checkpoint is round {self.round}."
+            )
+        self._dead_rounds = 0 if ok.any() else self._dead_rounds + 1
+        if self._dead_rounds >= DEAD_ROUNDS:
+            raise NonFiniteModelError(
+                f"every client update was NaN/Inf in rounds {r + 2 - DEAD_ROUNDS}..{r + 1}; "
+                "the run stopped (the model is finite but training has diverged). Lower the "
+                f"learning rates. The last checkpoint is round {self.round}."
             )
         return self._finish_round(
             r,

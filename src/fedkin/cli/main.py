@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "fedkin.cli.compare",
     "fedkin.cli.listing",
     "fedkin.estimation.cli",
+    "fedkin.privacy.cli",
 )
 BENCH_MODULES = ("fedkin.bench.throughput", "fedkin.estimation.bench")
 
