@@ -142,6 +142,12 @@ class ExperimentConfig(_Section):
                     f"privacy.delta={self.privacy.delta:g} must be < 1/population = "
                     f"1/{training} (a larger δ allows releasing one client's data outright)"
                 )
+        if self.privacy.dp_sgd is not None and not ALGORITHMS[self.algorithm.name].supports_dp_sgd:
+            allowed = ", ".join(n for n, a in ALGORITHMS.items() if a.supports_dp_sgd)
+            raise ValueError(
+                f"privacy.dp_sgd: algorithm.name={self.algorithm.name} computes gradients "
+                f"outside the shared local solver; DP-SGD works with: {allowed}"
+            )
         if self.client_models:
             total = sum(g.fraction for g in self.client_models)
             if abs(total - 1.0) > 1e-6:

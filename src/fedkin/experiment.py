@@ -138,6 +138,11 @@ class Experiment:
             self.channel = Channel(
                 [reject_nonfinite, self.privacy.clip_step], self.privacy.aggregate
             )
+        self.participation = torch.zeros(self.dataset.num_clients, dtype=torch.long)
+        self.dp_sgd_steps = 0  # DP-SGD steps one client_update takes (measured on first use)
+        if config.privacy.dp_sgd is not None:
+            for group in self.groups:
+                group.algorithm.enable_dp_sgd(config.privacy.dp_sgd, config.seed)
         self.stop_reason = ""
         self._dead_rounds = 0  # consecutive rounds in which every client update was rejected
 
@@ -205,7 +210,7 @@ class Experiment:
             rows = group.rows(cohort[pos])
             (msg, states, metrics), lost = map_cohort(
                 self.engine,
-                group.algorithm.client_update,
+                self._counting_dp_steps(group.algorithm),
                 (self.population, group.store.gather(rows), sub_batches, sub_ctx),
                 (None, 0, 1, 0),
             )
@@ -219,6 +224,7 @@ class Experiment:
             kept_weights.append(weights[pos] * ok)
             ids.append(cohort[pos])
         ok = torch.cat(oks)
+        self.participation[cohort] += 1
         if self.privacy is not None:
             self.privacy.bind_cohort(torch.cat(ids), ok)
         aggregate, channel_metrics = self.channel(_cat(messages), torch.cat(kept_weights), r)
@@ -250,6 +256,44 @@ class Experiment:
                 "dropped_clients": float(dropped),
             },
         )
+
+    def _counting_dp_steps(self, algorithm: Algorithm):
+        """``client_update``, recording how many DP-SGD steps one call takes."""
+        if algorithm.dp_sgd is None:
+            return algorithm.client_update
+
+        def counted(*args):
+            algorithm.dp_steps = 0
+            out = algorithm.client_update(*args)
+            self.dp_sgd_steps = max(self.dp_sgd_steps, algorithm.dp_steps)
+            return out
+
+        return counted
+
+    def example_epsilon(self) -> float:
+        """Example-level ε of the most exposed client under DP-SGD (an upper bound over clients).
+
+        Each DP-SGD step is accounted as a Poisson-subsampled Gaussian with q = B/n_i, the
+        customary treatment (as in Opacus); fedkin draws batches by shuffling, which this
+        approximates. The bound uses the largest q and the most participations of any client.
+        """
+        from fedkin.privacy.accountant import PrivacyAccountant, PrivacyEvent
+
+        dp = self.config.privacy.dp_sgd
+        rounds = int(self.participation.max())
+        if dp is None or rounds == 0 or self.dp_sgd_steps == 0:
+            return 0.0
+        seen = self.participation > 0
+        q = min(1.0, self.config.client.batch_size / int(self.dataset.train_sizes[seen].min()))
+        accountant = PrivacyAccountant("rdp")
+        accountant.record(
+            PrivacyEvent.gaussian(
+                dp.noise_multiplier,
+                sampling_prob=None if q >= 1 else q,
+                count=rounds * self.dp_sgd_steps,
+            )
+        )
+        return accountant.epsilon(dp.delta)
 
     def _finish_round(self, r: int, t0: float, metrics: dict[str, Any]) -> dict[str, Any]:
         """Close round r: account its privacy cost and build its record."""
@@ -302,6 +346,8 @@ class Experiment:
                 correct, loss = self._evaluate_personal(self._adapted_store)
             record.update(summarize("new", correct[new], loss[new], counts[new]))
             self.client_accuracy["new"] = (correct[new] / counts[new]).tolist()
+        if self.config.privacy.dp_sgd is not None:
+            record["example_epsilon"] = self.example_epsilon()
         record["eval_time_s"] = time.perf_counter() - t0
         return record
 
@@ -361,6 +407,8 @@ class Experiment:
             "population": self.population,
             "server": self.server.state,
             "privacy": self.privacy.state_dict() if self.privacy else None,
+            "participation": self.participation,
+            "dp_sgd_steps": self.dp_sgd_steps,
             "stores": [g.store.state_dict() for g in self.groups],
         }
 
@@ -370,6 +418,8 @@ class Experiment:
         self.server.state = state["server"]
         if self.privacy is not None:
             self.privacy.load_state_dict(state["privacy"])
+        self.participation = state["participation"]
+        self.dp_sgd_steps = state["dp_sgd_steps"]
         for group, store_state in zip(self.groups, state["stores"], strict=True):
             group.store.load_state_dict(store_state, self.round)
 

@@ -28,10 +28,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import nn
-from torch.func import functional_call, grad
+from torch.func import functional_call, grad, vmap
 
-from fedkin.core.tree import Tree, tree_map, tree_sub
+from fedkin.core.rng import Stream
+from fedkin.core.tree import Tree, tree_leaves, tree_map, tree_sub
 from fedkin.optim import Optimizer
+from fedkin.privacy.config import DpSgdConfig
 
 
 class ServerStep:
@@ -67,6 +69,9 @@ class Algorithm:
     #: Names of scalar metrics from ``client_update`` to log per client id (e.g. AdaPeD's ψ);
     #: every metric is also logged as its mean over the cohort's accepted clients.
     per_client_metrics: ClassVar[tuple[str, ...]] = ()
+    #: True if every gradient on client data goes through :meth:`local_solve` with ``ctx``, so
+    #: example-level DP-SGD (``privacy.dp_sgd``) covers the whole local computation.
+    supports_dp_sgd: ClassVar[bool] = False
 
     def __init__(
         self, config: BaseModel, model: nn.Module, client_optimizer: Optimizer, local_steps: int
@@ -75,6 +80,13 @@ class Algorithm:
         self.model = model
         self.client_optimizer = client_optimizer
         self.local_steps = local_steps
+        self.dp_sgd: DpSgdConfig | None = None  # see enable_dp_sgd
+        self.dp_steps = 0  # DP-SGD steps taken by the current client_update (for accounting)
+
+    def enable_dp_sgd(self, config: DpSgdConfig, seed: int) -> None:
+        """Make every :meth:`local_solve` step an example-level DP-SGD step."""
+        self.dp_sgd = config
+        self.dp_stream = Stream(seed).child("dp-sgd")
 
     # ----- the model as a function -------------------------------------------------------
     def initial_params(self) -> Tree:
@@ -97,11 +109,16 @@ class Algorithm:
         optimizer: Optimizer | None = None,
         opt_state: Tree | None = None,
         steps: int | None = None,
+        ctx: Tree | None = None,
+        noise_tag: int = 0,
     ) -> tuple[Tree, Tree, torch.Tensor]:
         """Run ``steps`` optimizer steps on ``objective(params, x, y) -> (total, data_loss)``.
 
         ``batches`` are ``(xs [S, B, …], ys [S, B])``; step s uses batch ``s mod S``.
         Returns the new parameters, the optimizer state and the mean data loss over steps.
+        With DP-SGD on, each step's gradient is the clipped, noised per-example gradient
+        (:meth:`private_grad`); ``ctx`` (client id, round) and ``noise_tag`` (distinct per call
+        within one ``client_update``) key the noise.
         """
         optimizer = optimizer or self.client_optimizer
         state = optimizer.init(params) if opt_state is None else opt_state
@@ -111,10 +128,57 @@ class Algorithm:
         loss_sum = torch.zeros(())
         for s in range(steps):
             b = s % xs.shape[0]
-            g, data_loss = grad_fn(params, xs[b], ys[b])
+            if self.dp_sgd is None:
+                g, data_loss = grad_fn(params, xs[b], ys[b])
+            else:
+                g, data_loss = self.private_grad(objective, params, xs[b], ys[b], ctx, noise_tag, s)
             params, state = optimizer.update(g, state, params)
             loss_sum = loss_sum + data_loss.detach()
         return params, state, loss_sum / max(steps, 1)
+
+    def private_grad(
+        self,
+        objective: Any,
+        params: Tree,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        ctx: Tree | None,
+        noise_tag: int,
+        step: int,
+    ) -> tuple[Tree, torch.Tensor]:
+        """DP-SGD gradient (Abadi et al. 2016): (Σ_j clip_C(∇ℓ_j) + N(0, σ²C² I)) / B.
+
+        Per-example gradients come from ``vmap`` over the batch (nested inside the cohort's
+        ``vmap``); noise is counter-based in (round, client, noise_tag, step, leaf, element).
+        """
+        if ctx is None:
+            raise RuntimeError(f"{type(self).__name__} must pass ctx to local_solve for DP-SGD")
+        cfg = self.dp_sgd
+        per_example = vmap(
+            grad(lambda p, xi, yi: objective(p, xi[None], yi[None]), has_aux=True),
+            in_dims=(None, 0, 0),
+        )
+        g, losses = per_example(params, x, y)
+        leaves = tree_leaves(g)
+        norms = torch.sqrt(sum(t.reshape(t.shape[0], -1).pow(2).sum(1) for t in leaves))
+        factor = (cfg.clip / norms.clamp(min=1e-12)).clamp(max=1.0)
+        sigma = cfg.noise_multiplier * cfg.clip
+        counter = iter(range(len(leaves)))
+
+        def noisy_mean(t: torch.Tensor) -> torch.Tensor:
+            clipped = (t * factor.reshape(-1, *([1] * (t.dim() - 1)))).sum(0)
+            z = self.dp_stream.normal(
+                ctx["round"],
+                ctx["client_id"],
+                noise_tag,
+                step,
+                next(counter),
+                torch.arange(clipped.numel()),
+            )
+            return (clipped + sigma * z.reshape(clipped.shape).to(t.dtype)) / x.shape[0]
+
+        self.dp_steps += 1
+        return tree_map(noisy_mean, g), losses.mean()
 
     def plain_objective(self, params: Tree, x: torch.Tensor, y: torch.Tensor):
         """Objective without a prior: (L_i, L_i)."""

@@ -23,9 +23,10 @@ class FedAvgConfig(BaseModel):
 
 class FedAvg(Algorithm):
     name = "fedavg"
+    supports_dp_sgd = True
     Config = FedAvgConfig
 
     def client_update(self, population: Tree, client: Tree, batches, ctx: Tree):
         w = population["global"]
-        new, _, loss = self.local_solve(w, self.plain_objective, batches)
+        new, _, loss = self.local_solve(w, self.plain_objective, batches, ctx=ctx)
         return self.delta_message(new, w), client, {"train_loss": loss}

@@ -25,6 +25,7 @@ class FedProxConfig(BaseModel):
 
 class FedProx(Algorithm):
     name = "fedprox"
+    supports_dp_sgd = True
     Config = FedProxConfig
 
     def client_update(self, population: Tree, client: Tree, batches, ctx: Tree):
@@ -34,5 +35,5 @@ class FedProx(Algorithm):
             loss = self.data_loss(theta, x, y)
             return loss + gaussian_penalty(theta, w, self.config.mu), loss
 
-        new, _, loss = self.local_solve(w, objective, batches)
+        new, _, loss = self.local_solve(w, objective, batches, ctx=ctx)
         return self.delta_message(new, w), client, {"train_loss": loss}

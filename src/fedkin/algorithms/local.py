@@ -24,6 +24,7 @@ class LocalConfig(BaseModel):
 
 class Local(Algorithm):
     name = "local"
+    supports_dp_sgd = True
     Config = LocalConfig
     has_global_model = False
     supports_model_groups = True
@@ -34,7 +35,7 @@ class Local(Algorithm):
 
     def client_update(self, population: Tree, client: Tree, batches, ctx: Tree):
         theta, opt, loss = self.local_solve(
-            client["params"], self.plain_objective, batches, opt_state=client["opt"]
+            client["params"], self.plain_objective, batches, opt_state=client["opt"], ctx=ctx
         )
         return {}, {"params": theta, "opt": opt}, {"train_loss": loss}
 
