@@ -21,7 +21,7 @@ COMMAND_MODULES = (
     "fedkin.estimation.cli",
     "fedkin.privacy.cli",
 )
-BENCH_MODULES = ("fedkin.bench.throughput", "fedkin.estimation.bench")
+BENCH_MODULES = ("fedkin.bench.throughput", "fedkin.bench.scale", "fedkin.estimation.bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
