@@ -180,7 +180,7 @@ def test_new_clients_of_local_are_adapted_from_a_fresh_state():
         )
     )
     new = e.new_clients
-    adapted_store, ids = e._adapted_store(e.groups[0])
+    adapted_store, ids = e._new_client_states(e.groups[0])
     assert torch.equal(ids, new)
     adapted = adapted_store.gather(torch.arange(len(new)))["params"]
     initial = untrained.store.gather(new)["params"]

@@ -25,7 +25,7 @@ from fedkin.core.channel import Channel, finite_rows, reject_nonfinite
 from fedkin.core.errors import NonFiniteModelError
 from fedkin.core.evaluate import evaluate_global, evaluate_personal, summarize
 from fedkin.core.rng import Stream
-from fedkin.core.store import ClientStore, MemoryStore, make_store
+from fedkin.core.store import ClientStore, MemoryStore, StackedStates, make_store
 from fedkin.core.tree import Tree, tree_leaves
 from fedkin.data import build_dataset
 from fedkin.data.federated import FederatedDataset
@@ -335,7 +335,7 @@ class Experiment:
             g_correct, g_loss = evaluate_global(alg, self.population["global"], ds)
             record.update(summarize("global", g_correct[train], g_loss[train], counts[train]))
         if self._personalizes():
-            correct, loss = self._evaluate_personal(lambda g: (g.store, g.members))
+            correct, loss = self._evaluate_personal(self._training_states)
         else:
             correct, loss = g_correct, g_loss
         record.update(summarize("personal", correct[train], loss[train], counts[train]))
@@ -343,7 +343,7 @@ class Experiment:
         if len(self.new_clients):
             new = self.new_clients
             if self._personalizes():
-                correct, loss = self._evaluate_personal(self._adapted_store)
+                correct, loss = self._evaluate_personal(self._new_client_states)
             record.update(summarize("new", correct[new], loss[new], counts[new]))
             self.client_accuracy["new"] = (correct[new] / counts[new]).tolist()
         if self.config.privacy.dp_sgd is not None:
@@ -354,8 +354,14 @@ class Experiment:
     def _personalizes(self) -> bool:
         alg = self.algorithm
         return (
-            type(alg).personal_params is not Algorithm.personal_params or not alg.has_global_model
+            type(alg).personal_params is not Algorithm.personal_params
+            or self._adapts(alg)
+            or not alg.has_global_model
         )
+
+    @staticmethod
+    def _adapts(algorithm: Algorithm) -> bool:
+        return type(algorithm).adapt is not Algorithm.adapt
 
     def _evaluate_personal(self, states_of) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-client personal (correct, loss_sum); ``states_of(group)`` gives a store and the
@@ -372,33 +378,63 @@ class Experiment:
                 correct[clients], loss[clients] = c, l_
         return correct, loss
 
-    def _adapted_store(self, group: ClientGroup) -> tuple[ClientStore, torch.Tensor]:
-        """States of the group's held-out clients after one run of the algorithm's local solver
-        from a fresh ``init_client`` state, and their ids."""
-        new = group.members[~self.is_training[group.members]]
-        fresh = MemoryStore(group.algorithm.init_client(self.population), len(new))
-        if len(new) == 0:
-            return fresh, new
-        cfg = self.config
-        batches = self.dataset.sample_train_batches(
-            new,
-            self.stream.child("adapt"),
-            self.round,
-            cfg.client.local_steps,
-            cfg.client.batch_size,
-        )
-        ctx = {
-            "client_id": new,
-            "num_samples": self.dataset.train_sizes[new].to(torch.float32),
-            "round": torch.full_like(new, self.round),
-        }
-        _, states, _ = self.engine.map(
-            group.algorithm.client_update,
-            (self.population, fresh.gather(torch.arange(len(new))), batches, ctx),
-            (None, 0, 1, 0),
-        )
-        fresh.scatter(torch.arange(len(new)), states)
-        return fresh, new
+    def _training_states(self, group: ClientGroup) -> tuple[Any, torch.Tensor]:
+        """Stored states of the group's clients (adapted first, if the algorithm adapts)."""
+        if not self._adapts(group.algorithm):
+            return group.store, group.members
+        clients = group.members[self.is_training[group.members]]
+        return self._prepare_states(group, clients, fresh=False), clients
+
+    def _new_client_states(self, group: ClientGroup) -> tuple[Any, torch.Tensor]:
+        """Held-out clients: a fresh ``init_client`` state after one run of the local solver
+        (and the algorithm's adaptation)."""
+        clients = group.members[~self.is_training[group.members]]
+        return self._prepare_states(group, clients, fresh=True), clients
+
+    def _prepare_states(
+        self, group: ClientGroup, clients: torch.Tensor, fresh: bool, chunk: int = 1024
+    ) -> StackedStates:
+        alg, cfg = group.algorithm, self.config
+        parts = []
+        for start in range(0, len(clients), chunk):
+            ids = clients[start : start + chunk]
+            ctx = {
+                "client_id": ids,
+                "num_samples": self.dataset.train_sizes[ids].to(torch.float32),
+                "round": torch.full_like(ids, self.round),
+            }
+
+            def batches(name: str, ids=ids):
+                return self.dataset.sample_train_batches(
+                    ids,
+                    self.stream.child(name),
+                    self.round,
+                    cfg.client.local_steps,
+                    cfg.client.batch_size,
+                )
+
+            if fresh:
+                template = MemoryStore(alg.init_client(self.population), len(ids))
+                _, states, _ = self.engine.map(
+                    alg.client_update,
+                    (
+                        self.population,
+                        template.gather(torch.arange(len(ids))),
+                        batches("adapt"),
+                        ctx,
+                    ),
+                    (None, 0, 1, 0),
+                )
+            else:
+                states = group.store.gather(group.rows(ids))
+            if self._adapts(alg):
+                states = self.engine.map(
+                    alg.adapt,
+                    (self.population, states, batches("adapt-eval"), ctx),
+                    (None, 0, 1, 0),
+                )
+            parts.append(states)
+        return StackedStates(_cat(parts) if parts else {})
 
     # ----- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -207,6 +207,15 @@ class Algorithm:
     def personal_params(self, population: Tree, client: Tree) -> Tree:
         return population["global"]
 
+    def adapt(self, population: Tree, client: Tree, batches, ctx: Tree) -> Tree:
+        """Evaluation-time personalization s_i' = A_i(Γ, s_i; D_i) (pure, vmappable).
+
+        Algorithms whose personal model is a function of the *current* population and the
+        client's own data (FedAvg-FT: T fine-tuning steps; Per-FedAvg: α-steps) override this;
+        evaluation then maps it over clients before ``personal_params``. Default: no change.
+        """
+        return client
+
     # ----- helpers shared by subclasses ---------------------------------------------------
     @staticmethod
     def delta_message(new_params: Tree, old_params: Tree) -> Tree:

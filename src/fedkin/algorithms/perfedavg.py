@@ -5,12 +5,11 @@ objective F_i(w) = f_i(w − α∇f_i(w)).
 Local solver: K meta-steps from w on fresh batches D, D′ (, D″): w′ = w − α∇f_i(w; D) and
 first_order: w ← w − β∇f_i(w′; D′);   hessian_free: w ← w − β(I − α∇²f_i(w; D″))∇f_i(w′; D′)
 (Hessian-vector product exact by autodiff, or the finite difference with δ); message Δ_i = w_i − w.
-Population update: as FedAvg. Personal model: `adapt_steps` α-steps of SGD on f_i from w.
+Population update: as FedAvg. Personal model (``adapt``, at evaluation): `adapt_steps` α-steps of
+SGD on f_i from the current w. No per-client state persists.
 
 Meta-step t uses the round's batches number kt, kt+1 (, kt+2) mod S (k = 2 or 3 batches per step),
-so raise client.local_steps to draw more distinct batches. The personal model stored at a round is
-the adaptation of the w the client received; ``adapt`` recomputes it from the current w (see
-:func:`fedkin.algorithms.adaptation.evaluate_adapted`).
+so raise client.local_steps to draw more distinct batches.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch.func import grad, jvp
 
-from fedkin.algorithms.adaptation import select
 from fedkin.algorithms.base import Algorithm
 from fedkin.core.tree import Tree, tree_add, tree_map, tree_sub
 from fedkin.optim import Optimizer, sgd
@@ -61,9 +59,6 @@ class PerFedAvg(Algorithm):
     def outer_optimizer(self) -> Optimizer:
         beta = self.config.beta
         return self.client_optimizer if beta is None else sgd(beta)
-
-    def init_client(self, population: Tree) -> Tree:
-        return {"params": population["global"], "seen": torch.zeros(())}
 
     def hvp(self, params: Tree, v: Tree, x: torch.Tensor, y: torch.Tensor) -> Tree:
         """∇²f_i(params; x, y) · v."""
@@ -107,15 +102,11 @@ class PerFedAvg(Algorithm):
             g, loss = self.meta_grad(theta, batches, t)
             theta, opt = outer.update(g, opt, theta)
             loss_sum = loss_sum + loss.detach()
-        state = {"params": self.personalize(w, batches), "seen": torch.ones_like(client["seen"])}
         metrics = {"train_loss": loss_sum / self.local_steps}
-        return {"delta": tree_sub(theta, w)}, state, metrics
+        return {"delta": tree_sub(theta, w)}, client, metrics
 
     def adapt(self, population: Tree, client: Tree, batches, ctx: Tree) -> Tree:
-        return {
-            "params": self.personalize(population["global"], batches),
-            "seen": torch.ones_like(client["seen"]),
-        }
+        return {"params": self.personalize(population["global"], batches)}
 
     def personal_params(self, population: Tree, client: Tree) -> Tree:
-        return select(client["seen"], client["params"], population["global"])
+        return client["params"]
