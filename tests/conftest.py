@@ -5,6 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
+
+# Tests run many tiny vmapped models; one intra-op thread avoids oversubscribing the 2 cores
+# (several times faster here, and immune to other processes' load). Benchmarks keep the default.
+torch.set_num_threads(1)
 
 # A tiny but complete experiment: 20 digits clients, 5 per round, a 16-unit MLP, 2 local steps.
 # Every variant section names its variant explicitly (data.name, model.name, …), so these
