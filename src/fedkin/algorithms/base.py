@@ -199,9 +199,16 @@ class Algorithm:
 
     def population_update(self, population: Tree, aggregate: Tree, server: ServerStep) -> Tree:
         """Default: w ← ServerOpt(w, pseudo-gradient −Δ̄) for the averaged model delta Δ̄."""
+        return self.server_step(population, aggregate, server)
+
+    @staticmethod
+    def server_step(
+        population: Tree, aggregate: Tree, server: ServerStep, scale: float = 1.0
+    ) -> Tree:
+        """w ← ServerOpt(w, −scale·Δ̄); the population unchanged if no delta was aggregated."""
         if "delta" not in aggregate:
             return population
-        pseudo_grad = tree_map(torch.neg, aggregate["delta"])
+        pseudo_grad = tree_map(lambda d: -scale * d, aggregate["delta"])
         return {**population, "global": server("global", population["global"], pseudo_grad)}
 
     def personal_params(self, population: Tree, client: Tree) -> Tree:

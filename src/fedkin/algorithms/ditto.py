@@ -33,6 +33,7 @@ class DittoConfig(BaseModel):
 class Ditto(Algorithm):
     name = "ditto"
     Config = DittoConfig
+    supports_dp_sgd = True
 
     def init_client(self, population: Tree) -> Tree:
         v = population["global"]
@@ -49,13 +50,15 @@ class Ditto(Algorithm):
 
     def client_update(self, population: Tree, client: Tree, batches, ctx: Tree):
         w = population["global"]
-        new, _, loss = self.local_solve(w, self.plain_objective, batches)
+        new, _, loss = self.local_solve(w, self.plain_objective, batches, ctx=ctx)
         v, opt, _ = self.local_solve(
             client["params"],
             self.personal_objective(w),
             batches,
             opt_state=client["opt"],
             steps=self.config.personal_steps,
+            ctx=ctx,
+            noise_tag=1,
         )
         return self.delta_message(new, w), {"params": v, "opt": opt}, {"train_loss": loss}
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedkin.algorithms.base import Algorithm, ServerStep
 from fedkin.core.priors import gaussian_penalty
-from fedkin.core.tree import Tree, tree_map
+from fedkin.core.tree import Tree
 
 
 class L2gdConfig(BaseModel):
@@ -39,6 +39,7 @@ class L2gdConfig(BaseModel):
 class L2gd(Algorithm):
     name = "l2gd"
     Config = L2gdConfig
+    supports_dp_sgd = True
 
     def init_client(self, population: Tree) -> Tree:
         x = population["global"]
@@ -56,15 +57,12 @@ class L2gd(Algorithm):
     def client_update(self, population: Tree, client: Tree, batches, ctx: Tree):
         w = population["global"]
         x_i, opt, loss = self.local_solve(
-            client["params"], self.personal_objective(w), batches, opt_state=client["opt"]
+            client["params"], self.personal_objective(w), batches, opt_state=client["opt"], ctx=ctx
         )
         return self.delta_message(x_i, w), {"params": x_i, "opt": opt}, {"train_loss": loss}
 
     def population_update(self, population: Tree, aggregate: Tree, server: ServerStep) -> Tree:
-        if "delta" not in aggregate:
-            return population
-        pseudo_grad = tree_map(lambda d: -self.config.mix_rate * d, aggregate["delta"])
-        return {**population, "global": server("global", population["global"], pseudo_grad)}
+        return self.server_step(population, aggregate, server, self.config.mix_rate)
 
     def personal_params(self, population: Tree, client: Tree) -> Tree:
         return client["params"]

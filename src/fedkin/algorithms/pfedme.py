@@ -42,6 +42,7 @@ class PFedMeConfig(BaseModel):
 class PFedMe(Algorithm):
     name = "pfedme"
     Config = PFedMeConfig
+    supports_dp_sgd = True
 
     def init_client(self, population: Tree) -> Tree:
         return {"params": population["global"]}
@@ -75,6 +76,8 @@ class PFedMe(Algorithm):
                 (xs[b : b + 1], ys[b : b + 1]),
                 optimizer=inner,
                 steps=cfg.inner_steps,
+                ctx=ctx,
+                noise_tag=s,
             )
             w_i, opt = self.client_optimizer.update(self.envelope_grad(w_i, theta), opt, w_i)
             loss_sum = loss_sum + loss
@@ -82,10 +85,7 @@ class PFedMe(Algorithm):
         return {"delta": tree_sub(w_i, w)}, {"params": theta}, metrics
 
     def population_update(self, population: Tree, aggregate: Tree, server: ServerStep) -> Tree:
-        if "delta" not in aggregate:
-            return population
-        pseudo_grad = tree_map(lambda d: -self.config.beta * d, aggregate["delta"])
-        return {**population, "global": server("global", population["global"], pseudo_grad)}
+        return self.server_step(population, aggregate, server, self.config.beta)
 
     def personal_params(self, population: Tree, client: Tree) -> Tree:
         return client["params"]
