@@ -243,7 +243,9 @@ def test_partial_section_then_bad_value_names_the_key():
 
 
 def test_variant_switch_keeps_other_sections_default():
-    cfg = load_config(None, ["data.partition.name=iid", "data.num_clients=10"])
+    cfg = load_config(
+        None, ["data.partition.name=iid", "data.num_clients=10", "cohort.clients_per_round=5"]
+    )
     assert cfg.data.name == "digits" and cfg.data.partition.name == "iid"
     assert cfg.data.num_clients == 10
 

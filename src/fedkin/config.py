@@ -37,7 +37,7 @@ class _Section(BaseModel):
 
 class ClientConfig(_Section):
     local_steps: int = Field(
-        5, ge=1, description="local optimizer steps per round (one batch each)"
+        10, ge=1, description="local optimizer steps per round (one batch each)"
     )
     batch_size: int = Field(16, ge=1, description="samples per local batch")
     optimizer: OptimizerConfig = Field(default_factory=lambda: SgdConfig(lr=0.1))
@@ -52,7 +52,7 @@ class ServerConfig(_Section):
 
 class CohortConfig(_Section):
     clients_per_round: int = Field(
-        10, ge=1, description="clients sampled (without replacement) per round"
+        20, ge=1, description="clients sampled (without replacement) per round"
     )
     weighting: Literal["samples", "uniform"] = Field(
         "samples", description="aggregation weights: by train samples n_i, or equal"
@@ -101,7 +101,7 @@ class ExperimentConfig(_Section):
     seed: int = Field(
         0, ge=0, description="seed: all randomness derives from (seed, round, client)"
     )
-    rounds: int = Field(30, ge=1, description="communication rounds")
+    rounds: int = Field(60, ge=1, description="communication rounds")
     data: DataConfig = Field(default_factory=DigitsConfig)
     model: ModelConfig = Field(default_factory=MlpConfig)
     client_models: list[ClientModelGroup] = Field(
