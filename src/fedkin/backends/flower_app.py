@@ -1,0 +1,784 @@
+"""Flower adapter: any fedkin algorithm as a Flower ``ServerApp`` + ``ClientApp``.
+
+Each Flower SuperNode is one fedkin client: its ``node_config["partition-id"]`` is the client
+id, and it builds the same :class:`~fedkin.data.federated.FederatedDataset` from the same
+config and seed, so its data and its per-round batches (counter-based in (seed, round,
+client)) are exactly those the in-process run uses.
+
+What crosses the wire, per round (everything else stays where it is):
+
+* server → sampled node: the population Γ (``ArrayRecord "population"``) and the round number
+  (``ConfigRecord "config"``);
+* node → server: the algorithm's ``message`` tree (``ArrayRecord "message"``), its scalar
+  metrics (``ArrayRecord "metrics"``) and ``num-examples`` / ``ok`` (``MetricRecord "info"``).
+
+The personal state s_i (personal model, optimizer state, algorithm extras) lives only in the
+node's ``context.state`` (``ArrayRecord "fedkin-state"``) and never leaves it. Evaluation runs
+on the nodes too: the server broadcasts Γ and each node returns its correct/loss sums on its
+own test split (held-out "new" clients first adapt from Γ, as in-process).
+
+The local solver is the algorithm's own ``client_update`` through the configured engine (a
+cohort of one); the server samples cohorts with the experiment's counter-based sampler,
+aggregates with the experiment's :class:`~fedkin.core.channel.Channel` (non-finite rejection,
+DP clipping/noise when ``privacy`` is enabled, weighted mean) and applies the algorithm's
+``population_update`` with the configured server optimizer. Nothing about an algorithm is
+re-implemented here, so one config gives the same population through either runtime.
+
+Use it in Python (``flwr.simulation.run_simulation``)::
+
+    server_app, client_app = make_apps(config)
+    run_simulation(server_app, client_app, num_supernodes=config.data.num_clients)
+
+or deploy it (``flwr run``) with a Flower app directory whose ``pyproject.toml`` (see
+:func:`write_flower_project`) names ``fedkin.backends.flower_app:server_app`` and
+``:client_app``; those read the experiment from the run config (``fedkin-config``: a YAML
+path, ``fedkin-overrides``: ``key=value`` overrides) and each SuperNode is started with
+``--node-config "partition-id=<client id>"``.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedkin.config import ExperimentConfig, dump_config, load_config
+from fedkin.core.errors import NonFiniteModelError, UserError
+from fedkin.core.tree import Tree, tree_leaves, tree_map
+
+__all__ = [
+    "FlowerNotInstalledError",
+    "FlowerServer",
+    "client_app",  # noqa: F822 (module __getattr__)
+    "config_from_run_config",
+    "make_apps",
+    "record_to_tree",
+    "require_flwr",
+    "run_simulation",
+    "server_app",  # noqa: F822 (module __getattr__)
+    "tree_to_record",
+    "write_flower_project",
+]
+
+INSTALL_HINT = "pip install 'fedkin[flower]'"
+STATE_KEY = "fedkin-state"
+ROUND_KEY = "fedkin-round"
+#: Run-config keys the importable ``server_app`` / ``client_app`` read, with their defaults.
+RUN_CONFIG_DEFAULTS: dict[str, str | float] = {
+    "fedkin-config": "",  # path to a fedkin YAML config ("" = defaults)
+    "fedkin-overrides": "",  # whitespace-separated key=value overrides (shell quoting allowed)
+    "fedkin-run-dir": "",  # server: write config.yaml, metrics.jsonl, summary.json here
+    "fedkin-node-timeout": 120.0,  # server: seconds to wait for every client's SuperNode
+    "fedkin-round-timeout": 600.0,  # server: seconds to wait for a round's replies
+}
+
+
+class FlowerNotInstalledError(UserError, ImportError):
+    """The optional ``flwr`` dependency is missing."""
+
+
+def require_flwr() -> None:
+    """Raise :class:`FlowerNotInstalledError` (naming the extra to install) without flwr."""
+    try:
+        import flwr.clientapp
+        import flwr.serverapp  # noqa: F401
+    except ImportError as err:
+        raise FlowerNotInstalledError(
+            f"the Flower backend needs the optional `flwr` package ({err}); "
+            f"install it with: {INSTALL_HINT}"
+        ) from None
+
+
+# ----- trees of tensors <-> Flower ArrayRecords ------------------------------------------------
+
+_SEP = "/"
+_BF16 = "@bfloat16"  # numpy has no bfloat16: sent as its int16 bit pattern, key-tagged
+
+
+def tree_to_record(tree: Tree):
+    """A nested ``dict[str, Tensor]`` as a flat ``ArrayRecord`` (keys joined by ``/``).
+
+    Empty sub-trees are kept as a zero-size marker under ``"<path>/"`` so that
+    :func:`record_to_tree` restores the exact structure; dtypes and shapes round-trip.
+    """
+    from flwr.app import Array, ArrayRecord
+
+    record = ArrayRecord()
+
+    def walk(node: Tree, prefix: str) -> None:
+        if not node and prefix:
+            record[prefix + _SEP] = Array.from_numpy_ndarray(np.zeros(0, np.float32))
+        for key, value in node.items():
+            if _SEP in key or key.endswith(_BF16):
+                raise ValueError(f"tree key {key!r} may not contain {_SEP!r} or end in {_BF16}")
+            path = f"{prefix}{_SEP}{key}" if prefix else key
+            if isinstance(value, dict):
+                walk(value, path)
+                continue
+            t = value.detach().cpu()
+            if t.dtype == torch.bfloat16:
+                t, path = t.view(torch.int16), path + _BF16
+            record[path] = Array.from_numpy_ndarray(t.contiguous().numpy())
+
+    walk(tree, "")
+    return record
+
+
+def record_to_tree(record) -> Tree:
+    """Inverse of :func:`tree_to_record`."""
+    tree: Tree = {}
+    for path, array in record.items():
+        parts = path.split(_SEP)
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        leaf = parts[-1]
+        if leaf == "":  # empty sub-tree marker
+            continue
+        arr = array.numpy()
+        t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+        if leaf.endswith(_BF16):
+            t, leaf = t.view(torch.bfloat16), leaf.removesuffix(_BF16)
+        node[leaf] = t
+    return tree
+
+
+def _stack(trees: list[Tree]) -> Tree:
+    return tree_map(lambda *ts: torch.stack(ts), trees[0], *trees[1:])
+
+
+def _row(tree: Tree, i: int = 0) -> Tree:
+    return tree_map(lambda t: t[i], tree)
+
+
+def _batch1(tree: Tree) -> Tree:
+    return tree_map(lambda t: t.unsqueeze(0), tree)
+
+
+# ----- configuration ---------------------------------------------------------------------------
+
+
+def config_from_run_config(run_config: dict[str, Any]) -> ExperimentConfig:
+    """The experiment named by a Flower run config (``fedkin-config``, ``fedkin-overrides``)."""
+    path = str(run_config.get("fedkin-config", "") or "")
+    overrides = shlex.split(str(run_config.get("fedkin-overrides", "") or ""))
+    return load_config(path or None, overrides)
+
+
+def _runtime_config(config: ExperimentConfig) -> ExperimentConfig:
+    """The config as one Flower process runs it: in-process engine, client states in RAM
+    (they are never used there: personal states live in the nodes' ``context.state``)."""
+    from fedkin.backends import LocalBackendConfig
+    from fedkin.core.store import StoreConfig
+
+    return config.model_copy(update={"backend": LocalBackendConfig(), "store": StoreConfig()})
+
+
+def _experiment(config: ExperimentConfig):
+    from fedkin.experiment import Experiment
+
+    return Experiment(_runtime_config(config))
+
+
+# ----- the client side -------------------------------------------------------------------------
+
+_RUNTIMES: dict[str, _ClientRuntime] = {}
+
+
+def _client_id(context, config: ExperimentConfig) -> int:
+    """The fedkin client id of this node: its ``node_config["partition-id"]``."""
+    raw = context.node_config.get("partition-id")
+    n = config.data.num_clients
+    if raw is None:
+        raise UserError(
+            "this SuperNode has no node_config 'partition-id' (its fedkin client id); "
+            f"start it with --node-config 'partition-id=<0..{n - 1}>'"
+        )
+    cid = int(raw)
+    if not 0 <= cid < n:
+        raise UserError(f"node_config partition-id={cid} is outside 0..{n - 1}")
+    return cid
+
+
+class _ClientRuntime:
+    """What one node process needs, built once per config: the dataset, the client groups'
+    algorithms, the initial population (for the state template) and the engine."""
+
+    def __init__(self, config: ExperimentConfig) -> None:
+        self.config = config
+        self.experiment = _experiment(config)
+        self.engine = config.engine.build()
+
+    @classmethod
+    def of(cls, config: ExperimentConfig) -> _ClientRuntime:
+        key = config.model_dump_json()
+        if key not in _RUNTIMES:
+            _RUNTIMES.clear()  # one experiment per process at a time
+            _RUNTIMES[key] = cls(config)
+        return _RUNTIMES[key]
+
+    def client_id(self, context) -> int:
+        return _client_id(context, self.config)
+
+    def algorithm(self, cid: int):
+        exp = self.experiment
+        return exp.groups[int(exp.group_of[cid])].algorithm
+
+    def state(self, cid: int, context) -> Tree:
+        """This node's persistent state; never-trained clients start from ``init_client`` of
+        the initial population (the in-process store's template)."""
+        if STATE_KEY in context.state:
+            return record_to_tree(context.state[STATE_KEY])
+        return self.algorithm(cid).init_client(self.experiment.population)
+
+    def ctx(self, cid: int, round_: int) -> Tree:
+        ids = torch.tensor([cid])
+        n = self.experiment.dataset.train_sizes[ids].to(torch.float32)
+        return {"client_id": ids, "num_samples": n, "round": torch.full_like(ids, round_)}
+
+    def local_update(self, cid: int, population: Tree, state: Tree, stream_name: str, r: int):
+        """``client_update`` of one client through the engine (a cohort of one)."""
+        cfg, ds = self.config, self.experiment.dataset
+        batches = ds.sample_train_batches(
+            torch.tensor([cid]),
+            self.experiment.stream.child(stream_name),
+            r,
+            cfg.client.local_steps,
+            cfg.client.batch_size,
+        )
+        return self.engine.map(
+            self.algorithm(cid).client_update,
+            (population, _batch1(state), batches, self.ctx(cid, r)),
+            (None, 0, 1, 0),
+        )
+
+
+class _ClientHandlers:
+    """The ClientApp's message handlers. ``config`` None: read it from the run config."""
+
+    def __init__(self, config: ExperimentConfig | None) -> None:
+        self.config = config
+
+    def _config(self, context) -> ExperimentConfig:
+        return self.config or config_from_run_config(context.run_config)
+
+    def _runtime(self, context) -> _ClientRuntime:
+        return _ClientRuntime.of(self._config(context))
+
+    def query(self, message, context):
+        """Which client this node is (answered without loading any data)."""
+        from flwr.app import Message, MetricRecord, RecordDict
+
+        info = {"partition-id": _client_id(context, self._config(context))}
+        return Message(RecordDict({"info": MetricRecord(info)}), reply_to=message)
+
+    def train(self, message, context):
+        from flwr.app import Message, MetricRecord, RecordDict
+
+        from fedkin.core.channel import finite_rows
+
+        rt = self._runtime(context)
+        cid = rt.client_id(context)
+        config = message.content["config"]
+        if int(config["client-id"]) != cid:
+            raise UserError(f"message for client {config['client-id']} reached client {cid}")
+        r = int(config["round"])
+        last = context.state[ROUND_KEY]["round"] if ROUND_KEY in context.state else -1
+        if r <= last:  # at-least-once delivery: never train twice on one round
+            raise UserError(f"client {cid}: stale train message for round {r} (trained {last})")
+        population = record_to_tree(message.content["population"])
+        state = rt.state(cid, context)
+        msg, states, metrics = rt.local_update(cid, population, state, "batches", r)
+        ok = bool((finite_rows(msg, 1) & finite_rows(states, 1) & finite_rows(metrics, 1))[0])
+        if ok:  # a rejected update leaves the personal state as it was (as in-process)
+            context.state[STATE_KEY] = tree_to_record(_row(states))
+        context.state[ROUND_KEY] = MetricRecord({"round": r})
+        n = float(rt.experiment.dataset.train_sizes[cid])
+        content = RecordDict(
+            {
+                "message": tree_to_record(_row(msg)),
+                "metrics": tree_to_record(_row(metrics)),
+                "info": MetricRecord({"num-examples": n, "ok": int(ok)}),
+            }
+        )
+        return Message(content, reply_to=message)
+
+    def evaluate(self, message, context):
+        from flwr.app import Message, MetricRecord, RecordDict
+
+        from fedkin.core.evaluate import evaluate_personal
+        from fedkin.core.store import MemoryStore
+
+        rt = self._runtime(context)
+        cid = rt.client_id(context)
+        config = message.content["config"]
+        population = record_to_tree(message.content["population"])
+        x, y = rt.experiment.dataset.client_test(cid)
+        out = {"test-count": float(len(y))}
+        if bool(config["global"]):
+            with torch.no_grad():
+                logits = rt.experiment.algorithm.logits(population["global"], x)
+            out["global-correct"] = float((logits.argmax(-1) == y).to(torch.float64).sum())
+            losses = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+            out["global-loss"] = float(losses.to(torch.float64).sum())
+        if bool(config["personal"]):
+            if bool(config["adapt"]):  # held-out client: one local run from Γ, not kept
+                alg = rt.algorithm(cid)
+                _, states, _ = rt.local_update(
+                    cid, population, alg.init_client(population), "adapt", int(config["round"])
+                )
+                state = _row(states)
+            else:
+                state = rt.state(cid, context)
+            correct, loss = evaluate_personal(
+                rt.algorithm(cid),
+                rt.engine,
+                population,
+                MemoryStore(state, 1),
+                rt.experiment.dataset,
+                torch.tensor([cid]),
+            )
+            out["personal-correct"], out["personal-loss"] = float(correct[0]), float(loss[0])
+
+        return Message(RecordDict({"eval": MetricRecord(out)}), reply_to=message)
+
+
+def _client_app(config: ExperimentConfig | None):
+    from flwr.clientapp import ClientApp
+
+    handlers = _ClientHandlers(config)
+    app = ClientApp()
+    app.query()(handlers.query)
+    app.train()(handlers.train)
+    app.evaluate()(handlers.evaluate)
+    return app
+
+
+# ----- the server side -------------------------------------------------------------------------
+
+
+class FlowerServer:
+    """The ServerApp's main loop: discover the nodes, run rounds and evaluations through the
+    grid, aggregate with the experiment's channel and update the population.
+
+    After a run: ``records`` (the same train/eval records ``fedkin run`` writes),
+    ``summary``, and ``experiment.population``.
+    """
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        run_dir: str | Path | None = None,
+        node_timeout: float = 120.0,
+        round_timeout: float = 600.0,
+    ) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.node_timeout = node_timeout
+        self.round_timeout = round_timeout
+        self.records: list[dict[str, Any]] = []
+        self.summary: dict[str, Any] = {}
+        self.experiment = None
+        self.node_of: dict[int, int] = {}
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> FlowerServer:
+        get = {**RUN_CONFIG_DEFAULTS, **dict(run_config)}.get
+        return cls(
+            config_from_run_config(run_config),
+            run_dir=str(get("fedkin-run-dir")) or None,
+            node_timeout=float(get("fedkin-node-timeout")),
+            round_timeout=float(get("fedkin-round-timeout")),
+        )
+
+    # ----- messaging ----------------------------------------------------------------------------
+    def _send(self, grid, kind: str, contents: dict[int, Any], group: str, timeout: float):
+        """Send ``contents[client]`` to each client's node; replies by client id (clients
+        that failed or timed out are missing, with a warning)."""
+        from flwr.app import Message
+        from flwr.common import log
+
+        messages = [
+            Message(
+                content,
+                dst_node_id=self.node_of[c],
+                message_type=kind,
+                group_id=group,
+                ttl=timeout,  # a message that missed its round expires instead of arriving late
+            )
+            for c, content in contents.items()
+        ]
+        client_of = {node: c for c, node in self.node_of.items()}
+        replies: dict[int, Any] = {}
+        for reply in grid.send_and_receive(messages, timeout=timeout):
+            c = client_of.get(reply.metadata.src_node_id)
+            if c is None:
+                continue
+            if reply.has_error():
+                log(30, "fedkin: client %s failed (%s): %s", c, group, reply.error.reason)
+                continue
+            replies[c] = reply.content
+        return replies
+
+    def discover(self, grid) -> dict[int, int]:
+        """Map every fedkin client id to the node whose ``partition-id`` it is."""
+        from flwr.app import Message, MessageType, RecordDict
+
+        need = self.experiment.dataset.num_clients
+        deadline = time.monotonic() + self.node_timeout
+        node_of: dict[int, int] = {}
+        asked: set[int] = set()  # each node is asked once: no duplicate queries in flight
+        pending: set[str] = set()
+        while len(node_of) < need:
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(need)) - set(node_of))
+                raise UserError(
+                    f"only {len(node_of)} of {need} SuperNodes answered within "
+                    f"{self.node_timeout:g}s (one per fedkin client, node_config partition-id "
+                    f"0..{need - 1}); missing client ids: {missing[:10]}"
+                )
+            new = [n for n in grid.get_node_ids() if n not in asked]
+            if new:
+                messages = [
+                    Message(
+                        RecordDict(),
+                        dst_node_id=n,
+                        message_type=MessageType.QUERY,
+                        group_id="fedkin-discover",
+                        ttl=self.node_timeout,
+                    )
+                    for n in new
+                ]
+                pending.update(grid.push_messages(messages))
+                asked.update(new)
+            for reply in grid.pull_messages(list(pending)) if pending else ():
+                pending.discard(reply.metadata.reply_to_message_id)
+                node = reply.metadata.src_node_id
+                if reply.has_error():
+                    raise UserError(
+                        f"SuperNode {node} failed to report its client id: {reply.error.reason}"
+                    )
+                cid = int(reply.content["info"]["partition-id"])
+                if cid in node_of:
+                    raise UserError(
+                        f"two SuperNodes ({node_of[cid]} and {node}) claim partition-id={cid}; "
+                        "each fedkin client needs exactly one node"
+                    )
+                node_of[cid] = node
+            if len(node_of) < need:
+                time.sleep(0.1)
+        return node_of
+
+    # ----- one round ----------------------------------------------------------------------------
+    def train_round(self, grid) -> dict[str, Any]:
+        """A fedkin round (``Experiment.run_round``) with the cohort trained on the nodes."""
+        from flwr.app import ConfigRecord, MessageType, RecordDict
+
+        from fedkin.core.channel import finite_rows
+
+        exp, cfg = self.experiment, self.config
+        r = exp.round
+        t0 = time.perf_counter()
+        cohort = exp.sample_cohort(r)
+        if len(cohort) == 0:
+            return exp._finish_round(r, t0, {"clients": 0})
+        population = tree_to_record(exp.population)
+        contents = {
+            int(c): RecordDict(
+                {
+                    "population": population,
+                    "config": ConfigRecord({"round": r, "client-id": int(c)}),
+                }
+            )
+            for c in cohort
+        }
+        replies = self._send(grid, MessageType.TRAIN, contents, f"train-{r}", self.round_timeout)
+        if not replies:
+            raise RuntimeError(f"round {r + 1}: no client of the cohort replied")
+        first = next(iter(replies.values()))
+        zero_msg = tree_map(torch.zeros_like, record_to_tree(first["message"]))
+        nan_metrics = tree_map(
+            lambda t: torch.full_like(t, float("nan")), record_to_tree(first["metrics"])
+        )
+        messages, metrics, reported_ok, n_i = [], [], [], []
+        for c in cohort.tolist():
+            reply = replies.get(c)
+            if reply is None:  # dropped: zero message, zero weight (never averaged in)
+                messages.append(zero_msg)
+                metrics.append(nan_metrics)
+                reported_ok.append(False)
+                n_i.append(0.0)
+                continue
+            messages.append(record_to_tree(reply["message"]))
+            metrics.append(record_to_tree(reply["metrics"]))
+            reported_ok.append(bool(reply["info"]["ok"]))
+            n_i.append(float(reply["info"]["num-examples"]))
+        k = len(cohort)
+        messages, metrics = _stack(messages), _stack(metrics)
+        ok = torch.tensor(reported_ok) & finite_rows(messages, k) & finite_rows(metrics, k)
+        n = torch.tensor(n_i, dtype=torch.float32)
+        weights = n if cfg.cohort.weighting == "samples" else torch.ones(k)
+        if exp.privacy is not None:
+            exp.privacy.bind_cohort(cohort, ok)
+        aggregate, channel_metrics = exp.channel(messages, weights * ok, r)
+        if ok.any() or exp.privacy is not None:
+            exp.population = exp.algorithm.population_update(exp.population, aggregate, exp.server)
+        if not all(torch.isfinite(t).all() for t in tree_leaves(exp.population)):
+            raise NonFiniteModelError(
+                f"the population model became NaN/Inf in round {r + 1}; the run stopped. "
+                "Lower the learning rates (client.optimizer.lr, server.optimizer.lr)."
+            )
+        return exp._finish_round(
+            r,
+            t0,
+            {
+                "clients": k,
+                **exp._client_metric_summary(metrics, cohort, ok),
+                **channel_metrics,
+                "rejected_updates": float((~ok).sum()),
+                "dropped_clients": float(k - len(replies)),
+            },
+        )
+
+    def evaluate(self, grid) -> dict[str, Any]:
+        """``Experiment.evaluate`` with every client evaluating on its own node."""
+        from flwr.app import ConfigRecord, MessageType, RecordDict
+
+        from fedkin.core.evaluate import summarize
+
+        exp = self.experiment
+        t0 = time.perf_counter()
+        alg, n = exp.algorithm, exp.dataset.num_clients
+        personal = exp._personalizes()
+        population = tree_to_record(exp.population)
+        contents = {
+            c: RecordDict(
+                {
+                    "population": population,
+                    "config": ConfigRecord(
+                        {
+                            "round": exp.round,
+                            "adapt": not bool(exp.is_training[c]),
+                            "personal": personal,
+                            "global": alg.has_global_model,
+                        }
+                    ),
+                }
+            )
+            for c in range(n)
+        }
+        replies = self._send(
+            grid, MessageType.EVALUATE, contents, f"eval-{exp.round}", self.round_timeout
+        )
+        got = torch.zeros(n, dtype=torch.bool)
+        counts, g_correct, g_loss, p_correct, p_loss = (
+            torch.zeros(n, dtype=torch.float64) for _ in range(5)
+        )
+        for c, content in replies.items():
+            ev = content["eval"]
+            got[c] = True
+            counts[c] = ev["test-count"]
+            g_correct[c], g_loss[c] = ev.get("global-correct", 0.0), ev.get("global-loss", 0.0)
+            p_correct[c] = ev.get("personal-correct", 0.0)
+            p_loss[c] = ev.get("personal-loss", 0.0)
+        record: dict[str, Any] = {"round": exp.round, "kind": "eval"}
+        train = exp.is_training & got
+        if alg.has_global_model:
+            record.update(summarize("global", g_correct[train], g_loss[train], counts[train]))
+        correct, loss = (p_correct, p_loss) if personal else (g_correct, g_loss)
+        record.update(summarize("personal", correct[train], loss[train], counts[train]))
+        self.client_accuracy = {"personal": (correct[train] / counts[train]).tolist()}
+        new = exp.new_clients[got[exp.new_clients]]
+        if len(new):
+            record.update(summarize("new", correct[new], loss[new], counts[new]))
+            self.client_accuracy["new"] = (correct[new] / counts[new]).tolist()
+        if not bool(got.all()):
+            record["eval_missing_clients"] = float((~got).sum())
+        record["eval_time_s"] = time.perf_counter() - t0
+        return record
+
+    # ----- the loop -----------------------------------------------------------------------------
+    def main(self, grid, context) -> None:
+        """The ServerApp entry point."""
+        self.run(grid)
+
+    def run(self, grid) -> dict[str, Any]:
+        from flwr.common import log
+
+        from fedkin.tracking import JsonlTracker
+
+        cfg = self.config
+        self.experiment = exp = _experiment(cfg)
+        self.client_accuracy: dict[str, list[float]] = {}
+        trackers = []
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+            trackers.append(JsonlTracker(self.run_dir))
+        info = {"name": cfg.name, "rounds": cfg.rounds, "dataset": exp.dataset.summary()}
+        for t in trackers:
+            t.start(info)
+        t_start = time.perf_counter()
+        self.node_of = self.discover(grid)
+        log(20, "fedkin: %d SuperNodes, one per client; %d rounds", len(self.node_of), cfg.rounds)
+        last_eval: dict[str, Any] = {}
+        stop_reason = ""
+        while exp.round < cfg.rounds:
+            if exp.privacy is not None and not exp.privacy.can_run_round():
+                stop_reason = f"privacy budget exhausted after round {exp.round}"
+                break
+            record = self.train_round(grid)
+            self._emit(record, trackers)
+            log(
+                20,
+                "fedkin: round %d/%d train_loss=%s",
+                exp.round,
+                cfg.rounds,
+                record.get("train_loss"),
+            )
+            if exp.round % cfg.eval.every == 0 or exp.round == cfg.rounds:
+                last_eval = self.evaluate(grid)
+                self._emit(last_eval, trackers)
+        if stop_reason and last_eval.get("round") != exp.round:
+            last_eval = self.evaluate(grid)
+            self._emit(last_eval, trackers)
+        self.summary = {
+            "name": cfg.name,
+            "algorithm": cfg.algorithm.name,
+            "runtime": "flower",
+            "rounds": exp.round,
+            "session_time_s": time.perf_counter() - t_start,
+            **{k: v for k, v in last_eval.items() if k not in ("kind", "round")},
+            **{f"{k}_acc_by_client": v for k, v in self.client_accuracy.items()},
+            **({"stop_reason": stop_reason} if stop_reason else {}),
+            **(exp.privacy.summary() if exp.privacy is not None else {}),
+        }
+        for t in trackers:
+            t.finish(self.summary)
+        if self.run_dir is not None:
+            torch.save(
+                {"round": exp.round, "population": exp.population}, self.run_dir / "population.pt"
+            )
+        log(20, "fedkin: done after %d rounds", exp.round)
+        return self.summary
+
+    def _emit(self, record: dict[str, Any], trackers: list) -> None:
+        self.records.append(record)
+        for t in trackers:
+            t.record(record)
+
+
+def _server_app(main):
+    from flwr.serverapp import ServerApp
+
+    app = ServerApp()
+    app.main()(main)
+    return app
+
+
+def _server_from_context(grid, context) -> None:
+    FlowerServer.from_run_config(context.run_config).run(grid)
+
+
+# ----- public entry points ---------------------------------------------------------------------
+
+
+def make_apps(
+    config: ExperimentConfig,
+    run_dir: str | Path | None = None,
+    node_timeout: float = 120.0,
+    round_timeout: float = 600.0,
+):
+    """``(ServerApp, ClientApp)`` running ``config``'s experiment; the ServerApp's
+    :class:`FlowerServer` (records, summary, population) is ``server_app.fedkin_server``."""
+    require_flwr()
+    server = FlowerServer(config, run_dir, node_timeout, round_timeout)
+    app = _server_app(server.main)
+    app.fedkin_server = server
+    return app, _client_app(config)
+
+
+def run_simulation(
+    config: ExperimentConfig,
+    run_dir: str | Path | None = None,
+    client_cpus: float = 1.0,
+    verbose: bool = False,
+) -> FlowerServer:
+    """Run ``config`` on Flower's Simulation Runtime (Ray), one virtual SuperNode per client;
+    returns the finished :class:`FlowerServer`."""
+    require_flwr()
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    server_app, client_app = make_apps(config, run_dir)
+    flwr_run_simulation(
+        server_app,
+        client_app,
+        num_supernodes=config.data.num_clients,
+        backend_config={"client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0}},
+        verbose_logging=verbose,
+    )
+    return server_app.fedkin_server
+
+
+def write_flower_project(
+    directory: str | Path,
+    overrides: str = "",
+    config_path: str = "",
+    run_dir: str = "",
+    name: str = "fedkin-flower",
+) -> Path:
+    """Write a minimal Flower app directory (``pyproject.toml``) for ``flwr run``: its
+    components are this module's ``server_app`` / ``client_app``, its run config the
+    experiment (``fedkin-config`` path and/or ``fedkin-overrides``). Returns the directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    values = {
+        **RUN_CONFIG_DEFAULTS,
+        "fedkin-config": config_path,
+        "fedkin-overrides": overrides,
+        "fedkin-run-dir": run_dir,
+    }
+    run_config = "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())
+    (directory / "pyproject.toml").write_text(
+        f"""[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "{name}"
+version = "1.0.0"
+description = "A fedkin experiment as a Flower app"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedkin"
+
+[tool.flwr.app.components]
+serverapp = "fedkin.backends.flower_app:server_app"
+clientapp = "fedkin.backends.flower_app:client_app"
+
+[tool.flwr.app.config]
+{run_config}
+"""
+    )
+    return directory
+
+
+def __getattr__(name: str):
+    """``server_app`` / ``client_app``: built on first access (so importing this module does
+    not need flwr); they read the experiment from the Flower run config."""
+    if name == "server_app":
+        require_flwr()
+        app = globals()["server_app"] = _server_app(_server_from_context)
+        return app
+    if name == "client_app":
+        require_flwr()
+        app = globals()["client_app"] = _client_app(None)
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

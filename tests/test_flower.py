@@ -1,0 +1,547 @@
+"""The Flower adapter: fedkin algorithms as a Flower ServerApp/ClientApp.
+
+* fast: tree <-> ArrayRecord codec, the missing-extra error, run-config parsing, and the whole
+  server/client protocol over an in-process fake Grid (population bit-identical to ``fedkin
+  run``, personal states kept in ``context.state``, stale/duplicate messages refused);
+* slow: Flower's Simulation Runtime (``flwr.simulation.run_simulation`` on Ray), and a real
+  TLS deployment on loopback — ``flower-superlink`` + two ``flower-supernode`` processes and
+  ``flwr run`` — checked against the in-process run.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before flwr is imported: no telemetry or update checks (the machine has loopback only).
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+import datetime as dt
+import ipaddress
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedkin.config import load_config
+from fedkin.core.errors import UserError
+from fedkin.core.tree import tree_leaves
+
+flwr = pytest.importorskip("flwr")
+
+from flwr.app import Context, Message, RecordDict  # noqa: E402
+from flwr.serverapp import Grid  # noqa: E402
+
+from fedkin.backends import flower_app  # noqa: E402
+from fedkin.backends.flower_app import (  # noqa: E402
+    FlowerNotInstalledError,
+    config_from_run_config,
+    make_apps,
+    record_to_tree,
+    tree_to_record,
+)
+
+TINY = ["data.num_clients=4", "cohort.clients_per_round=4", "rounds=2", "model.hidden=[16]"]
+
+
+def tiny(*extra: str):
+    return load_config(None, [*TINY, *extra])
+
+
+def run_in_process(config, eval_every_round: bool = True):
+    """``fedkin run``'s loop without a run directory: records and final population."""
+    from fedkin.experiment import Experiment
+
+    exp = Experiment(config)
+    records = []
+    while exp.round < config.rounds:
+        records.append(exp.run_round())
+        if eval_every_round or exp.round == config.rounds:
+            records.append(exp.evaluate())
+    return records, exp.population
+
+
+def same_records(a: list[dict], b: list[dict], rel: float = 1e-6) -> None:
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b, strict=True):
+        for key, value in ra.items():
+            if key.endswith("_s"):
+                continue
+            assert key in rb, key
+            if isinstance(value, float):
+                assert rb[key] == pytest.approx(value, rel=rel, abs=1e-7), key
+            else:
+                assert rb[key] == value, key
+
+
+# ----- a synchronous in-process Grid: the protocol without any Flower runtime ---------------------
+
+
+class FakeGrid(Grid):
+    """Delivers each pushed message to the ClientApp at once, one Context per node (as a
+    SuperNode keeps it). ``duplicate`` re-delivers every train message (at-least-once)."""
+
+    def __init__(self, client_app, node_configs: list[dict], duplicate: bool = False) -> None:
+        self.client_app = client_app
+        self.contexts = {
+            1000 + i: Context(
+                run_id=1, node_id=1000 + i, node_config=cfg, state=RecordDict(), run_config={}
+            )
+            for i, cfg in enumerate(node_configs)
+        }
+        self.replies: dict[str, Message] = {}
+        self.duplicate = duplicate
+        self.errors: list[str] = []
+
+    def set_run(self, run) -> None: ...
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content, dst_node_id, message_type, group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def _deliver(self, message: Message) -> Message:
+        context = self.contexts[message.metadata.dst_node_id]
+        try:
+            reply = self.client_app(message, context)
+        except Exception as err:  # as a SuperNode does: an error reply
+            from flwr.app import Error
+
+            self.errors.append(str(err))
+            reply = Message(Error(code=0, reason=str(err)), reply_to=message)
+        reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id
+        return reply
+
+    def push_messages(self, messages):
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            reply = self._deliver(message)
+            if self.duplicate and message.metadata.message_type == "train":
+                self._deliver(message)  # the duplicate's reply is lost, its effect must not be
+            self.replies[message.metadata.message_id] = reply
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """What a Flower runtime sets in the ServerApp's process before messages are created."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def run_fake(config, duplicate: bool = False, node_configs: list[dict] | None = None):
+    server_app, client_app = make_apps(config)
+    n = config.data.num_clients
+    configs = node_configs or [{"partition-id": i, "num-partitions": n} for i in reversed(range(n))]
+    grid = FakeGrid(client_app, configs, duplicate)
+    server = server_app.fedkin_server
+    server.run(grid)
+    return server, grid
+
+
+# ----- fast tests -------------------------------------------------------------------------------
+
+
+def test_tree_record_roundtrip_keeps_structure_dtypes_and_shapes():
+    tree = {
+        "global": {"net.0.weight": torch.randn(3, 2), "net.0.bias": torch.randn(3)},
+        "opt": {},
+        "extras": {"count": torch.tensor(7), "mask": torch.tensor([True, False])},
+        "half": torch.randn(4).to(torch.bfloat16),
+        "ids": torch.arange(5),
+    }
+    back = record_to_tree(tree_to_record(tree))
+    assert back.keys() == tree.keys() and back["opt"] == {}
+    for a, b in zip(tree_leaves(tree), tree_leaves(back), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    assert record_to_tree(tree_to_record({})) == {}
+    with pytest.raises(ValueError, match="may not contain"):
+        tree_to_record({"a/b": torch.zeros(1)})
+
+
+def test_without_flwr_the_adapter_names_the_extra(monkeypatch):
+    monkeypatch.delitem(vars(flower_app), "client_app", raising=False)  # built lazily
+    monkeypatch.setitem(sys.modules, "flwr.clientapp", None)
+    for use in (
+        flower_app.require_flwr,
+        lambda: make_apps(tiny()),
+        lambda: flower_app.client_app,
+    ):
+        with pytest.raises(FlowerNotInstalledError, match=r"pip install 'fedkin\[flower\]'"):
+            use()
+    assert issubclass(FlowerNotInstalledError, UserError)  # the CLI prints one line, exit 2
+
+
+def test_run_config_names_the_experiment(tmp_path):
+    (tmp_path / "exp.yaml").write_text("rounds: 7\nalgorithm: {name: ditto, lam: 0.5}\n")
+    config = config_from_run_config(
+        {"fedkin-config": str(tmp_path / "exp.yaml"), "fedkin-overrides": "seed=3 model.hidden=[8]"}
+    )
+    assert (config.rounds, config.seed, config.algorithm.name) == (7, 3, "ditto")
+    assert config.algorithm.lam == 0.5 and config.model.hidden == [8]
+    assert config_from_run_config({}) == load_config(None, [])
+
+
+def test_importable_apps_are_flower_apps():
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+
+    assert isinstance(flower_app.server_app, ServerApp)
+    assert isinstance(flower_app.client_app, ClientApp)
+    assert {"server_app", "client_app"} <= set(flower_app.__all__)  # found by `flwr run`
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["algorithm.name=ditto", "eval.holdout_clients=0.25", "cohort.clients_per_round=2"],
+        ["algorithm.name=fedprox", "cohort.weighting=uniform", "engine.name=sequential"],
+    ],
+    ids=["fedavg", "ditto-holdout", "fedprox-sequential"],
+)
+def test_protocol_reproduces_the_in_process_run(extra):
+    config = tiny("rounds=3", "eval.every=1", *extra)
+    expected_records, expected_population = run_in_process(config)
+    server, grid = run_fake(config)
+    assert not grid.errors
+    for a, b in zip(
+        tree_leaves(expected_population), tree_leaves(server.experiment.population), strict=True
+    ):
+        assert torch.equal(a, b)  # same cohorts, batches, engine: bit-identical
+    same_records(expected_records, server.records)
+    # personal state lives in the context of every node that trained, and only there
+    trained = {int(c) for r in range(config.rounds) for c in server.experiment.sample_cohort(r)}
+    have = {
+        int(c.node_config["partition-id"])
+        for c in grid.contexts.values()
+        if "fedkin-state" in c.state
+    }
+    assert have == trained
+
+
+def test_duplicate_delivery_trains_once():
+    config = tiny("algorithm.name=ditto")
+    _, expected_population = run_in_process(config)
+    server, grid = run_fake(config, duplicate=True)
+    assert len(grid.errors) == 2 * 4 and all("stale train message" in e for e in grid.errors)
+    for a, b in zip(
+        tree_leaves(expected_population), tree_leaves(server.experiment.population), strict=True
+    ):
+        assert torch.equal(a, b)
+
+
+def test_nodes_must_map_one_to_one_to_clients():
+    config = tiny("rounds=1")
+    with pytest.raises(UserError, match="claim partition-id=0"):
+        run_fake(config, node_configs=[{"partition-id": 0}] * 4)
+    with pytest.raises(UserError, match="no node_config 'partition-id'"):
+        run_fake(config, node_configs=[{"partition-id": i} for i in range(3)] + [{}])
+    server_app, client_app = make_apps(config, node_timeout=0.5)
+    grid = FakeGrid(client_app, [{"partition-id": i} for i in range(3)])  # client 3 never shows
+    with pytest.raises(UserError, match=r"3 of 4 SuperNodes answered.*missing client ids: \[3\]"):
+        server_app.fedkin_server.run(grid)
+
+
+def test_run_dir_gets_config_metrics_summary_and_population(tmp_path):
+    from fedkin.tracking import read_records
+
+    config = tiny("rounds=1")
+    server_app, client_app = make_apps(config, run_dir=tmp_path)
+    server_app.fedkin_server.run(FakeGrid(client_app, [{"partition-id": i} for i in range(4)]))
+    assert load_config(tmp_path / "config.yaml") == config
+    assert [r["kind"] for r in read_records(tmp_path)] == ["train", "eval"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["rounds"] == 1 and summary["runtime"] == "flower"
+    saved = torch.load(tmp_path / "population.pt")
+    assert torch.equal(
+        saved["population"]["global"]["net.0.weight"],
+        server_app.fedkin_server.experiment.population["global"]["net.0.weight"],
+    )
+
+
+# ----- Flower's Simulation Runtime (Ray) ----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_run_simulation_reaches_the_in_process_result(tmp_path):
+    """``flwr.simulation.run_simulation`` with the generated apps, 4 virtual SuperNodes."""
+    from flwr.simulation import run_simulation
+
+    config = tiny("algorithm.name=ditto", "cohort.clients_per_round=3", "eval.every=1")
+    expected_records, expected_population = run_in_process(config)
+    server_app, client_app = make_apps(config, run_dir=tmp_path, round_timeout=300)
+    run_simulation(
+        server_app,
+        client_app,
+        num_supernodes=config.data.num_clients,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
+    server = server_app.fedkin_server
+    for a, b in zip(
+        tree_leaves(expected_population), tree_leaves(server.experiment.population), strict=True
+    ):
+        assert torch.equal(a, b)
+    same_records(expected_records, server.records)
+    assert server.summary["personal_acc_mean"] == pytest.approx(
+        expected_records[-1]["personal_acc_mean"], abs=1e-6
+    )
+
+
+# ----- a real deployment on loopback with TLS ----------------------------------------------------
+
+
+def _write_certificates(directory: Path) -> dict[str, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 / localhost signed by it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    valid = {
+        "not_valid_before": now - dt.timedelta(minutes=5),
+        "not_valid_after": now + dt.timedelta(hours=2),
+    }
+
+    def build(subject, issuer, public_key, signing_key, extensions):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(valid["not_valid_before"])
+            .not_valid_after(valid["not_valid_after"])
+        )
+        for ext, critical in extensions:
+            builder = builder.add_extension(ext, critical=critical)
+        return builder.sign(signing_key, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedkin test CA")])
+    ca = build(
+        ca_name,
+        ca_name,
+        ca_key.public_key(),
+        ca_key,
+        [
+            (x509.BasicConstraints(ca=True, path_length=0), True),
+            (
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                True,
+            ),
+        ],
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = build(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]),
+        ca_name,
+        key.public_key(),
+        ca_key,
+        [
+            (
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                False,
+            ),
+            (x509.BasicConstraints(ca=False, path_length=None), True),
+            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+        ],
+    )
+    paths = {
+        "ca": directory / "ca.crt",
+        "cert": directory / "server.pem",
+        "key": directory / "server.key",
+    }
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths["key"].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _processes_mentioning(marker: str) -> list[int]:
+    """PIDs whose command line contains ``marker`` (Flower's detached helper processes)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="Flower CLIs not on PATH")
+def test_tls_deployment_with_superlink_and_two_supernodes(tmp_path):
+    """flower-superlink + 2 flower-supernode processes with TLS (a CA generated here), the app
+    submitted with `flwr run`; 2 rounds complete, the population equals the in-process run,
+    and every process (including Flower's detached SuperExec/ClientApp helpers) is gone."""
+    overrides = "data.num_clients=2 cohort.clients_per_round=2 rounds=2 model.hidden=[16]"
+    config = load_config(None, overrides.split())
+    _, expected_population = run_in_process(config, eval_every_round=False)
+
+    certs = _write_certificates(tmp_path)
+    tls = [
+        "--ssl-ca-certfile",
+        str(certs["ca"]),
+        "--ssl-certfile",
+        str(certs["cert"]),
+        "--ssl-keyfile",
+        str(certs["key"]),
+    ]
+    env = {
+        **os.environ,
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # no `uv sync`: no network
+    }
+    link_port = _free_port()
+    node_ports = [_free_port(), _free_port()]
+    started: list[tuple[str, subprocess.Popen]] = []
+
+    def start(name: str, command: list[str]) -> None:
+        home = tmp_path / f"home-{name}"
+        home.mkdir()
+        log = (tmp_path / f"{name}.log").open("w")
+        proc = subprocess.Popen(
+            command,
+            env={**env, "FLWR_HOME": str(home)},
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        started.append((name, proc))
+
+    run_dir = tmp_path / "run"
+    app = flower_app.write_flower_project(
+        tmp_path / "app", overrides=overrides, run_dir=str(run_dir)
+    )
+    cli_home = tmp_path / "home-cli"
+    cli_home.mkdir()
+    (cli_home / "config.toml").write_text(
+        '[superlink]\ndefault = "fedkin-test"\n\n[superlink.fedkin-test]\n'
+        f'address = "127.0.0.1:{link_port}"\nroot-certificates = "{certs["ca"]}"\n'
+    )
+    try:
+        start(
+            "superlink",
+            [
+                "flower-superlink",
+                *tls,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(link_port),
+                "--disable-runtime-dependency-installation",
+            ],
+        )
+        for i, port in enumerate(node_ports):
+            start(
+                f"supernode{i}",
+                [
+                    "flower-supernode",
+                    "--superlink",
+                    f"127.0.0.1:{link_port}",
+                    "--root-certificates",
+                    str(certs["ca"]),
+                    "--node-config",
+                    f"partition-id={i} num-partitions=2",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    *tls,
+                    "--max-retries",
+                    "20",
+                    "--max-wait-time",
+                    "60",
+                ],
+            )
+        result = subprocess.run(
+            ["flwr", "run", str(app), "fedkin-test", "--stream"],
+            env={**env, "FLWR_HOME": str(cli_home)},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=150,
+        )
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        assert "Successfully started run" in result.stdout
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["rounds"] == 2 and 0 <= summary["global_acc_mean"] <= 1
+        population = torch.load(run_dir / "population.pt")["population"]
+        for a, b in zip(tree_leaves(expected_population), tree_leaves(population), strict=True):
+            assert torch.equal(a, b)
+    finally:
+        for _, proc in started:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for _, proc in started:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        # Flower detaches its SuperExec/ClientApp helpers into their own sessions; they exit
+        # with their parents. Wait for that, then make sure (by pid) nothing of ours is left.
+        markers = [f"127.0.0.1:{p}" for p in (link_port, *node_ports)]
+        deadline = time.monotonic() + 15
+        left = [p for m in markers for p in _processes_mentioning(m)]
+        while left and time.monotonic() < deadline:
+            time.sleep(0.5)
+            left = [p for m in markers for p in _processes_mentioning(m)]
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes still running after shutdown: {left}"
+    for name, proc in started:
+        assert proc.returncode in (0, -signal.SIGTERM), (name, proc.returncode)
