@@ -406,6 +406,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
+    """Until something accepts TCP connections on 127.0.0.1:port (or ``proc`` died)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"exited with {proc.returncode}:\n{log.read_text()[-2000:]}"
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(
+        f"nothing listens on {port} after {timeout:g}s:\n{log.read_text()[-2000:]}"
+    )
+
+
 def _processes_mentioning(marker: str) -> list[int]:
     """PIDs whose command line contains ``marker`` (Flower's detached helper processes)."""
     pids = []
@@ -485,6 +500,7 @@ def test_tls_deployment_with_superlink_and_two_supernodes(tmp_path):
                 "--disable-runtime-dependency-installation",
             ],
         )
+        _wait_for_port(link_port, started[0][1], tmp_path / "superlink.log")
         for i, port in enumerate(node_ports):
             start(
                 f"supernode{i}",
