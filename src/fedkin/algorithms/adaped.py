@@ -1,10 +1,11 @@
 """AdaPeD (Ozkara et al., ICLR 2023): adaptive personalization via distillation.
 
 Prior on the output distribution: p(θ_i | w, ψ) ∝ exp(−KD(θ_i‖w)/(2ψ)), so client i minimizes
-    F_i(θ_i, w, ψ) = f_i(θ_i) + KD(θ_i‖w)/(2ψ) + ½ log ψ,   KD(θ‖w) = T²·KL(p_w ‖ p_θ),
-with ∂F_i/∂ψ = 1/(2ψ) − KD/(2ψ²) (stationary at ψ* = KD). Each local step updates, from one
-minibatch and simultaneously: θ_i ← θ_i − η∇_θ F_i;  w_i ← w_i − η∇_w[c·f_i(w_i) + KD_w/(2ψ)];
-ψ_i ← ψ_i − η_ψ ∂F_i/∂ψ (or the same step on log ψ). Message (Δw_i, Δψ_i); the server sets
+    F_i(θ_i, w, ψ) = f_i(θ_i) + s·[KD(θ_i‖w)/(2ψ) + ½ log ψ],   KD(θ‖w) = T²·KL(p_w ‖ p_θ),
+(s = 1/n_i by default, see ``prior_scale``) with ∂F_i/∂ψ = s·(1/(2ψ) − KD/(2ψ²)), stationary at
+ψ* = KD. Each local step updates, from one minibatch and simultaneously:
+θ_i ← θ_i − η∇_θ F_i;  w_i ← w_i − η∇_w[c·f_i(w_i) + s·KD_w/(2ψ)];  ψ_i ← ψ_i − η_ψ ∂F_i/∂ψ
+(or the same step on log ψ). Message (Δw_i, Δψ_i); the server sets
 w ← ServerOpt(w, −Σ p_i Δw_i) and ψ ← clamp(ψ + Σ p_i Δψ_i); θ_i (and its optimizer state) persist.
 
 Checked against the paper: only the abstract could be read here (KD-based, "information-geometry
@@ -62,6 +63,13 @@ class AdaPeDConfig(BaseModel):
     )
     psi_min: float = Field(1e-3, gt=0, description="lower bound on ψ (caps the KD weight)")
     psi_max: float = Field(1e2, gt=0, description="upper bound on ψ")
+    prior_scale: Literal["one", "per_sample"] = Field(
+        "per_sample",
+        description="weight s of the prior terms, F_i = f_i(θ) + s·[KD/(2ψ) + ½ log ψ]: "
+        "'per_sample' (s = 1/n_i: the MAP objective n_i f_i(θ) − log p(θ | w, ψ) divided by n_i, "
+        "the prior counted once against n_i samples) or 'one' (s = 1); ψ* = KD either way. "
+        "On digits 'per_sample' gave 97.5% vs 94.2% personal accuracy (pathological split)",
+    )
     personal_init: PersonalInit = PERSONAL_INIT_FIELD
 
     @model_validator(mode="after")
@@ -117,23 +125,25 @@ class AdaPeD(Algorithm):
         kd = self.kd(self.logits(theta, x), self.logits(w, x), detach_teacher=False)
         return self.data_loss(theta, x, y) + kd / (2 * psi) + 0.5 * torch.log(psi)
 
-    def step_objective(self, params: Tree, x, y):
+    def step_objective(self, params: Tree, x, y, scale=1.0):
         """One scalar whose partial gradients are the three AdaPeD directions at once:
-        ∇_θ F_i, ∇_w [c f_i(w) + KD_w/(2ψ)], and ∂F_i/∂u (stop-gradients keep them apart)."""
+        ∇_θ F_i, ∇_w [c f_i(w) + s·KD_w/(2ψ)], and ∂F_i/∂u (stop-gradients keep them apart);
+        ``scale`` is the prior weight s."""
         cfg = self.config
         theta, w = params["theta"], params["w"]
         psi = self.to_psi(params["u"])
-        psi_c = psi.detach()
+        coupling = scale / psi.detach()  # s/ψ, no gradient to ψ
         z_t, z_w = self.logits(theta, x), self.logits(w, x)
         ce_t = torch.nn.functional.cross_entropy(z_t, y)
         kd_t = self.kd(z_t, z_w)  # θ is the student, w the (detached) teacher
-        total = ce_t + kd_t / (2 * psi_c) + 0.5 * torch.log(psi) + kd_t.detach() / (2 * psi)
+        psi_term = 0.5 * torch.log(psi) + kd_t.detach() / (2 * psi)
+        total = ce_t + kd_t * coupling / 2 + scale * psi_term
         if cfg.global_ce_weight:
             total = total + cfg.global_ce_weight * torch.nn.functional.cross_entropy(z_w, y)
         if cfg.global_kd_direction == "mutual":
-            total = total + self.kd(z_w, z_t) / (2 * psi_c)
+            total = total + self.kd(z_w, z_t) * coupling / 2
         elif cfg.global_kd_direction == "joint":
-            total = total + self.kd(z_t.detach(), z_w, detach_teacher=False) / (2 * psi_c)
+            total = total + self.kd(z_t.detach(), z_w, detach_teacher=False) * coupling / 2
         return total, ce_t
 
     # ----- the three pieces ----------------------------------------------------------------
@@ -157,8 +167,13 @@ class AdaPeD(Algorithm):
         w, psi = population["global"], population["psi"]
         params = {"theta": self._start(population, client), "w": w, "u": self.to_u(psi)}
         state = {"theta": client["opt"], "w": self.client_optimizer.init(w), "u": {}}
+        scale = 1.0 / ctx["num_samples"] if self.config.prior_scale == "per_sample" else 1.0
+
+        def objective(p: Tree, x, y):
+            return self.step_objective(p, x, y, scale)
+
         params, state, loss = self.local_solve(
-            params, self.step_objective, batches, optimizer=self.solver, opt_state=state
+            params, objective, batches, optimizer=self.solver, opt_state=state
         )
         psi_i = self.to_psi(params["u"])
         xs, _ = batches
