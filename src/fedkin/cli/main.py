@@ -21,7 +21,12 @@ COMMAND_MODULES = (
     "fedkin.estimation.cli",
     "fedkin.privacy.cli",
 )
-BENCH_MODULES = ("fedkin.bench.throughput", "fedkin.bench.scale", "fedkin.estimation.bench")
+BENCH_MODULES = (
+    "fedkin.bench.throughput",
+    "fedkin.bench.scale",
+    "fedkin.estimation.bench",
+    "fedkin.bench.privacy",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
