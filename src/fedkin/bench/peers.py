@@ -1,0 +1,315 @@
+"""`fedkin bench peers`: the standard throughput workload through fedkin and through Flower.
+
+The workload of ``fedkin bench throughput``: digits features, MLP 64-128-10, FedAvg, every
+client runs 5 local SGD steps (batch 16, lr 0.1) per round, all clients sampled each round.
+Both runs start from the same initial model and draw the same batches (counter-based in
+(seed, round, client)), so they compute the same FedAvg rounds; the final models are compared.
+
+* fedkin: the FedAvg local solver through the vectorized engine, the channel and the
+  population update (the code path of ``fedkin run``).
+* Flower: what a Flower user writes — a ``ClientApp`` whose ``train`` loads the received
+  ``ArrayRecord`` into a torch model and runs ``torch.optim.SGD``, the built-in ``FedAvg``
+  strategy in a ``ServerApp``, one virtual SuperNode per client, run by Flower's Simulation
+  Runtime (``flwr.simulation.run_simulation`` on Ray, one CPU per ClientApp actor, so the
+  2-core machine runs two clients at a time).
+
+Each runs in its own subprocess after its imports. Reported per run: client updates per
+second in steady state (median over rounds after the first) and end to end including
+startup (model and data set-up, Ray start and actor warm-up for Flower, the first round's
+vmap tracing for fedkin), and the ratio fedkin / Flower of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fedkin.bench.throughput import BATCH, HIDDEN, LR, STEPS, _batches, _digits_cache
+
+SEED = 0
+
+
+def client_batches(client: int, seed: int, round_: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Client ``client``'s ``[steps, batch]`` draws of round ``round_``: exactly the slice
+    ``_batches(clients, seed, round_)[:, client]`` of the cohort draw, computed alone."""
+    from fedkin.core.rng import Stream
+
+    x, y = _digits_cache()
+    u = (
+        Stream(seed)
+        .child("bench")
+        .uniform(round_, torch.arange(STEPS)[:, None], client, torch.arange(BATCH)[None, :])
+    )
+    idx = (u * len(y)).long()
+    return x[idx], y[idx]
+
+
+def initial_model() -> torch.nn.Module:
+    """fedkin's MLP 64-128-10 at the bench seed: the initial weights of both runs."""
+    from fedkin.models import MlpConfig, build_model
+
+    return build_model(MlpConfig(hidden=[HIDDEN]), (64,), None, 10, seed=SEED)
+
+
+class Net(torch.nn.Module):
+    """The same MLP written the way a Flower quickstart does (same parameter names)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(64, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, 10)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _summary(clients: int, round_times: list[float], total: float) -> dict:
+    steady = statistics.median(round_times[1:]) if len(round_times) > 1 else round_times[0]
+    return {
+        "clients": clients,
+        "rounds": len(round_times),
+        "round_s": round_times,
+        "steady_s_per_round": steady,
+        "steady_updates_per_s": clients / steady,
+        "total_s": total,
+        "total_updates_per_s": clients * len(round_times) / total,
+    }
+
+
+# ----- fedkin -----------------------------------------------------------------------------------
+
+
+def measure_fedkin(clients: int, rounds: int, out: Path | None = None) -> dict:
+    """FedAvg rounds through the vectorized engine; the clock starts before model and data."""
+    from fedkin.algorithms.base import ServerStep
+    from fedkin.algorithms.fedavg import FedAvg, FedAvgConfig
+    from fedkin.core.channel import Channel
+    from fedkin.engine import VectorizedEngine
+    from fedkin.optim import sgd
+
+    t0 = time.perf_counter()
+    model = initial_model()
+    _digits_cache()
+    algorithm = FedAvg(FedAvgConfig(), model, sgd(LR), STEPS)
+    engine, channel, server = VectorizedEngine(), Channel(), ServerStep(sgd(1.0))
+    population = algorithm.init_population(algorithm.initial_params())
+    weights = torch.full((clients,), float(STEPS * BATCH))
+    ctx = {"client_id": torch.arange(clients)}
+    times, last = [], time.perf_counter()
+    for r in range(rounds):
+        batches = _batches(clients, SEED, r)
+        messages, _, _ = engine.map(
+            algorithm.client_update, (population, {}, batches, ctx), (None, None, 1, 0)
+        )
+        aggregate, _ = channel(messages, weights)
+        population = algorithm.population_update(population, aggregate, server)
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+    if out is not None:
+        torch.save(population["global"], out)
+    return {"runtime": "fedkin", **_summary(clients, times, last - t0)}
+
+
+# ----- Flower -----------------------------------------------------------------------------------
+
+
+def _flower_apps(clients: int, rounds: int, result: dict):
+    """A plain Flower app for the workload: torch model + torch.optim.SGD ClientApp, FedAvg."""
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+    from flwr.serverapp.strategy import FedAvg
+
+    client_app = ClientApp()
+
+    @client_app.train()
+    def train(msg, context):
+        model = Net()
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        client = int(context.node_config["partition-id"])
+        xs, ys = client_batches(client, SEED, int(msg.content["config"]["server-round"]) - 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+        for s in range(STEPS):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(xs[s]), ys[s])
+            loss.backward()
+            optimizer.step()
+        metrics = MetricRecord({"train_loss": loss.item(), "num-examples": STEPS * BATCH})
+        content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+        return Message(content=content, reply_to=msg)
+
+    class TimedFedAvg(FedAvg):
+        def aggregate_train(self, server_round, replies):
+            out = super().aggregate_train(server_round, replies)
+            result["round_end"].append(time.perf_counter())
+            return out
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid, context):
+        strategy = TimedFedAvg(
+            fraction_train=1.0,
+            fraction_evaluate=0.0,
+            min_train_nodes=clients,
+            min_available_nodes=clients,
+        )
+        arrays = ArrayRecord(initial_model().state_dict())
+        outcome = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=rounds)
+        result["final"] = outcome.arrays.to_torch_state_dict()
+
+    return server_app, client_app
+
+
+def measure_flower(clients: int, rounds: int, out: Path | None = None) -> dict:
+    """The Flower app on the Simulation Runtime; the clock starts before Ray starts."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    from flwr.simulation import run_simulation
+
+    result: dict = {"round_end": []}
+    server_app, client_app = _flower_apps(clients, rounds, result)
+    t0 = time.perf_counter()
+    run_simulation(
+        server_app,
+        client_app,
+        num_supernodes=clients,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
+    ends = result["round_end"]
+    if len(ends) != rounds:
+        raise RuntimeError(f"the Flower run finished {len(ends)} of {rounds} rounds")
+    times = [ends[0] - t0] + [b - a for a, b in itertools.pairwise(ends)]
+    if out is not None:
+        torch.save(result["final"], out)
+    return {"runtime": "flower", **_summary(clients, times, ends[-1] - t0)}
+
+
+# ----- driver -----------------------------------------------------------------------------------
+
+
+def flower_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("flwr", "ray"))
+
+
+def run_isolated(runtime: str, clients: int, rounds: int, out: Path, timeout: float) -> dict:
+    """One measurement in a fresh interpreter (its own imports, threads and memory)."""
+    cmd = [sys.executable, "-m", "fedkin.bench.peers", runtime, str(clients), str(rounds), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{runtime} run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def compare(clients: int, rounds: int, timeout: float = 1800.0) -> dict:
+    """Both runtimes on the same workload; the ratio and the final models' difference."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fedkin_out, flower_out = Path(tmp) / "fedkin.pt", Path(tmp) / "flower.pt"
+        results = {"fedkin": run_isolated("fedkin", clients, rounds, fedkin_out, timeout)}
+        if flower_available():
+            results["flower"] = run_isolated("flower", clients, rounds, flower_out, timeout)
+            a, b = torch.load(fedkin_out), torch.load(flower_out)
+            results["max_abs_model_diff"] = max(float((a[k] - b[k]).abs().max()) for k in a)
+            for kind in ("steady", "total"):
+                results[f"{kind}_speedup"] = (
+                    results["fedkin"][f"{kind}_updates_per_s"]
+                    / results["flower"][f"{kind}_updates_per_s"]
+                )
+        else:
+            results["flower"] = None
+    results["threads"] = torch.get_num_threads()
+    results["cpus"] = os.cpu_count()
+    return results
+
+
+def register_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "peers",
+        help="client updates/s: fedkin (vectorized) vs Flower (simulation) on one workload",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("--clients", type=int, default=100, help="clients, all train each round")
+    p.add_argument("--rounds", type=int, default=5, help="FedAvg rounds per runtime (default 5)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_peers)
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedkin.core.errors import UserError
+
+    if args.clients < 1 or args.rounds < 2:
+        raise UserError("--clients must be ≥ 1 and --rounds ≥ 2 (round 1 is the warm-up)")
+    command = f"fedkin bench peers --clients {args.clients} --rounds {args.rounds}"
+    results = compare(args.clients, args.rounds)
+    if args.json:
+        print(json.dumps({"command": command, **results}, indent=2))
+        return 0
+    table = Table(
+        title=f"FedAvg, {args.clients} clients x {args.rounds} rounds (digits, MLP 64-128-10, "
+        f"{STEPS} SGD steps x batch {BATCH})"
+    )
+    for col in (
+        "runtime",
+        "steady upd/s",
+        "steady s/round",
+        "upd/s incl. startup",
+        "total s",
+        "first round s",
+    ):
+        table.add_column(col, justify="right")
+    rows = [results["fedkin"], results["flower"]]
+    for r in rows:
+        if r is None:
+            table.add_row("flower", "not installed: pip install 'fedkin[flower]'", "", "", "", "")
+            continue
+        table.add_row(
+            r["runtime"],
+            f"{r['steady_updates_per_s']:,.1f}",
+            f"{r['steady_s_per_round']:.3f}",
+            f"{r['total_updates_per_s']:,.1f}",
+            f"{r['total_s']:.1f}",
+            f"{r['round_s'][0]:.2f}",
+        )
+    if results["flower"] is not None:
+        table.add_row(
+            "fedkin / flower",
+            f"{results['steady_speedup']:,.0f}x",
+            "",
+            f"{results['total_speedup']:,.0f}x",
+            "",
+            "",
+        )
+    console = Console()
+    console.print(table)
+    notes = f"cpus={results['cpus']} torch threads={results['threads']}"
+    if results["flower"] is not None:
+        notes += f"; final models differ by at most {results['max_abs_model_diff']:.1e}"
+    console.print(
+        f"steady = median round after the first; incl. startup = from before model/data (and "
+        f"Ray) set-up to the end of the last round. {notes}"
+    )
+    console.print(f"reproduce with: {command}")
+    return 0
+
+
+if __name__ == "__main__":
+    runtime, n, rounds, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+    measure = measure_fedkin if runtime == "fedkin" else measure_flower
+    print(json.dumps(measure(n, rounds, out)))
