@@ -26,6 +26,7 @@ BENCH_MODULES = (
     "fedkin.bench.scale",
     "fedkin.estimation.bench",
     "fedkin.bench.privacy",
+    "fedkin.bench.peers",
 )
 
 
