@@ -27,7 +27,7 @@ class BodyHeadConfig(BaseModel):
     head_layers: list[str] | None = Field(
         None,
         description="module names (model.named_modules()) whose parameters form the personal "
-        "head, e.g. ['net.2']; None: the last nn.Linear layer",
+        "head, a list such as net.2 for the default MLP; None: the last nn.Linear layer",
     )
 
 
