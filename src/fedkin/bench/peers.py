@@ -13,10 +13,11 @@ Both runs start from the same initial model and draw the same batches (counter-b
   Runtime (``flwr.simulation.run_simulation`` on Ray, one CPU per ClientApp actor, so the
   2-core machine runs two clients at a time).
 
-Each runs in its own subprocess after its imports. Reported per run: client updates per
-second in steady state (median over rounds after the first) and end to end including
-startup (model and data set-up, Ray start and actor warm-up for Flower, the first round's
-vmap tracing for fedkin), and the ratio fedkin / Flower of each.
+Each runs in its own subprocess after its imports; fedkin twice, with 1 torch thread and with
+one per CPU (on a shared, oversubscribed machine intra-op threads can be much slower than
+one). Reported per run: client updates per second in steady state (median over rounds after
+the first) and end to end including startup (model and data set-up, Ray start and actor
+warm-up for Flower, the first round's vmap tracing for fedkin), and the ratios fedkin / Flower.
 """
 
 from __future__ import annotations
@@ -119,7 +120,11 @@ def measure_fedkin(clients: int, rounds: int, out: Path | None = None) -> dict:
         last = now
     if out is not None:
         torch.save(population["global"], out)
-    return {"runtime": "fedkin", **_summary(clients, times, last - t0)}
+    return {
+        "runtime": "fedkin",
+        "threads": torch.get_num_threads(),
+        **_summary(clients, times, last - t0),
+    }
 
 
 # ----- Flower -----------------------------------------------------------------------------------
@@ -194,7 +199,11 @@ def measure_flower(clients: int, rounds: int, out: Path | None = None) -> dict:
     times = [ends[0] - t0] + [b - a for a, b in itertools.pairwise(ends)]
     if out is not None:
         torch.save(result["final"], out)
-    return {"runtime": "flower", **_summary(clients, times, ends[-1] - t0)}
+    return {
+        "runtime": "flower",
+        "workers": int(os.cpu_count() or 1),  # ClientApp actors: one CPU each
+        **_summary(clients, times, ends[-1] - t0),
+    }
 
 
 # ----- driver -----------------------------------------------------------------------------------
@@ -206,33 +215,44 @@ def flower_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("flwr", "ray"))
 
 
-def run_isolated(runtime: str, clients: int, rounds: int, out: Path, timeout: float) -> dict:
+def run_isolated(
+    runtime: str, clients: int, rounds: int, out: Path, timeout: float, threads: int = 0
+) -> dict:
     """One measurement in a fresh interpreter (its own imports, threads and memory)."""
     cmd = [sys.executable, "-m", "fedkin.bench.peers", runtime, str(clients), str(rounds), str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [*cmd, str(threads)], capture_output=True, text=True, timeout=timeout, check=False
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{runtime} run failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def compare(clients: int, rounds: int, timeout: float = 1800.0) -> dict:
-    """Both runtimes on the same workload; the ratio and the final models' difference."""
+    """fedkin with 1 and with all torch threads, then Flower; ratios and the final models'
+    largest difference (the runs compute the same FedAvg rounds)."""
+    cpus = os.cpu_count() or 1
+    results: dict = {"cpus": cpus, "runs": [], "flower_installed": flower_available()}
     with tempfile.TemporaryDirectory() as tmp:
-        fedkin_out, flower_out = Path(tmp) / "fedkin.pt", Path(tmp) / "flower.pt"
-        results = {"fedkin": run_isolated("fedkin", clients, rounds, fedkin_out, timeout)}
-        if flower_available():
-            results["flower"] = run_isolated("flower", clients, rounds, flower_out, timeout)
-            a, b = torch.load(fedkin_out), torch.load(flower_out)
-            results["max_abs_model_diff"] = max(float((a[k] - b[k]).abs().max()) for k in a)
-            for kind in ("steady", "total"):
-                results[f"{kind}_speedup"] = (
-                    results["fedkin"][f"{kind}_updates_per_s"]
-                    / results["flower"][f"{kind}_updates_per_s"]
-                )
-        else:
-            results["flower"] = None
-    results["threads"] = torch.get_num_threads()
-    results["cpus"] = os.cpu_count()
+        outs = []
+        for threads in sorted({1, cpus}):
+            outs.append(Path(tmp) / f"fedkin{threads}.pt")
+            results["runs"].append(
+                run_isolated("fedkin", clients, rounds, outs[-1], timeout, threads)
+            )
+        if results["flower_installed"]:
+            outs.append(Path(tmp) / "flower.pt")
+            flower = run_isolated("flower", clients, rounds, outs[-1], timeout)
+            results["runs"].append(flower)
+            models = [torch.load(o) for o in outs]
+            results["max_abs_model_diff"] = max(
+                float((m[k] - models[0][k]).abs().max()) for m in models[1:] for k in m
+            )
+            for run in results["runs"][:-1]:
+                for kind in ("steady", "total"):
+                    run[f"{kind}_speedup_vs_flower"] = (
+                        run[f"{kind}_updates_per_s"] / flower[f"{kind}_updates_per_s"]
+                    )
     return results
 
 
@@ -246,6 +266,12 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=5, help="FedAvg rounds per runtime (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_peers)
+
+
+def _label(run: dict) -> str:
+    if run["runtime"] == "flower":
+        return f"flower {run['workers']}x1 thr"
+    return f"fedkin {run['threads']} thr"
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
@@ -263,47 +289,38 @@ def cmd_peers(args: argparse.Namespace) -> int:
         return 0
     table = Table(
         title=f"FedAvg, {args.clients} clients x {args.rounds} rounds (digits, MLP 64-128-10, "
-        f"{STEPS} SGD steps x batch {BATCH})"
+        f"{STEPS} SGD steps x batch {BATCH}, lr {LR})"
     )
-    for col in (
-        "runtime",
-        "steady upd/s",
-        "steady s/round",
-        "upd/s incl. startup",
-        "total s",
-        "first round s",
-    ):
-        table.add_column(col, justify="right")
-    rows = [results["fedkin"], results["flower"]]
-    for r in rows:
-        if r is None:
-            table.add_row("flower", "not installed: pip install 'fedkin[flower]'", "", "", "", "")
-            continue
-        table.add_row(
-            r["runtime"],
-            f"{r['steady_updates_per_s']:,.1f}",
-            f"{r['steady_s_per_round']:.3f}",
-            f"{r['total_updates_per_s']:,.1f}",
-            f"{r['total_s']:.1f}",
-            f"{r['round_s'][0]:.2f}",
+    columns = ("runtime", "steady upd/s", "s/round", "upd/s incl. startup", "total s", "x Flower")
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for run in results["runs"]:
+        speedup = (
+            f"{run['steady_speedup_vs_flower']:,.0f} / {run['total_speedup_vs_flower']:,.0f}"
+            if "steady_speedup_vs_flower" in run
+            else ""
         )
-    if results["flower"] is not None:
         table.add_row(
-            "fedkin / flower",
-            f"{results['steady_speedup']:,.0f}x",
-            "",
-            f"{results['total_speedup']:,.0f}x",
-            "",
-            "",
+            _label(run),
+            f"{run['steady_updates_per_s']:,.1f}",
+            f"{run['steady_s_per_round']:.3f}",
+            f"{run['total_updates_per_s']:,.1f}",
+            f"{run['total_s']:.1f}",
+            speedup,
         )
+    if not results["flower_installed"]:
+        table.add_row("flower", "not installed: pip install 'fedkin[flower]'", "", "", "", "")
     console = Console()
     console.print(table)
-    notes = f"cpus={results['cpus']} torch threads={results['threads']}"
-    if results["flower"] is not None:
-        notes += f"; final models differ by at most {results['max_abs_model_diff']:.1e}"
     console.print(
-        f"steady = median round after the first; incl. startup = from before model/data (and "
-        f"Ray) set-up to the end of the last round. {notes}"
+        "steady: median over rounds after the first; incl. startup: from before model/data "
+        "(and Ray) set-up to the end of the last round; x Flower: steady / incl. startup. "
+        f"cpus={results['cpus']}."
+        + (
+            f" Final models agree to {results['max_abs_model_diff']:.1e}."
+            if "max_abs_model_diff" in results
+            else ""
+        )
     )
     console.print(f"reproduce with: {command}")
     return 0
@@ -311,5 +328,10 @@ def cmd_peers(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     runtime, n, rounds, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
-    measure = measure_fedkin if runtime == "fedkin" else measure_flower
-    print(json.dumps(measure(n, rounds, out)))
+    if runtime == "fedkin":
+        threads = int(sys.argv[5]) if len(sys.argv) > 5 and int(sys.argv[5]) > 0 else 0
+        if threads:
+            torch.set_num_threads(threads)
+        print(json.dumps(measure_fedkin(n, rounds, out)))
+    else:
+        print(json.dumps(measure_flower(n, rounds, out)))
