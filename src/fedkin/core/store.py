@@ -52,7 +52,7 @@ class MemoryStore:
         if not fresh.any():
             return self.data[rows].to_dict()
         # never-written rows are not read at all (on disk they are holes of a sparse file)
-        out = self.template.expand(len(rows)).clone()
+        out = self.template.expand(rows.shape).clone()
         if not fresh.all():
             out[~fresh] = self.data[rows[~fresh]]
         return out.to_dict()
