@@ -308,10 +308,14 @@ def cmd_peers(args: argparse.Namespace) -> int:
             f"{run['total_s']:.1f}",
             speedup,
         )
-    if not results["flower_installed"]:
-        table.add_row("flower", "not installed: pip install 'fedkin[flower]'", "", "", "", "")
     console = Console()
     console.print(table)
+    if not results["flower_installed"]:
+        console.print(
+            "Flower was not measured: it is not installed (pip install 'fedkin[flower]')",
+            soft_wrap=True,
+            markup=False,
+        )
     console.print(
         "steady: median over rounds after the first; incl. startup: from before model/data "
         "(and Ray) set-up to the end of the last round; x Flower: steady / incl. startup. "
