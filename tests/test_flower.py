@@ -220,8 +220,15 @@ def test_importable_apps_are_flower_apps():
         [],
         ["algorithm.name=ditto", "eval.holdout_clients=0.25", "cohort.clients_per_round=2"],
         ["algorithm.name=fedprox", "cohort.weighting=uniform", "engine.name=sequential"],
+        [
+            "privacy.mechanism=central",
+            "privacy.noise_multiplier=0.5",
+            "cohort.weighting=uniform",
+            "cohort.sampling=poisson",
+            "cohort.clients_per_round=2",
+        ],
     ],
-    ids=["fedavg", "ditto-holdout", "fedprox-sequential"],
+    ids=["fedavg", "ditto-holdout", "fedprox-sequential", "central-dp"],
 )
 def test_protocol_reproduces_the_in_process_run(extra):
     config = tiny("rounds=3", "eval.every=1", *extra)
