@@ -1,4 +1,4 @@
-"""Flower adapter: any fedkin algorithm as a Flower ``ServerApp`` + ``ClientApp``.
+r"""Flower adapter: any fedkin algorithm as a Flower ``ServerApp`` + ``ClientApp``.
 
 Each Flower SuperNode is one fedkin client: its ``node_config["partition-id"]`` is the client
 id, and it builds the same :class:`~fedkin.data.federated.FederatedDataset` from the same
@@ -33,7 +33,20 @@ or deploy it (``flwr run``) with a Flower app directory whose ``pyproject.toml``
 :func:`write_flower_project`) names ``fedkin.backends.flower_app:server_app`` and
 ``:client_app``; those read the experiment from the run config (``fedkin-config``: a YAML
 path, ``fedkin-overrides``: ``key=value`` overrides) and each SuperNode is started with
-``--node-config "partition-id=<client id>"``.
+``--node-config "partition-id=<client id>"``. With Flower 1.41 (every SuperLink API is HTTP
+on one ``--port``; ``tests/test_flower.py`` runs exactly this on loopback)::
+
+    flower-superlink --ssl-ca-certfile ca.crt --ssl-certfile server.pem \
+        --ssl-keyfile server.key --port 9093 --disable-runtime-dependency-installation
+    flower-supernode --superlink 127.0.0.1:9093 --root-certificates ca.crt \
+        --node-config "partition-id=0" --port 9094      # one per client id 0..N-1
+    # $FLWR_HOME/config.toml: [superlink.mine] address = "127.0.0.1:9093",
+    #                          root-certificates = "ca.crt"
+    flwr run <app dir> mine --stream --run-config 'fedkin-overrides="rounds=10"'
+
+Every node needs fedkin and torch installed (the app directory holds only the pyproject).
+Flower starts a fresh ``flwr-clientapp`` process per message in deployment, so each message
+re-imports torch and rebuilds the client's dataset view; the simulation keeps them cached.
 """
 
 from __future__ import annotations
