@@ -27,6 +27,12 @@ of client ``i`` depends only on ``(seed, i)``. The tables are built with tensor 
 clients — ``x`` stays the 1797 digits, and the only per-client memory is the padded index
 tables (10 int64 per client), never Python objects per client or per sample.
 
+What still grows with the population: a few hundred bytes per client of index metadata (the
+dataset's padded index tables, the experiment's id/group/initialized vectors and transient
+sort keys), and cohort sampling, which hashes and sorts every training client's key each round
+(O(N), vectorized: a few tenths of a second per million clients on a loaded 2-core machine).
+The engine and the store cost what the cohort costs.
+
 Store size is the space the files actually occupy (``st_blocks``, like ``du``) after an
 ``fsync``; the dense size (population × state bytes) is what an eagerly allocated store would
 take. Rows are written at page granularity (4 KiB per touched page of each state tensor), so a
