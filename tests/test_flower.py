@@ -227,8 +227,13 @@ def test_importable_apps_are_flower_apps():
             "cohort.sampling=poisson",
             "cohort.clients_per_round=2",
         ],
+        [
+            "algorithm.name=local",
+            "client_models=[{model: {name: mlp, hidden: [8]}, fraction: 0.5},"
+            " {model: {name: logreg}, fraction: 0.5}]",
+        ],
     ],
-    ids=["fedavg", "ditto-holdout", "fedprox-sequential", "central-dp"],
+    ids=["fedavg", "ditto-holdout", "fedprox-sequential", "central-dp", "local-model-groups"],
 )
 def test_protocol_reproduces_the_in_process_run(extra):
     config = tiny("rounds=3", "eval.every=1", *extra)
