@@ -567,9 +567,8 @@ def plot(result: dict, path: Path) -> None:
         mine = {_eps_label(r["target_epsilon"]): r for r in rows if r["algorithm"] == a}
         xs = [j for j, e in enumerate(eps) if e in mine]
         color = f"C{i}"
-        ax.plot(
-            xs, [mine[eps[j]]["personal_acc"] for j in xs], "o-", color=color, label=f"{a} personal"
-        )
+        label = f"{a} personal" if a != "fedavg" else "fedavg (one global model)"
+        ax.plot(xs, [mine[eps[j]]["personal_acc"] for j in xs], "o-", color=color, label=label)
         if a != "fedavg":
             ax.plot(
                 xs,
