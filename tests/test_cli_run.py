@@ -170,7 +170,7 @@ def test_list_algorithms_only(cli, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert all(name in out for name in ("fedavg", "fedprox", "local"))
     assert "mu = 0.01" in out and "proximal" in out
-    assert "digits" not in out and "dirichlet" not in out
+    assert "datasets (config key" not in out and "partitions (config key" not in out
 
 
 def test_list_unknown_kind_is_a_usage_error(cli, capsys):
