@@ -271,9 +271,11 @@ def test_fixed_cohort_replace_one_needs_the_factor_two():
 
 
 def test_local_dp_message_audit_zero_out_neighbours():
+    """fedkin claims the replace-one ε (sensitivity 2C); a zero-out neighbour moves a message by
+    at most C, so the audit lands near the Gaussian(z) value, below the claim."""
     audit = local_canary_audit(1.0, trials=TRIALS, neighbour="zero")
     assert audit["epsilon_lb"] <= audit["claimed_epsilon"]
-    assert audit["epsilon_lb"] > 0.5 * audit["claimed_epsilon"]
+    assert audit["epsilon_lb"] > 0.5 * dpa.get_epsilon_gaussian(1.0, DELTA)
 
 
 def test_local_dp_message_audit_replace_one_fixed_cohorts():
@@ -281,15 +283,6 @@ def test_local_dp_message_audit_replace_one_fixed_cohorts():
     assert audit["epsilon_lb"] <= audit["claimed_epsilon"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: local DP with cohort.sampling=poisson is accounted as Gaussian(z) (sensitivity "
-    "C, src/fedkin/privacy/federated.py UserLevelDP.__init__: sensitivity_factor=1 unless "
-    "sampling=='fixed'), but the server sees each message, and two data sets of one client "
-    "(the local-DP neighbours) move it by 2C: the audit certifies ε_lb ≈ 5.5 > the claimed "
-    "4.38 at z=1. Use sensitivity_factor=2 for mechanism=local whatever the sampling (or, if "
-    "zero-out neighbours are intended, document that and drop this test).",
-)
 def test_local_dp_message_audit_replace_one_poisson_cohorts():
     audit = local_canary_audit(1.0, trials=TRIALS, neighbour="replace", sampling="poisson")
     assert audit["epsilon_lb"] <= audit["claimed_epsilon"]

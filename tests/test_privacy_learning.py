@@ -411,11 +411,12 @@ def test_local_dp_runs_and_composes_gaussians_over_rounds(cli, capsys, tmp_path)
     )
     assert rc == 0, err
     summary = json.loads(stdout)
-    # T-fold composition of Gaussian(z) (no amplification: the server sees who sends)
-    composed = reference_pld(dpa.GaussianDpEvent(z), rounds, 1e-5, PLD_GRID)
+    # T-fold composition of Gaussian(z/2): no amplification (the server sees who sends) and
+    # replace-one neighbours (one client's message changes by up to 2C)
+    composed = reference_pld(dpa.GaussianDpEvent(z / 2), rounds, 1e-5, PLD_GRID)
     assert summary["epsilon"] == pytest.approx(composed, rel=1e-9)
-    # … which is one Gaussian with multiplier z/√T, computed exactly
-    exact = dpa.get_epsilon_gaussian(z / math.sqrt(rounds), 1e-5)
+    # … which is one Gaussian with multiplier z/(2√T), computed exactly
+    exact = dpa.get_epsilon_gaussian(z / 2 / math.sqrt(rounds), 1e-5)
     assert exact <= summary["epsilon"] <= exact * 1.01
     records = read_records(tmp_path / "l")
     assert [r["epsilon"] for r in records if r["kind"] == "train"] == sorted(
@@ -440,15 +441,6 @@ def test_local_dp_noise_is_per_client_with_std_zc():
     assert torch.equal(alone["w"], noisy["w"][:10])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: src/fedkin/privacy/federated.py UserLevelDP.__init__ sets "
-    "sensitivity_factor=2 for every fixed-cohort run, also mechanism=local, so local DP is "
-    "accounted as Gaussian(z/2) with cohort.sampling=fixed but Gaussian(z) with poisson; a "
-    "client's local randomizer does not depend on how the server samples cohorts. Pick one "
-    "neighbouring relation for local DP (replace-one, 2C, is the standard LDP notion) and use it "
-    "for both samplings.",
-)
 def test_local_dp_epsilon_does_not_depend_on_cohort_sampling():
     cfg = PrivacyConfig(mechanism="local", noise_multiplier=2.0, delta=1e-5, accountant="rdp")
     eps = {
@@ -607,40 +599,22 @@ def test_dp_sgd_example_epsilon_is_reported_and_accounted():
     assert record["example_epsilon"] == pytest.approx(ref, rel=1e-9)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a client with fewer train samples than client.batch_size repeats examples "
-    "inside one DP-SGD batch (FederatedDataset.sample_train_batches wraps the epoch order), so "
-    "one example contributes up to ceil(B/n_i)·C to the clipped sum while "
-    "Experiment.example_epsilon accounts sensitivity C (q = min(1, B/n_i)). Reject "
-    "privacy.dp_sgd with batch_size > the smallest client's train size (config/Experiment), or "
-    "divide the noise multiplier by ceil(B/n_i) in the accounting.",
-)
-def test_dp_sgd_batches_never_repeat_an_example():
-    from fedkin.core.errors import UserError
-
-    try:
-        exp = Experiment(tiny_config(*DP_SGD, "client.batch_size=100"))  # 67 train samples each
-    except UserError:
-        return  # refusing the configuration is a fix too
-    xs, _ = exp.dataset.sample_train_batches(
-        torch.tensor([0]), exp.stream.child("batches"), 0, exp.config.client.local_steps, 100
-    )
-    batch = xs[0, 0].reshape(100, -1)
-    assert len(torch.unique(batch, dim=0)) == 100
+def test_dp_sgd_accounts_repeated_examples_by_group_privacy():
+    """B larger than a client's data repeats examples up to ⌈B/n⌉ times in one batch: the
+    accountant must divide the noise multiplier by that factor."""
+    exp = Experiment(tiny_config(*DP_SGD, "client.batch_size=100", "rounds=1"))
+    exp.run_round()
+    record = exp.evaluate()
+    n_min = int(exp.dataset.train_sizes[exp.participation > 0].min())
+    repeats = -(-100 // n_min)
+    assert repeats >= 2
+    ref = reference_rdp(dpa.GaussianDpEvent(1.1 / repeats), exp.config.client.local_steps, 1e-5)
+    assert record["example_epsilon"] == pytest.approx(ref, rel=1e-9)
 
 
 # ----- Poisson cohorts that come out empty -------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: src/fedkin/experiment.py Experiment.run_round returns early for an empty "
-    "Poisson cohort without releasing the noisy aggregate, so under privacy.mechanism=central "
-    "the model stays exactly unchanged in that round — a visible sign that nobody was sampled, "
-    "which the PoissonSampledDpEvent accounting does not cover. Central DP must still release "
-    "(0 + N(0, z²C²I))/m and apply population_update.",
-)
 def test_empty_poisson_cohort_still_releases_noise():
     exp = Experiment(
         tiny_config(
@@ -717,3 +691,18 @@ def test_dp_ditto_message_does_not_depend_on_the_personal_model():
     )
     assert all(torch.equal(a, b) for a, b in zip(tree_leaves(m1), tree_leaves(m2), strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(tree_leaves(s1), tree_leaves(s2), strict=True))
+
+
+def test_secret_noise_seed_is_unpredictable_and_survives_resume(tmp_path):
+    overrides = (*CENTRAL, "privacy.noise_multiplier=1.0", "privacy.secret_noise=true")
+    a, b = Experiment(tiny_config(*overrides)), Experiment(tiny_config(*overrides))
+    assert a.privacy.seed != b.privacy.seed
+    a.run_round()
+    a.save_checkpoint(tmp_path)
+    resumed = Experiment(tiny_config(*overrides))
+    resumed.load_checkpoint(tmp_path)
+    assert resumed.privacy.seed == a.privacy.seed
+    a.run_round()
+    resumed.run_round()
+    for x, y in zip(tree_leaves(a.population), tree_leaves(resumed.population), strict=True):
+        assert torch.equal(x, y)

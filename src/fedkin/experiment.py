@@ -181,17 +181,24 @@ class Experiment:
         """Training clients of a round, a function of (seed, round) only: exactly k without
         replacement, or (Poisson) each independently with probability q = k / N."""
         k, pool = self.config.cohort.clients_per_round, self.training_clients
+        stream = self.privacy.cohort_stream if self.privacy else self.stream.child("cohort")
         if self.config.cohort.sampling == "poisson":
-            return pool[self.stream.child("cohort").uniform(round_, pool) < k / len(pool)]
-        keys = self.stream.child("cohort").keys(round_, pool)
+            return pool[stream.uniform(round_, pool) < k / len(pool)]
+        keys = stream.keys(round_, pool)
         return pool[torch.argsort(keys)[:k]].sort().values
 
     def run_round(self) -> dict[str, Any]:
         r, cfg, ds = self.round, self.config, self.dataset
         t0 = time.perf_counter()
         cohort = self.sample_cohort(r)
-        if len(cohort) == 0:  # possible under Poisson sampling: nothing to train or release
+        # An empty Poisson cohort under central DP still releases noise (an unchanged model
+        # would reveal that nobody was sampled): one client runs only to shape the release,
+        # with weight 0 and its state not written.
+        phantom = len(cohort) == 0 and self.privacy is not None and self.privacy.central
+        if len(cohort) == 0 and not phantom:
             return self._finish_round(r, t0, {"clients": 0})
+        if phantom:
+            cohort = self.training_clients[:1]
         batches = ds.sample_train_batches(
             cohort, self.stream.child("batches"), r, cfg.client.local_steps, cfg.client.batch_size
         )
@@ -217,6 +224,8 @@ class Experiment:
             dropped += lost
             k = len(pos)
             ok = finite_rows(msg, k) & finite_rows(states, k) & finite_rows(metrics, k)
+            if phantom:
+                ok = torch.zeros_like(ok)
             group.store.scatter(rows, states, keep=ok)
             messages.append(msg)
             oks.append(ok)
@@ -224,7 +233,8 @@ class Experiment:
             kept_weights.append(weights[pos] * ok)
             ids.append(cohort[pos])
         ok = torch.cat(oks)
-        self.participation[cohort] += 1
+        if not phantom:
+            self.participation[cohort] += 1
         if self.privacy is not None:
             self.privacy.bind_cohort(torch.cat(ids), ok)
         aggregate, channel_metrics = self.channel(_cat(messages), torch.cat(kept_weights), r)
@@ -238,7 +248,7 @@ class Experiment:
                 "Lower the learning rates (client.optimizer.lr, server.optimizer.lr). "
                 f"The last good checkpoint is round {self.round}."
             )
-        self._dead_rounds = 0 if ok.any() else self._dead_rounds + 1
+        self._dead_rounds = 0 if ok.any() or phantom else self._dead_rounds + 1
         if self._dead_rounds >= DEAD_ROUNDS:
             raise NonFiniteModelError(
                 f"every client update was NaN/Inf in rounds {r + 2 - DEAD_ROUNDS}..{r + 1}; "
@@ -249,10 +259,10 @@ class Experiment:
             r,
             t0,
             {
-                "clients": len(cohort),
+                "clients": 0 if phantom else len(cohort),
                 **self._client_metric_summary(_cat(client_metrics), torch.cat(ids), ok),
                 **channel_metrics,
-                "rejected_updates": float((~ok).sum()),
+                "rejected_updates": 0.0 if phantom else float((~ok).sum()),
                 "dropped_clients": float(dropped),
             },
         )
@@ -275,7 +285,9 @@ class Experiment:
 
         Each DP-SGD step is accounted as a Poisson-subsampled Gaussian with q = B/n_i, the
         customary treatment (as in Opacus); fedkin draws batches by shuffling, which this
-        approximates. The bound uses the largest q and the most participations of any client.
+        approximates. The bound uses the largest q and the most participations of any client;
+        when B exceeds a client's data an example can appear ⌈B/n⌉ times in one batch, so the
+        noise multiplier is divided by that factor (group privacy).
         """
         from fedkin.privacy.accountant import PrivacyAccountant, PrivacyEvent
 
@@ -284,11 +296,14 @@ class Experiment:
         if dp is None or rounds == 0 or self.dp_sgd_steps == 0:
             return 0.0
         seen = self.participation > 0
-        q = min(1.0, self.config.client.batch_size / int(self.dataset.train_sizes[seen].min()))
+        batch, n_min = self.config.client.batch_size, int(self.dataset.train_sizes[seen].min())
+        q = min(1.0, batch / n_min)
+        # a batch larger than a client's data repeats examples up to ⌈B/n⌉ times: group privacy
+        repeats = -(-batch // n_min)
         accountant = PrivacyAccountant("rdp")
         accountant.record(
             PrivacyEvent.gaussian(
-                dp.noise_multiplier,
+                dp.noise_multiplier / repeats,
                 sampling_prob=None if q >= 1 else q,
                 count=rounds * self.dp_sgd_steps,
             )

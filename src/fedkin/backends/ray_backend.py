@@ -48,14 +48,14 @@ from typing import Any
 
 import torch
 
-from fedkin.core.errors import ConfigError
+from fedkin.core.errors import ConfigError, RunFailure
 from fedkin.engine.engines import _cohort_size, _combine, _narrow
 
 INSTALL_HINT = "pip install 'fedkin[ray]'"
 _FN_CACHE = 64  # distinct functions kept shipped per pool (LRU)
 
 
-class WorkerLostError(RuntimeError):
+class WorkerLostError(RunFailure):
     """A shard's Ray worker died more often than ``backend.max_retries`` allows (or every
     worker of a ``drop`` round died)."""
 

@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from fedkin.core.errors import NonFiniteModelError
+from fedkin.core.errors import RunFailure
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,7 +44,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             f"fedkin: interrupted; run the same command again to continue ({out})", file=sys.stderr
         )
         return 130
-    except NonFiniteModelError as err:
+    except RunFailure as err:
         print(f"fedkin: error: {err}", file=sys.stderr)
         return 1
     command = "fedkin compare " + shlex.join(

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from fedkin.core.errors import NonFiniteModelError, UserError
+from fedkin.core.errors import RunFailure, UserError
 
 EPILOG = """examples:
   fedkin run                                   the built-in default (digits, 100 clients, FedAvg)
@@ -78,7 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             hint = "no checkpoint was written yet; run the same command again to start over"
         print(f"fedkin: interrupted after round {experiment.round}; {hint}", file=sys.stderr)
         return 130
-    except NonFiniteModelError as err:
+    except RunFailure as err:
         print(f"fedkin: error: {err} Run directory: {run_dir}", file=sys.stderr)
         return 1
     if args.quiet:

@@ -13,5 +13,10 @@ class DataError(UserError):
     """Input data that cannot be used (missing files, empty partitions, malformed CSV)."""
 
 
-class NonFiniteModelError(RuntimeError):
+class RunFailure(RuntimeError):
+    """A run cannot go on (diverged, workers lost); the CLI prints it and exits 1, and the last
+    checkpoint stays usable."""
+
+
+class NonFiniteModelError(RunFailure):
     """The population model became NaN/Inf; the run stops and the last good checkpoint stays."""

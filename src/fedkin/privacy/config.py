@@ -63,6 +63,12 @@ class PrivacyConfig(BaseModel):
         None, description="track a quantile of update norms instead of a fixed C (central only)"
     )
     dp_sgd: DpSgdConfig | None = Field(None, description="example-level DP-SGD inside clients")
+    secret_noise: bool = Field(
+        False,
+        description="draw DP noise and Poisson cohorts from a secret random seed kept only in "
+        "the checkpoint (use in deployments: with the default, noise is reproducible from "
+        "the config's seed, which is right for experiments but not a real guarantee)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> PrivacyConfig:

@@ -20,6 +20,7 @@ a resumed run adds the same noise. Personal models never enter this path.
 from __future__ import annotations
 
 import math
+import secrets
 from typing import Any
 
 import torch
@@ -109,10 +110,15 @@ class UserLevelDP:
         self.cohort_size = cohort_size
         self.sampling = sampling
         self.q = cohort_size / population
+        if config.secret_noise:  # noise and Poisson cohorts unpredictable from the config
+            seed = secrets.randbits(62)
+        self.seed = seed
         self.stream = Stream(seed).child("dp-noise")
+        self.cohort_stream = Stream(seed).child("cohort")
         self.clip = config.clip
-        # replace-one (fixed-size cohorts) doubles the sensitivity of a clipped sum
-        self.sensitivity_factor = 2.0 if sampling == "fixed" else 1.0
+        # replace-one neighbours (fixed-size cohorts; and local DP, where the released message is
+        # one client's own) double the sensitivity of a clipped sum
+        self.sensitivity_factor = 2.0 if sampling == "fixed" or config.mechanism == "local" else 1.0
         self.noise_multiplier = config.noise_multiplier or self._calibrate(rounds)
         self.update_noise = self.noise_multiplier
         if config.adaptive_clip is not None:
@@ -243,9 +249,16 @@ class UserLevelDP:
         self._accepted_count = int(accepted.sum())
 
     # ----- checkpoints --------------------------------------------------------------------------
+    @property
+    def central(self) -> bool:
+        return self.config.mechanism == "central"
+
     def state_dict(self) -> dict[str, Any]:
-        return {"accountant": self.accountant.state_dict(), "clip": self.clip}
+        return {"accountant": self.accountant.state_dict(), "clip": self.clip, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.accountant.load_state_dict(state["accountant"])
         self.clip = state["clip"]
+        self.seed = state["seed"]
+        self.stream = Stream(self.seed).child("dp-noise")
+        self.cohort_stream = Stream(self.seed).child("cohort")
