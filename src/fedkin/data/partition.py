@@ -71,8 +71,11 @@ def dirichlet(
     For each class ``c`` draw proportions ``p_c ~ Dir(alpha · 1_K)`` over the ``K`` clients
     and deal the (shuffled) samples of class ``c`` out in those proportions. Small ``alpha``
     concentrates each class on few clients (strong skew); ``alpha → ∞`` approaches IID.
-    The draw is repeated until every client holds at least ``min_size`` samples; after
-    ``max_attempts`` failures a :class:`DataError` is raised.
+    The draw is repeated until every client holds at least ``min_size`` samples. If
+    ``max_attempts`` draws all fail (very small ``alpha`` with many clients, e.g. digits with 100
+    clients at alpha 0.1), the last draw is *topped up*: each short client receives samples, one
+    at a time, of the majority class of the currently largest client — the skew is kept, only
+    the few samples needed move.
     """
     y = _as_labels(labels)
     _check_capacity(len(y), num_clients, min_size, "dirichlet partition")
@@ -80,25 +83,31 @@ def dirichlet(
     classes = np.unique(y)
     by_class = [np.flatnonzero(y == c) for c in classes]
     class_sizes = np.array([len(ix) for ix in by_class])
-    smallest = 0
     for _ in range(max_attempts):
         props = rng.dirichlet(np.full(num_clients, alpha), size=len(classes))  # [C, K]
         cuts = np.rint(np.cumsum(props, axis=1) * class_sizes[:, None]).astype(np.int64)
         cuts[:, -1] = class_sizes
         counts = np.diff(cuts, axis=1, prepend=0)  # [C, K], ≥ 0 since cuts are monotone
-        smallest = int(counts.sum(axis=0).min())
-        if smallest >= min_size:
+        if int(counts.sum(axis=0).min()) >= min_size:
             break
     else:
-        raise DataError(
-            f"dirichlet partition (alpha={alpha}) left some of the {num_clients} clients with "
-            f"fewer than min_size={min_size} samples in {max_attempts} attempts (smallest client "
-            f"in the last attempt: {smallest}); use a larger data.partition.alpha, fewer clients "
-            "(data.num_clients) or a smaller data.partition.min_size."
-        )
+        _top_up(counts, min_size)
     pool = np.concatenate([rng.permutation(ix) for ix in by_class])
     owner = np.concatenate([np.repeat(np.arange(num_clients), row) for row in counts])
     return _group(pool, owner, num_clients)
+
+
+def _top_up(counts: np.ndarray, min_size: int) -> None:
+    """Move single samples into clients holding fewer than ``min_size`` (in place, [C, K])."""
+    totals = counts.sum(axis=0)
+    for k in np.flatnonzero(totals < min_size):
+        while totals[k] < min_size:
+            donor = int(np.argmax(totals))
+            c = int(np.argmax(counts[:, donor]))
+            counts[c, donor] -= 1
+            counts[c, k] += 1
+            totals[donor] -= 1
+            totals[k] += 1
 
 
 def pathological(
