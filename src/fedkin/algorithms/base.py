@@ -30,6 +30,7 @@ from pydantic import BaseModel
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from fedkin.core.priors import gaussian_penalty
 from fedkin.core.rng import Stream
 from fedkin.core.tree import Tree, tree_leaves, tree_map, tree_sub
 from fedkin.optim import Optimizer
@@ -179,6 +180,15 @@ class Algorithm:
 
         self.dp_steps += 1
         return tree_map(noisy_mean, g), losses.mean()
+
+    def gaussian_objective(self, center: Tree, lam: float):
+        """Objective with the Gaussian prior θ ~ N(center, λ⁻¹I): (L_i + λ/2‖θ − center‖², L_i)."""
+
+        def objective(params: Tree, x: torch.Tensor, y: torch.Tensor):
+            loss = self.data_loss(params, x, y)
+            return loss + gaussian_penalty(params, center, lam), loss
+
+        return objective
 
     def plain_objective(self, params: Tree, x: torch.Tensor, y: torch.Tensor):
         """Objective without a prior: (L_i, L_i)."""

@@ -15,7 +15,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedkin.algorithms.base import Algorithm
-from fedkin.core.priors import gaussian_penalty
 from fedkin.core.tree import Tree
 
 
@@ -39,21 +38,12 @@ class Ditto(Algorithm):
         v = population["global"]
         return {"params": v, "opt": self.client_optimizer.init(v)}
 
-    def personal_objective(self, w: Tree):
-        lam = self.config.lam
-
-        def objective(v: Tree, x, y):
-            loss = self.data_loss(v, x, y)
-            return loss + gaussian_penalty(v, w, lam), loss
-
-        return objective
-
     def client_update(self, population: Tree, client: Tree, batches, ctx: Tree):
         w = population["global"]
         new, _, loss = self.local_solve(w, self.plain_objective, batches, ctx=ctx)
         v, opt, _ = self.local_solve(
             client["params"],
-            self.personal_objective(w),
+            self.gaussian_objective(w, self.config.lam),
             batches,
             opt_state=client["opt"],
             steps=self.config.personal_steps,

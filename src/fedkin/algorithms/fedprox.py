@@ -13,7 +13,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedkin.algorithms.base import Algorithm
-from fedkin.core.priors import gaussian_penalty
 from fedkin.core.tree import Tree
 
 
@@ -30,10 +29,6 @@ class FedProx(Algorithm):
 
     def client_update(self, population: Tree, client: Tree, batches, ctx: Tree):
         w = population["global"]
-
-        def objective(theta: Tree, x, y):
-            loss = self.data_loss(theta, x, y)
-            return loss + gaussian_penalty(theta, w, self.config.mu), loss
-
+        objective = self.gaussian_objective(w, self.config.mu)
         new, _, loss = self.local_solve(w, objective, batches, ctx=ctx)
         return self.delta_message(new, w), client, {"train_loss": loss}

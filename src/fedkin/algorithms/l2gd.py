@@ -19,7 +19,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedkin.algorithms.base import Algorithm, ServerStep
-from fedkin.core.priors import gaussian_penalty
 from fedkin.core.tree import Tree
 
 
@@ -45,19 +44,14 @@ class L2gd(Algorithm):
         x = population["global"]
         return {"params": x, "opt": self.client_optimizer.init(x)}
 
-    def personal_objective(self, w: Tree):
-        lam = self.config.lam
-
-        def objective(x_i: Tree, x, y):
-            loss = self.data_loss(x_i, x, y)
-            return loss + gaussian_penalty(x_i, w, lam), loss
-
-        return objective
-
     def client_update(self, population: Tree, client: Tree, batches, ctx: Tree):
         w = population["global"]
         x_i, opt, loss = self.local_solve(
-            client["params"], self.personal_objective(w), batches, opt_state=client["opt"], ctx=ctx
+            client["params"],
+            self.gaussian_objective(w, self.config.lam),
+            batches,
+            opt_state=client["opt"],
+            ctx=ctx,
         )
         return self.delta_message(x_i, w), {"params": x_i, "opt": opt}, {"train_loss": loss}
 

@@ -17,7 +17,6 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedkin.algorithms.base import Algorithm, ServerStep
-from fedkin.core.priors import gaussian_penalty
 from fedkin.core.tree import Tree, tree_map, tree_sub
 from fedkin.optim import sgd
 
@@ -47,15 +46,6 @@ class PFedMe(Algorithm):
     def init_client(self, population: Tree) -> Tree:
         return {"params": population["global"]}
 
-    def inner_objective(self, w_i: Tree):
-        lam = self.config.lam
-
-        def objective(theta: Tree, x, y):
-            loss = self.data_loss(theta, x, y)
-            return loss + gaussian_penalty(theta, w_i, lam), loss
-
-        return objective
-
     def envelope_grad(self, w_i: Tree, theta: Tree) -> Tree:
         """∇F_i(w_i) = λ(w_i − θ̂) for the approximate prox θ̂."""
         return tree_map(lambda a, b: self.config.lam * (a - b), w_i, theta)
@@ -72,7 +62,7 @@ class PFedMe(Algorithm):
             b = s % xs.shape[0]
             theta, _, loss = self.local_solve(
                 theta,
-                self.inner_objective(w_i),
+                self.gaussian_objective(w_i, self.config.lam),
                 (xs[b : b + 1], ys[b : b + 1]),
                 optimizer=inner,
                 steps=cfg.inner_steps,
