@@ -184,8 +184,8 @@ class Experiment:
         stream = self.privacy.cohort_stream if self.privacy else self.stream.child("cohort")
         if self.config.cohort.sampling == "poisson":
             return pool[stream.uniform(round_, pool) < k / len(pool)]
-        keys = stream.keys(round_, pool)
-        return pool[torch.argsort(keys)[:k]].sort().values
+        keys = stream.keys(round_, pool)  # k smallest keys: a uniform k-subset, O(N) per round
+        return pool[torch.topk(keys, k, largest=False, sorted=False).indices].sort().values
 
     def run_round(self) -> dict[str, Any]:
         r, cfg, ds = self.round, self.config, self.dataset
