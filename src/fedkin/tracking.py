@@ -6,7 +6,7 @@ import contextlib
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -106,7 +106,14 @@ def _fmt(value: Any) -> str:
 class ConsoleTracker:
     """Live progress bar (round, elapsed, ETA, current metrics) and a final summary table."""
 
-    SHOWN = ("train_loss", "global_acc_weighted", "personal_acc_mean", "rejected_updates")
+    #: record key → short label on the progress line
+    SHOWN: ClassVar[dict[str, str]] = {
+        "train_loss": "loss",
+        "global_acc_weighted": "global acc",
+        "personal_acc_mean": "personal acc",
+        "epsilon": "ε",
+        "rejected_updates": "rejected",
+    }
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)
@@ -135,7 +142,9 @@ class ConsoleTracker:
 
     def record(self, record: dict[str, Any]) -> None:
         self.latest.update({k: v for k, v in record.items() if k in self.SHOWN})
-        text = "  ".join(f"{k}={_fmt(v)}" for k, v in self.latest.items())
+        text = "  ".join(
+            f"{self.SHOWN[k]} {_fmt(self.latest[k])}" for k in self.SHOWN if k in self.latest
+        )
         self.progress.update(self.task, completed=record["round"], metrics=text)
 
     def finish(self, summary: dict[str, Any]) -> None:
