@@ -145,8 +145,9 @@ def measure(clients: int, rounds: int, loop_cap: int, seed: int = 0) -> dict:
     }
 
 
-def run_isolated(clients: int, rounds: int, loop_cap: int) -> dict:
-    """Measure one cohort size in a fresh interpreter (clean peak-memory reading)."""
+def run_isolated(clients: int, rounds: int, loop_cap: int, threads: int) -> dict:
+    """Measure one cohort size in a fresh interpreter (clean peak-memory reading); ``threads``
+    torch intra-op threads for both implementations (0: torch's default)."""
     cmd = [
         sys.executable,
         "-m",
@@ -154,6 +155,7 @@ def run_isolated(clients: int, rounds: int, loop_cap: int) -> dict:
         str(clients),
         str(rounds),
         str(loop_cap),
+        str(threads),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -170,6 +172,9 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per size (default 5)")
     p.add_argument("--loop-cap", type=int, default=1000, help="max clients timed for the loop")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch threads for both (0: torch's default)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_throughput)
 
@@ -181,10 +186,12 @@ def cmd_throughput(args: argparse.Namespace) -> int:
         sizes = [int(s) for s in str(args.clients).split(",")]
     except ValueError:
         raise UserError(f"--clients {args.clients!r}: give integers, e.g. 100,1000") from None
-    if any(s < 1 for s in sizes) or args.rounds < 1 or args.loop_cap < 1:
-        raise UserError("--clients, --rounds and --loop-cap must be positive")
-    results = [run_isolated(n, args.rounds, args.loop_cap) for n in sizes]
-    command = f"fedkin bench throughput --clients {args.clients} --rounds {args.rounds}"
+    if any(s < 1 for s in sizes) or args.rounds < 1 or args.loop_cap < 1 or args.threads < 0:
+        raise UserError("--clients, --rounds and --loop-cap must be positive, --threads >= 0")
+    results = [run_isolated(n, args.rounds, args.loop_cap, args.threads) for n in sizes]
+    command = f"fedkin bench throughput --clients {args.clients} --rounds {args.rounds}" + (
+        f" --threads {args.threads}" if args.threads else ""
+    )
     if args.json:
         print(json.dumps({"command": command, "results": results}, indent=2))
         return 0
@@ -219,5 +226,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    n, rounds, cap = (int(a) for a in sys.argv[1:4])
+    n, rounds, cap, threads = (int(a) for a in sys.argv[1:5])
+    if threads:
+        torch.set_num_threads(threads)
     print(json.dumps(measure(n, rounds, cap)))
