@@ -126,8 +126,9 @@ def plot(results: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for algorithm, runs in results.items():
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for index, (algorithm, runs) in enumerate(results.items()):
+        color = plt.cm.tab20(index % 20)
         curves = []
         for r in runs:
             evals = [e for e in read_records(Path(r["run_dir"])) if e["kind"] == "eval"]
@@ -135,10 +136,13 @@ def plot(results: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
         n = min(len(c) for c in curves)
         rounds = [p[0] for p in curves[0][:n]]
         acc = np.array([[p[1] for p in c[:n]] for c in curves])
-        ax.plot(rounds, acc.mean(0), label=algorithm)
-        ax.fill_between(rounds, acc.mean(0) - acc.std(0), acc.mean(0) + acc.std(0), alpha=0.2)
+        style = "-" if index < 10 else "--"
+        ax.plot(rounds, acc.mean(0), style, color=color, label=algorithm)
+        ax.fill_between(
+            rounds, acc.mean(0) - acc.std(0), acc.mean(0) + acc.std(0), color=color, alpha=0.15
+        )
     ax.set(xlabel="round", ylabel="personalized test accuracy (mean over clients)")
-    ax.legend()
+    ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
     curve_path = out / "accuracy_over_rounds.png"
     fig.savefig(curve_path, dpi=100)
