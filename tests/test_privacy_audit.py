@@ -34,14 +34,6 @@ from fedkin.privacy.federated import UserLevelDP
 DELTA = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def central(z=1.0, clip=1.0, population=100, cohort=10, sampling="poisson", **kw) -> UserLevelDP:
     accountant = "rdp" if sampling == "fixed" else "pld"
     cfg = PrivacyConfig(

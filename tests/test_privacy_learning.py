@@ -35,15 +35,6 @@ CENTRAL = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add contention on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def leaves(tree) -> list[torch.Tensor]:
     return [tree] if isinstance(tree, torch.Tensor) else tree_leaves(tree)
 

@@ -22,6 +22,7 @@ threads, files or networks.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
@@ -56,7 +57,7 @@ class ServerStep:
         return new
 
 
-class Algorithm:
+class Algorithm(ABC):
     """Base class; subclasses set ``name``, ``Config`` and override the pieces they change."""
 
     name: ClassVar[str]
@@ -202,10 +203,11 @@ class Algorithm:
     def init_client(self, population: Tree) -> Tree:
         return {}
 
+    @abstractmethod
     def client_update(
         self, population: Tree, client: Tree, batches: tuple[torch.Tensor, torch.Tensor], ctx: Tree
     ) -> tuple[Tree, Tree, Tree]:
-        raise NotImplementedError(f"{type(self).__name__} must define its local solver")
+        """The local solver: (message to the channel, new client state, scalar metrics)."""
 
     def population_update(self, population: Tree, aggregate: Tree, server: ServerStep) -> Tree:
         """Default: w ← ServerOpt(w, pseudo-gradient −Δ̄) for the averaged model delta Δ̄."""
