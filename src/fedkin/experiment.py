@@ -196,7 +196,7 @@ class Experiment:
         # with weight 0 and its state not written.
         phantom = len(cohort) == 0 and self.privacy is not None and self.privacy.central
         if len(cohort) == 0 and not phantom:
-            return self._finish_round(r, t0, {"clients": 0})
+            return self.finish_round(r, t0, {"clients": 0})
         if phantom:
             cohort = self.training_clients[:1]
         batches = ds.sample_train_batches(
@@ -255,12 +255,12 @@ class Experiment:
                 "the run stopped (the model is finite but training has diverged). Lower the "
                 f"learning rates. The last checkpoint is round {self.round}."
             )
-        return self._finish_round(
+        return self.finish_round(
             r,
             t0,
             {
                 "clients": 0 if phantom else len(cohort),
-                **self._client_metric_summary(_cat(client_metrics), torch.cat(ids), ok),
+                **self.client_metric_summary(_cat(client_metrics), torch.cat(ids), ok),
                 **channel_metrics,
                 "rejected_updates": 0.0 if phantom else float((~ok).sum()),
                 "dropped_clients": float(dropped),
@@ -310,7 +310,7 @@ class Experiment:
         )
         return accountant.epsilon(dp.delta)
 
-    def _finish_round(self, r: int, t0: float, metrics: dict[str, Any]) -> dict[str, Any]:
+    def finish_round(self, r: int, t0: float, metrics: dict[str, Any]) -> dict[str, Any]:
         """Close round r: account its privacy cost and build its record."""
         if self.privacy is not None:
             metrics.update(self.privacy.record_round())
@@ -322,7 +322,7 @@ class Experiment:
             "round_time_s": time.perf_counter() - t0,
         }
 
-    def _client_metric_summary(
+    def client_metric_summary(
         self, metrics: Tree, clients: torch.Tensor, ok: torch.Tensor
     ) -> dict[str, Any]:
         """Mean over accepted clients of every per-client metric (``train_loss``, ``psi``, …);
@@ -349,7 +349,7 @@ class Experiment:
         if alg.has_global_model:
             g_correct, g_loss = evaluate_global(alg, self.population["global"], ds)
             record.update(summarize("global", g_correct[train], g_loss[train], counts[train]))
-        if self._personalizes():
+        if self.personalizes():
             correct, loss = self._evaluate_personal(self._training_states)
         else:
             correct, loss = g_correct, g_loss
@@ -357,7 +357,7 @@ class Experiment:
         self.client_accuracy = {"personal": (correct[train] / counts[train]).tolist()}
         if len(self.new_clients):
             new = self.new_clients
-            if self._personalizes():
+            if self.personalizes():
                 correct, loss = self._evaluate_personal(self._new_client_states)
             record.update(summarize("new", correct[new], loss[new], counts[new]))
             self.client_accuracy["new"] = (correct[new] / counts[new]).tolist()
@@ -366,7 +366,7 @@ class Experiment:
         record["eval_time_s"] = time.perf_counter() - t0
         return record
 
-    def _personalizes(self) -> bool:
+    def personalizes(self) -> bool:
         alg = self.algorithm
         return (
             type(alg).personal_params is not Algorithm.personal_params

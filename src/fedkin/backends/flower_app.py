@@ -499,7 +499,7 @@ class FlowerServer:
         t0 = time.perf_counter()
         cohort = exp.sample_cohort(r)
         if len(cohort) == 0:
-            return exp._finish_round(r, t0, {"clients": 0})
+            return exp.finish_round(r, t0, {"clients": 0})
         population = tree_to_record(exp.population)
         contents = {
             int(c): RecordDict(
@@ -546,12 +546,12 @@ class FlowerServer:
                 f"the population model became NaN/Inf in round {r + 1}; the run stopped. "
                 "Lower the learning rates (client.optimizer.lr, server.optimizer.lr)."
             )
-        return exp._finish_round(
+        return exp.finish_round(
             r,
             t0,
             {
                 "clients": k,
-                **exp._client_metric_summary(metrics, cohort, ok),
+                **exp.client_metric_summary(metrics, cohort, ok),
                 **channel_metrics,
                 "rejected_updates": float((~ok).sum()),
                 "dropped_clients": float(k - len(replies)),
@@ -567,7 +567,7 @@ class FlowerServer:
         exp = self.experiment
         t0 = time.perf_counter()
         alg, n = exp.algorithm, exp.dataset.num_clients
-        personal = exp._personalizes()
+        personal = exp.personalizes()
         population = tree_to_record(exp.population)
         contents = {
             c: RecordDict(
