@@ -194,3 +194,17 @@ def test_fedprox_mu_pulls_towards_global():
         return float((exp.population["global"]["net.0.weight"] - w0).norm())
 
     assert update_norm("5.0") < update_norm("0.0")
+
+
+# ----- allocator tuning ------------------------------------------------------------------------
+
+
+def test_retain_freed_memory_takes_effect_on_glibc_and_zero_is_a_no_op():
+    import sys
+
+    from fedkin.engine.allocator import retain_freed_memory
+
+    assert retain_freed_memory(0) is False
+    assert retain_freed_memory(1024) is sys.platform.startswith("linux")
+    with pytest.raises(ValueError, match="retain_freed_mb"):
+        EngineConfig(retain_freed_mb=4096)

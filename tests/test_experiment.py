@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from conftest import drop_timings, tiny, tiny_config
-from fedkin.core.channel import Channel, reject_nonfinite
+from fedkin.core.channel import Channel, finite_rows, reject_nonfinite
 from fedkin.core.errors import NonFiniteModelError
 from fedkin.core.evaluate import evaluate_global, evaluate_personal, summarize
 from fedkin.engine import SequentialEngine, VectorizedEngine
@@ -21,6 +21,24 @@ from fedkin.runs import new_run
 from fedkin.tracking import JsonlTracker, read_records
 
 # ----- non-finite client updates are rejected -----------------------------------------------------
+
+
+def test_finite_rows_is_exact_elementwise_check():
+    """The sum-first fast path agrees with an elementwise isfinite on every kind of row,
+    including finite rows whose sum overflows to inf and NaN/±Inf entries that could cancel."""
+    big = torch.finfo(torch.float32).max
+    rows = torch.randn(8, 5)
+    rows[1, 3] = float("nan")
+    rows[2, 0] = float("inf")
+    rows[3, 4] = -float("inf")
+    rows[4, :2] = torch.tensor([float("inf"), -float("inf")])  # sum is NaN, not cancelled
+    rows[5] = big  # finite entries, sum overflows: must stay accepted
+    rows[6, :2] = torch.tensor([big, -big])  # finite, sum 0
+    tree = {"w": rows.reshape(8, 5, 1), "b": torch.zeros(8, 2)}
+    tree["b"][7, 1] = float("nan")
+    expected = torch.isfinite(rows).all(1) & torch.isfinite(tree["b"]).all(1)
+    assert finite_rows(tree, 8).tolist() == expected.tolist()
+    assert expected.tolist() == [True, False, False, False, False, True, True, False]
 
 
 def _poison_train_data(exp: Experiment, clients: list[int]) -> None:

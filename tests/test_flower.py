@@ -77,7 +77,7 @@ def same_records(a: list[dict], b: list[dict], rel: float = 1e-6) -> None:
                 continue
             assert key in rb, key
             if isinstance(value, float):
-                assert rb[key] == pytest.approx(value, rel=rel, abs=1e-7), key
+                assert rb[key] == pytest.approx(value, rel=rel, abs=1e-7, nan_ok=True), key
             else:
                 assert rb[key] == value, key
 
@@ -100,6 +100,7 @@ class FakeGrid(Grid):
         self.replies: dict[str, Message] = {}
         self.duplicate = duplicate
         self.errors: list[str] = []
+        self.train_replies: list[Message] = []  # what left the nodes
 
     def set_run(self, run) -> None: ...
 
@@ -123,6 +124,8 @@ class FakeGrid(Grid):
             self.errors.append(str(err))
             reply = Message(Error(code=0, reason=str(err)), reply_to=message)
         reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id
+        if message.metadata.message_type == "train" and not reply.has_error():
+            self.train_replies.append(reply)
         return reply
 
     def push_messages(self, messages):
@@ -253,6 +256,58 @@ def test_protocol_reproduces_the_in_process_run(extra):
         if "fedkin-state" in c.state
     }
     assert have == trained
+
+
+def test_empty_dp_cohort_releases_noise_and_writes_no_state():
+    """Seed 4 samples nobody in rounds 1 and 4 (Poisson, q = 1/4): under central DP those
+    rounds still release a noised update, shaped by client 0 whose state stays unwritten."""
+    config = tiny(
+        "algorithm.name=ditto",
+        "privacy.mechanism=central",
+        "privacy.noise_multiplier=0.5",
+        "cohort.weighting=uniform",
+        "cohort.sampling=poisson",
+        "cohort.clients_per_round=1",
+        "rounds=4",
+        "eval.every=1",
+        "seed=4",
+    )
+    expected_records, expected_population = run_in_process(config)
+    server, grid = run_fake(config)
+    assert not grid.errors
+    exp = server.experiment
+    assert [exp.round_cohort(r)[1] for r in range(4)] == [True, False, False, True]
+    for a, b in zip(tree_leaves(expected_population), tree_leaves(exp.population), strict=True):
+        assert torch.equal(a, b)
+    same_records(expected_records, server.records)
+    state_of = {int(c.node_config["partition-id"]): c.state for c in grid.contexts.values()}
+    assert "fedkin-state" not in state_of[0]  # only ever a phantom
+    assert [r["clients"] for r in server.records if r["kind"] == "train"] == [0, 1, 1, 0]
+
+
+def test_local_dp_noise_is_added_on_the_nodes():
+    """Under local DP no message leaves a node un-noised (norm ≫ C), and the server's average
+    of the released messages equals the in-process run's."""
+    config = tiny(
+        "privacy.mechanism=local",
+        "privacy.noise_multiplier=0.5",
+        "privacy.clip=0.1",
+        "cohort.weighting=uniform",
+        "eval.every=1",
+    )
+    expected_records, expected_population = run_in_process(config)
+    server, grid = run_fake(config)
+    assert not grid.errors
+    for a, b in zip(
+        tree_leaves(expected_population), tree_leaves(server.experiment.population), strict=True
+    ):
+        assert torch.equal(a, b)
+    same_records(expected_records, server.records)
+    assert len(grid.train_replies) == config.rounds * config.cohort.clients_per_round
+    for reply in grid.train_replies:
+        sent = record_to_tree(reply.content["message"])
+        norm = torch.sqrt(sum(t.pow(2).sum() for t in tree_leaves(sent)))
+        assert norm > 10 * 0.1  # z·C·√d ≈ 0.05·√d for d ≈ 1.2k parameters: ≈ 1.7
 
 
 def test_duplicate_delivery_trains_once():

@@ -187,18 +187,24 @@ class Experiment:
         keys = stream.keys(round_, pool)  # k smallest keys: a uniform k-subset, O(N) per round
         return pool[torch.topk(keys, k, largest=False, sorted=False).indices].sort().values
 
+    def round_cohort(self, round_: int) -> tuple[torch.Tensor, bool]:
+        """The clients that train in a round, and whether they are a phantom.
+
+        An empty Poisson cohort under central DP still releases noise (an unchanged model
+        would reveal that nobody was sampled): one client then runs only to shape the release,
+        with weight 0 and its state not written (``phantom`` True).
+        """
+        cohort = self.sample_cohort(round_)
+        if len(cohort) == 0 and self.privacy is not None and self.privacy.central:
+            return self.training_clients[:1], True
+        return cohort, False
+
     def run_round(self) -> dict[str, Any]:
         r, cfg, ds = self.round, self.config, self.dataset
         t0 = time.perf_counter()
-        cohort = self.sample_cohort(r)
-        # An empty Poisson cohort under central DP still releases noise (an unchanged model
-        # would reveal that nobody was sampled): one client runs only to shape the release,
-        # with weight 0 and its state not written.
-        phantom = len(cohort) == 0 and self.privacy is not None and self.privacy.central
-        if len(cohort) == 0 and not phantom:
+        cohort, phantom = self.round_cohort(r)
+        if len(cohort) == 0:
             return self.finish_round(r, t0, {"clients": 0})
-        if phantom:
-            cohort = self.training_clients[:1]
         batches = ds.sample_train_batches(
             cohort, self.stream.child("batches"), r, cfg.client.local_steps, cfg.client.batch_size
         )

@@ -9,8 +9,9 @@ What crosses the wire, per round (everything else stays where it is):
 
 * server → sampled node: the population Γ (``ArrayRecord "population"``) and the round number
   (``ConfigRecord "config"``);
-* node → server: the algorithm's ``message`` tree (``ArrayRecord "message"``), its scalar
-  metrics (``ArrayRecord "metrics"``) and ``num-examples`` / ``ok`` (``MetricRecord "info"``).
+* node → server: the algorithm's ``message`` tree (``ArrayRecord "message"``; under local DP
+  already clipped and noised on the node), its scalar metrics (``ArrayRecord "metrics"``) and
+  ``num-examples`` / ``ok`` (/ ``clipped`` under local DP) (``MetricRecord "info"``).
 
 The personal state s_i (personal model, optimizer state, algorithm extras) lives only in the
 node's ``context.state`` (``ArrayRecord "fedkin-state"``) and never leaves it. Evaluation runs
@@ -20,9 +21,11 @@ own test split (held-out "new" clients first adapt from Γ, as in-process).
 The local solver is the algorithm's own ``client_update`` through the configured engine (a
 cohort of one); the server samples cohorts with the experiment's counter-based sampler,
 aggregates with the experiment's :class:`~fedkin.core.channel.Channel` (non-finite rejection,
-DP clipping/noise when ``privacy`` is enabled, weighted mean) and applies the algorithm's
-``population_update`` with the configured server optimizer. Nothing about an algorithm is
-re-implemented here, so one config gives the same population through either runtime.
+DP clipping/noise when ``privacy`` is enabled, weighted mean; under local DP each node clips
+and noises its own message before it leaves, and the server only averages) and applies the
+algorithm's ``population_update`` with the configured server optimizer. Nothing about an
+algorithm is re-implemented here, so one config gives the same population through either
+runtime.
 
 Use it in Python (``flwr.simulation.run_simulation``)::
 
@@ -308,15 +311,22 @@ class _ClientHandlers:
         state = rt.state(cid, context)
         msg, states, metrics = rt.local_update(cid, population, state, "batches", r)
         ok = bool((finite_rows(msg, 1) & finite_rows(states, 1) & finite_rows(metrics, 1))[0])
-        if ok:  # a rejected update leaves the personal state as it was (as in-process)
+        # a rejected update leaves the personal state as it was (as in-process); so does a
+        # phantom run, which only shapes the noise release of an empty DP cohort
+        if ok and not int(config.get("phantom", 0)):
             context.state[STATE_KEY] = tree_to_record(_row(states))
         context.state[ROUND_KEY] = MetricRecord({"round": r})
         n = float(rt.experiment.dataset.train_sizes[cid])
+        info = {"num-examples": n, "ok": int(ok)}
+        privacy = rt.experiment.privacy
+        if privacy is not None and privacy.config.mechanism == "local":  # noised on the device
+            msg, was_clipped = privacy.release(msg, r, torch.tensor([cid]))
+            info["clipped"] = int(was_clipped[0])
         content = RecordDict(
             {
                 "message": tree_to_record(_row(msg)),
                 "metrics": tree_to_record(_row(metrics)),
-                "info": MetricRecord({"num-examples": n, "ok": int(ok)}),
+                "info": MetricRecord(info),
             }
         )
         return Message(content, reply_to=message)
@@ -492,12 +502,12 @@ class FlowerServer:
         """A fedkin round (``Experiment.run_round``) with the cohort trained on the nodes."""
         from flwr.app import ConfigRecord, MessageType, RecordDict
 
-        from fedkin.core.channel import finite_rows
+        from fedkin.core.channel import Channel, finite_rows, reject_nonfinite
 
         exp, cfg = self.experiment, self.config
         r = exp.round
         t0 = time.perf_counter()
-        cohort = exp.sample_cohort(r)
+        cohort, phantom = exp.round_cohort(r)
         if len(cohort) == 0:
             return exp.finish_round(r, t0, {"clients": 0})
         population = tree_to_record(exp.population)
@@ -505,7 +515,9 @@ class FlowerServer:
             int(c): RecordDict(
                 {
                     "population": population,
-                    "config": ConfigRecord({"round": r, "client-id": int(c)}),
+                    "config": ConfigRecord(
+                        {"round": r, "client-id": int(c), "phantom": int(phantom)}
+                    ),
                 }
             )
             for c in cohort
@@ -518,7 +530,7 @@ class FlowerServer:
         nan_metrics = tree_map(
             lambda t: torch.full_like(t, float("nan")), record_to_tree(first["metrics"])
         )
-        messages, metrics, reported_ok, n_i = [], [], [], []
+        messages, metrics, reported_ok, n_i, clipped = [], [], [], [], []
         for c in cohort.tolist():
             reply = replies.get(c)
             if reply is None:  # dropped: zero message, zero weight (never averaged in)
@@ -526,19 +538,28 @@ class FlowerServer:
                 metrics.append(nan_metrics)
                 reported_ok.append(False)
                 n_i.append(0.0)
+                clipped.append(False)
                 continue
             messages.append(record_to_tree(reply["message"]))
             metrics.append(record_to_tree(reply["metrics"]))
             reported_ok.append(bool(reply["info"]["ok"]))
             n_i.append(float(reply["info"]["num-examples"]))
+            clipped.append(bool(reply["info"].get("clipped", 0)))
         k = len(cohort)
         messages, metrics = _stack(messages), _stack(metrics)
         ok = torch.tensor(reported_ok) & finite_rows(messages, k) & finite_rows(metrics, k)
+        if phantom:
+            ok = torch.zeros_like(ok)
         n = torch.tensor(n_i, dtype=torch.float32)
         weights = n if cfg.cohort.weighting == "samples" else torch.ones(k)
         if exp.privacy is not None:
             exp.privacy.bind_cohort(cohort, ok)
-        aggregate, channel_metrics = exp.channel(messages, weights * ok, r)
+        channel = exp.channel
+        if exp.privacy is not None and exp.privacy.config.mechanism == "local":
+            # the nodes already clipped and noised their messages (ClientApp ``train``)
+            released = exp.privacy.released_step(torch.tensor(clipped))
+            channel = Channel([reject_nonfinite, released], exp.privacy.aggregate)
+        aggregate, channel_metrics = channel(messages, weights * ok, r)
         if ok.any() or exp.privacy is not None:
             exp.population = exp.algorithm.population_update(exp.population, aggregate, exp.server)
         if not all(torch.isfinite(t).all() for t in tree_leaves(exp.population)):
@@ -550,10 +571,10 @@ class FlowerServer:
             r,
             t0,
             {
-                "clients": k,
+                "clients": 0 if phantom else k,
                 **exp.client_metric_summary(metrics, cohort, ok),
                 **channel_metrics,
-                "rejected_updates": float((~ok).sum()),
+                "rejected_updates": 0.0 if phantom else float((~ok).sum()),
                 "dropped_clients": float(k - len(replies)),
             },
         )

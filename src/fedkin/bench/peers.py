@@ -96,14 +96,14 @@ def measure_fedkin(clients: int, rounds: int, out: Path | None = None) -> dict:
     from fedkin.algorithms.base import ServerStep
     from fedkin.algorithms.fedavg import FedAvg, FedAvgConfig
     from fedkin.core.channel import Channel
-    from fedkin.engine import VectorizedEngine
+    from fedkin.engine import EngineConfig
     from fedkin.optim import sgd
 
     t0 = time.perf_counter()
     model = initial_model()
     _digits_cache()
     algorithm = FedAvg(FedAvgConfig(), model, sgd(LR), STEPS)
-    engine, channel, server = VectorizedEngine(), Channel(), ServerStep(sgd(1.0))
+    engine, channel, server = EngineConfig().build(), Channel(), ServerStep(sgd(1.0))
     population = algorithm.init_population(algorithm.initial_params())
     weights = torch.full((clients,), float(STEPS * BATCH))
     ctx = {"client_id": torch.arange(clients)}

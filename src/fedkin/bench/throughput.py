@@ -73,7 +73,7 @@ def measure(clients: int, rounds: int, loop_cap: int, seed: int = 0) -> dict:
     from fedkin.algorithms.base import ServerStep
     from fedkin.algorithms.fedavg import FedAvg, FedAvgConfig
     from fedkin.core.channel import Channel
-    from fedkin.engine import VectorizedEngine
+    from fedkin.engine import EngineConfig
     from fedkin.models import MlpConfig, build_model
     from fedkin.optim import sgd
 
@@ -83,7 +83,7 @@ def measure(clients: int, rounds: int, loop_cap: int, seed: int = 0) -> dict:
 
     # fedkin: vectorized engine + channel + server update
     algorithm = FedAvg(FedAvgConfig(), model, sgd(LR), STEPS)
-    engine, channel, server = VectorizedEngine(), Channel(), ServerStep(sgd(1.0))
+    engine, channel, server = EngineConfig().build(), Channel(), ServerStep(sgd(1.0))
     population = algorithm.init_population(
         {k: v.detach().clone() for k, v in model.named_parameters()}
     )

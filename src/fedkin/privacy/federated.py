@@ -212,17 +212,42 @@ class UserLevelDP:
         self, messages: Tree, weights: torch.Tensor, round_: int
     ) -> tuple[Tree, torch.Tensor, dict[str, Any]]:
         """Clip every accepted message to C (and, for local DP, add the client's noise)."""
-        k = len(weights)
-        clipped, norms = clip_rows(messages, k, self.clip)
-        accepted = weights > 0
-        self._unclipped = (norms <= self.clip) & accepted
-        metrics = {"clipped_fraction": float(((norms > self.clip) & accepted).sum() / max(k, 1))}
         if self.config.mechanism == "local":
-            noise = client_noise(clipped, self.stream.child("local"), round_, self._client_ids)
-            clipped = tree_map(
-                lambda m, n: m + self.noise_multiplier * self.clip * n, clipped, noise
-            )
-        return clipped, (weights > 0).to(weights.dtype), metrics
+            released, was_clipped = self.release(messages, round_, self._client_ids)
+        else:
+            released, norms = clip_rows(messages, len(weights), self.clip)
+            was_clipped = norms > self.clip
+        return self._accept(released, weights, was_clipped)
+
+    def release(
+        self, messages: Tree, round_: int, client_ids: torch.Tensor
+    ) -> tuple[Tree, torch.Tensor]:
+        """Local DP, on the clients: m̃_i = clip_C(m_i) + z·C·ξ_i, ξ_i ~ N(0, I) a function of
+        (round, leaf, client, element). Returns the released ``[K, …]`` messages and which
+        were clipped. A deployed client (the Flower adapter) runs this on its own message."""
+        clipped, norms = clip_rows(messages, len(client_ids), self.clip)
+        noise = client_noise(clipped, self.stream.child("local"), round_, client_ids)
+        sigma = self.noise_multiplier * self.clip
+        return tree_map(lambda m, n: m + sigma * n, clipped, noise), norms > self.clip
+
+    def released_step(self, was_clipped: torch.Tensor):
+        """The channel step for messages the clients already released (:meth:`release` ran on
+        each device): nothing is clipped or noised again; ``was_clipped`` [K] is the clients'
+        own report, used only for the ``clipped_fraction`` metric."""
+
+        def step(messages: Tree, weights: torch.Tensor, round_: int):
+            return self._accept(messages, weights, was_clipped)
+
+        return step
+
+    def _accept(
+        self, messages: Tree, weights: torch.Tensor, was_clipped: torch.Tensor
+    ) -> tuple[Tree, torch.Tensor, dict[str, Any]]:
+        """Unit weight for every accepted message (the clipped sum's sensitivity is C)."""
+        accepted = weights > 0
+        self._unclipped = ~was_clipped & accepted
+        fraction = float((was_clipped & accepted).sum() / max(len(weights), 1))
+        return messages, accepted.to(weights.dtype), {"clipped_fraction": fraction}
 
     def aggregate(self, messages: Tree, weights: torch.Tensor, round_: int) -> Tree:
         """Central: (Σ clipped + N(0, z_Δ²C²)) / m.  Local: mean of the received noisy messages."""
