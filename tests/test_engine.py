@@ -208,3 +208,9 @@ def test_retain_freed_memory_takes_effect_on_glibc_and_zero_is_a_no_op():
     assert retain_freed_memory(1024) is sys.platform.startswith("linux")
     with pytest.raises(ValueError, match="retain_freed_mb"):
         EngineConfig(retain_freed_mb=4096)
+
+
+def test_compile_needs_the_vectorized_engine():
+    with pytest.raises(ValueError, match=r"engine\.compile=true needs engine\.name=vectorized"):
+        EngineConfig(name="sequential", compile=True)
+    assert EngineConfig(compile=True).build().compile

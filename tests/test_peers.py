@@ -36,10 +36,11 @@ def test_measure_fedkin_reports_steady_and_startup_rates(tmp_path):
 
 def test_cli_without_flower_reports_fedkin_and_the_install_hint(cli, capsys, monkeypatch):
     monkeypatch.setattr(peers, "flower_available", lambda: False)
-    assert cli(["bench", "peers", "--clients", "3", "--rounds", "2"]) == 0
+    assert cli(["bench", "peers", "--clients", "3", "--rounds", "2", "--no-compile"]) == 0
     out = capsys.readouterr().out
     assert "fedkin" in out and "not installed (pip install 'fedkin[flower]')" in out
-    assert "reproduce with: fedkin bench peers --clients 3 --rounds 2" in out
+    assert "compiled" not in out
+    assert "reproduce with: fedkin bench peers --clients 3 --rounds 2 --no-compile" in out
 
 
 def test_cli_rejects_a_single_round(cli, capsys):
@@ -54,7 +55,9 @@ def test_json_compares_with_flower_on_the_same_rounds(cli, capsys):
     result = json.loads(capsys.readouterr().out)
     runtimes = [r["runtime"] for r in result["runs"]]
     assert runtimes[-1] == "flower" and "fedkin" in runtimes
-    assert result["max_abs_model_diff"] < 1e-4  # both ran the same FedAvg rounds
+    assert [r.get("compiled") for r in result["runs"]][-2:] == [True, None]
+    # eager, torch.compile'd and Flower runs all computed the same FedAvg rounds
+    assert result["max_abs_model_diff"] < 1e-4
     for run in result["runs"][:-1]:
         assert run["steady_speedup_vs_flower"] > 0 and run["total_speedup_vs_flower"] > 0
     assert result["command"] == "fedkin bench peers --clients 4 --rounds 2"

@@ -91,8 +91,11 @@ def _summary(clients: int, round_times: list[float], total: float) -> dict:
 # ----- fedkin -----------------------------------------------------------------------------------
 
 
-def measure_fedkin(clients: int, rounds: int, out: Path | None = None) -> dict:
-    """FedAvg rounds through the vectorized engine; the clock starts before model and data."""
+def measure_fedkin(
+    clients: int, rounds: int, out: Path | None = None, compile: bool = False
+) -> dict:
+    """FedAvg rounds through the vectorized engine; the clock starts before model and data
+    (so with ``compile`` the first round includes torch.compile's compilation)."""
     from fedkin.algorithms.base import ServerStep
     from fedkin.algorithms.fedavg import FedAvg, FedAvgConfig
     from fedkin.core.channel import Channel
@@ -103,7 +106,8 @@ def measure_fedkin(clients: int, rounds: int, out: Path | None = None) -> dict:
     model = initial_model()
     _digits_cache()
     algorithm = FedAvg(FedAvgConfig(), model, sgd(LR), STEPS)
-    engine, channel, server = EngineConfig().build(), Channel(), ServerStep(sgd(1.0))
+    engine = EngineConfig(compile=compile).build()
+    channel, server = Channel(), ServerStep(sgd(1.0))
     population = algorithm.init_population(algorithm.initial_params())
     weights = torch.full((clients,), float(STEPS * BATCH))
     ctx = {"client_id": torch.arange(clients)}
@@ -123,6 +127,7 @@ def measure_fedkin(clients: int, rounds: int, out: Path | None = None) -> dict:
     return {
         "runtime": "fedkin",
         "threads": torch.get_num_threads(),
+        "compiled": compile,
         **_summary(clients, times, last - t0),
     }
 
@@ -216,29 +221,40 @@ def flower_available() -> bool:
 
 
 def run_isolated(
-    runtime: str, clients: int, rounds: int, out: Path, timeout: float, threads: int = 0
+    runtime: str,
+    clients: int,
+    rounds: int,
+    out: Path,
+    timeout: float,
+    threads: int = 0,
+    compile: bool = False,
 ) -> dict:
     """One measurement in a fresh interpreter (its own imports, threads and memory)."""
     cmd = [sys.executable, "-m", "fedkin.bench.peers", runtime, str(clients), str(rounds), str(out)]
     proc = subprocess.run(
-        [*cmd, str(threads)], capture_output=True, text=True, timeout=timeout, check=False
+        [*cmd, str(threads), str(int(compile))],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"{runtime} run failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def compare(clients: int, rounds: int, timeout: float = 1800.0) -> dict:
-    """fedkin with 1 and with all torch threads, then Flower; ratios and the final models'
-    largest difference (the runs compute the same FedAvg rounds)."""
+def compare(clients: int, rounds: int, compile: bool = True, timeout: float = 1800.0) -> dict:
+    """fedkin with 1 and with all torch threads (eager, and compiled with all threads), then
+    Flower; ratios and the final models' largest difference (all compute the same rounds)."""
     cpus = os.cpu_count() or 1
     results: dict = {"cpus": cpus, "runs": [], "flower_installed": flower_available()}
+    variants = [(threads, False) for threads in sorted({1, cpus})] + ([(cpus, True)] * compile)
     with tempfile.TemporaryDirectory() as tmp:
         outs = []
-        for threads in sorted({1, cpus}):
-            outs.append(Path(tmp) / f"fedkin{threads}.pt")
+        for threads, compiled in variants:
+            outs.append(Path(tmp) / f"fedkin{threads}{'c' * compiled}.pt")
             results["runs"].append(
-                run_isolated("fedkin", clients, rounds, outs[-1], timeout, threads)
+                run_isolated("fedkin", clients, rounds, outs[-1], timeout, threads, compiled)
             )
         if results["flower_installed"]:
             outs.append(Path(tmp) / "flower.pt")
@@ -264,6 +280,12 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--clients", type=int, default=100, help="clients, all train each round")
     p.add_argument("--rounds", type=int, default=5, help="FedAvg rounds per runtime (default 5)")
+    p.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="skip the torch.compile'd fedkin run (its first round compiles, tens of seconds)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_peers)
 
@@ -271,7 +293,7 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
 def _label(run: dict) -> str:
     if run["runtime"] == "flower":
         return f"flower {run['workers']}x1 thr"
-    return f"fedkin {run['threads']} thr"
+    return f"fedkin {run['threads']} thr" + (" compiled" if run["compiled"] else "")
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
@@ -283,7 +305,8 @@ def cmd_peers(args: argparse.Namespace) -> int:
     if args.clients < 1 or args.rounds < 2:
         raise UserError("--clients must be ≥ 1 and --rounds ≥ 2 (round 1 is the warm-up)")
     command = f"fedkin bench peers --clients {args.clients} --rounds {args.rounds}"
-    results = compare(args.clients, args.rounds)
+    command += "" if args.compile else " --no-compile"
+    results = compare(args.clients, args.rounds, args.compile)
     if args.json:
         print(json.dumps({"command": command, **results}, indent=2))
         return 0
@@ -333,9 +356,9 @@ def cmd_peers(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     runtime, n, rounds, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
     if runtime == "fedkin":
-        threads = int(sys.argv[5]) if len(sys.argv) > 5 and int(sys.argv[5]) > 0 else 0
+        threads, compiled = int(sys.argv[5]), bool(int(sys.argv[6]))
         if threads:
             torch.set_num_threads(threads)
-        print(json.dumps(measure_fedkin(n, rounds, out)))
+        print(json.dumps(measure_fedkin(n, rounds, out, compiled)))
     else:
         print(json.dumps(measure_flower(n, rounds, out)))
