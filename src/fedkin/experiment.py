@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -30,7 +30,9 @@ from fedkin.core.tree import Tree, tree_leaves
 from fedkin.data import build_dataset
 from fedkin.data.federated import FederatedDataset
 from fedkin.models import build_model
-from fedkin.privacy.federated import UserLevelDP
+
+if TYPE_CHECKING:  # dp-accounting (and scipy) load only when a run is private
+    from fedkin.privacy.federated import UserLevelDP
 
 CHECKPOINT = "checkpoint.pt"
 #: Consecutive rounds with every client update rejected after which a run is declared diverged.
@@ -127,6 +129,8 @@ class Experiment:
         self.privacy: UserLevelDP | None = None
         self.channel = Channel()
         if config.privacy.enabled:
+            from fedkin.privacy.federated import UserLevelDP
+
             self.privacy = UserLevelDP(
                 config.privacy,
                 population=len(self.training_clients),
