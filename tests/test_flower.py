@@ -165,6 +165,21 @@ def run_fake(config, duplicate: bool = False, node_configs: list[dict] | None = 
     return server, grid
 
 
+def run_both(config):
+    """The config in-process and through the Flower protocol; asserts the population is
+    bit-identical (same cohorts, batches, engine) and the records agree. Returns the Flower
+    server and grid."""
+    expected_records, expected_population = run_in_process(config)
+    server, grid = run_fake(config)
+    assert not grid.errors
+    for a, b in zip(
+        tree_leaves(expected_population), tree_leaves(server.experiment.population), strict=True
+    ):
+        assert torch.equal(a, b)
+    same_records(expected_records, server.records)
+    return server, grid
+
+
 # ----- fast tests -------------------------------------------------------------------------------
 
 
@@ -240,14 +255,7 @@ def test_importable_apps_are_flower_apps():
 )
 def test_protocol_reproduces_the_in_process_run(extra):
     config = tiny("rounds=3", "eval.every=1", *extra)
-    expected_records, expected_population = run_in_process(config)
-    server, grid = run_fake(config)
-    assert not grid.errors
-    for a, b in zip(
-        tree_leaves(expected_population), tree_leaves(server.experiment.population), strict=True
-    ):
-        assert torch.equal(a, b)  # same cohorts, batches, engine: bit-identical
-    same_records(expected_records, server.records)
+    server, grid = run_both(config)
     # personal state lives in the context of every node that trained, and only there
     trained = {int(c) for r in range(config.rounds) for c in server.experiment.sample_cohort(r)}
     have = {
@@ -272,14 +280,9 @@ def test_empty_dp_cohort_releases_noise_and_writes_no_state():
         "eval.every=1",
         "seed=4",
     )
-    expected_records, expected_population = run_in_process(config)
-    server, grid = run_fake(config)
-    assert not grid.errors
+    server, grid = run_both(config)
     exp = server.experiment
     assert [exp.round_cohort(r)[1] for r in range(4)] == [True, False, False, True]
-    for a, b in zip(tree_leaves(expected_population), tree_leaves(exp.population), strict=True):
-        assert torch.equal(a, b)
-    same_records(expected_records, server.records)
     state_of = {int(c.node_config["partition-id"]): c.state for c in grid.contexts.values()}
     assert "fedkin-state" not in state_of[0]  # only ever a phantom
     assert [r["clients"] for r in server.records if r["kind"] == "train"] == [0, 1, 1, 0]
@@ -295,14 +298,7 @@ def test_local_dp_noise_is_added_on_the_nodes():
         "cohort.weighting=uniform",
         "eval.every=1",
     )
-    expected_records, expected_population = run_in_process(config)
-    server, grid = run_fake(config)
-    assert not grid.errors
-    for a, b in zip(
-        tree_leaves(expected_population), tree_leaves(server.experiment.population), strict=True
-    ):
-        assert torch.equal(a, b)
-    same_records(expected_records, server.records)
+    _, grid = run_both(config)
     assert len(grid.train_replies) == config.rounds * config.cohort.clients_per_round
     for reply in grid.train_replies:
         sent = record_to_tree(reply.content["message"])
