@@ -214,3 +214,14 @@ def test_compile_needs_the_vectorized_engine():
     with pytest.raises(ValueError, match=r"engine\.compile=true needs engine\.name=vectorized"):
         EngineConfig(name="sequential", compile=True)
     assert EngineConfig(compile=True).build().compile
+
+
+def test_vectorized_engine_ships_to_workers_without_compiled_code():
+    """A Ray worker receives the engine pickled: settings travel, compiled functions do not."""
+    import pickle
+
+    engine = VectorizedEngine(chunk_size=3, compile=True, retain_freed_mb=16)
+    engine._compiled[(toy, (0,))] = lambda *a: a  # unpicklable, as compiled code is
+    clone = pickle.loads(pickle.dumps(engine))
+    assert clone._compiled == {}
+    assert (clone.chunk_size, clone.compile, clone.retain_freed_mb) == (3, True, 16)

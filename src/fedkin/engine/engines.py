@@ -80,14 +80,27 @@ class VectorizedEngine:
     whole local solve of a cohort becomes one fused graph. It pays a compile (tens of seconds
     on a cold cache; again for each new cohort size) for a faster steady state; see
     ``fedkin bench peers``.
+
+    ``retain_freed_mb`` > 0 tunes the allocator of the process the engine runs in
+    (:mod:`fedkin.engine.allocator`) — on construction, and again in a Ray worker that
+    receives the engine.
     """
 
     name = "vectorized"
 
-    def __init__(self, chunk_size: int = 0, compile: bool = False) -> None:
+    def __init__(self, chunk_size: int = 0, compile: bool = False, retain_freed_mb: int = 0):
         self.chunk_size = chunk_size
         self.compile = compile
+        self.retain_freed_mb = retain_freed_mb
         self._compiled: dict[tuple[Callable[..., Any], tuple[int | None, ...]], Any] = {}
+        retain_freed_memory(retain_freed_mb)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_compiled": {}}  # compiled code stays in its own process
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        retain_freed_memory(self.retain_freed_mb)
 
     def _mapped(self, fn: Callable[..., Any], in_dims: tuple[int | None, ...]) -> Any:
         if not self.compile:
@@ -146,8 +159,9 @@ class EngineConfig(BaseModel):
     )
     retain_freed_mb: Annotated[int, Field(ge=0, le=2047)] = Field(
         1024,
-        description="MiB of freed memory glibc keeps for reuse instead of unmapping (saves "
-        "page faults on every cohort-sized tensor; 0 = leave the system allocator alone)",
+        description="vectorized engine: MiB of freed memory glibc keeps for reuse instead of "
+        "unmapping (saves page faults on every cohort-sized tensor; 0 = leave the system "
+        "allocator alone)",
     )
 
     @model_validator(mode="after")
@@ -157,7 +171,6 @@ class EngineConfig(BaseModel):
         return self
 
     def build(self) -> VectorizedEngine | SequentialEngine:
-        retain_freed_memory(self.retain_freed_mb)
         if self.name == "sequential":
             return SequentialEngine()
-        return VectorizedEngine(self.chunk_size, self.compile)
+        return VectorizedEngine(self.chunk_size, self.compile, self.retain_freed_mb)
