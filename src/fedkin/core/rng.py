@@ -17,34 +17,45 @@ _MASK32 = 0xFFFFFFFF
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 finalizer on int64 tensors holding 32-bit values."""
+    """lowbias32 finalizer on int64 tensors holding 32-bit values (in place on its own copy)."""
     x = x & _MASK32
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _MASK32
-    x = x ^ (x >> 16)
+    x ^= x >> 16
+    x.mul_(0x7FEB352D).bitwise_and_(_MASK32)
+    x ^= x >> 15
+    x.mul_(0x846CA68B).bitwise_and_(_MASK32)
+    x ^= x >> 16
     return x
 
 
-def hash_counters(seed: int, *counters: int | torch.Tensor) -> torch.Tensor:
-    """32-bit hash of ``(seed, *counters)``; tensor counters broadcast against each other."""
-    h = _mix32(torch.as_tensor(seed & _MASK32, dtype=torch.int64) ^ 0x9E3779B9)
+def _extend(h: torch.Tensor, *counters: int | torch.Tensor) -> torch.Tensor:
+    """The chain step: the hash of ``(…, *counters)`` from the hash ``h`` of ``(…)``."""
     for c in counters:
         c = torch.as_tensor(c, dtype=torch.int64)
         h = _mix32(h ^ _mix32(c + 0x632BE5AB))
     return h
 
 
+def hash_counters(seed: int, *counters: int | torch.Tensor) -> torch.Tensor:
+    """32-bit hash of ``(seed, *counters)``; tensor counters broadcast against each other."""
+    return _extend(
+        _mix32(torch.as_tensor(seed & _MASK32, dtype=torch.int64) ^ 0x9E3779B9), *counters
+    )
+
+
+def _to_uniform(h: torch.Tensor) -> torch.Tensor:
+    return (h.to(torch.float64) + 0.5) / 2.0**32
+
+
 def uniform(seed: int, *counters: int | torch.Tensor) -> torch.Tensor:
     """Uniform(0, 1) float64 draws, one per broadcast element of the counters (never exactly 0)."""
-    return (hash_counters(seed, *counters).to(torch.float64) + 0.5) / 2.0**32
+    return _to_uniform(hash_counters(seed, *counters))
 
 
 def normal(seed: int, *counters: int | torch.Tensor) -> torch.Tensor:
-    """Standard normal float64 draws via Box–Muller on two independent uniform streams."""
-    u1 = uniform(seed, *counters, 0)
-    u2 = uniform(seed, *counters, 1)
+    """Standard normal float64 draws via Box–Muller on the uniforms of ``(*counters, 0)`` and
+    ``(*counters, 1)`` (the shared prefix is hashed once)."""
+    h = hash_counters(seed, *counters)
+    u1, u2 = _to_uniform(_extend(h, 0)), _to_uniform(_extend(h, 1))
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)
 
 
