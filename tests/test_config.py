@@ -156,6 +156,9 @@ def test_unknown_variant_name_lists_allowed_names():
     assert "data.name" in msg and "digits" in msg and "synthetic" in msg
     msg = _error("model.name=resnet")
     assert "model.name" in msg and all(n in msg for n in ("logreg", "mlp", "cnn"))
+    msg = _error("backend.name=flwr")
+    assert "backend.name" in msg and all(n in msg for n in ("local", "ray", "flower"))
+    assert "backend.client_cpus" in _error("backend.name=flower", "backend.client_cpus=0")
 
 
 @pytest.mark.parametrize(
@@ -168,6 +171,7 @@ def test_unknown_variant_name_lists_allowed_names():
         ("cohort.weighting=median", "cohort.weighting"),
         ("engine.name=gpu", "engine.name"),
         ("engine.chunk_size=-2", "engine.chunk_size"),
+        ("engine.retain_freed_mb=4096", "engine.retain_freed_mb"),
         ("client.local_steps=1.5", "client.local_steps"),
         ("name=has space", "name"),
     ],

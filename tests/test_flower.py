@@ -350,28 +350,26 @@ def test_run_dir_gets_config_metrics_summary_and_population(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_simulation_reaches_the_in_process_result(tmp_path):
-    """``flwr.simulation.run_simulation`` with the generated apps, 4 virtual SuperNodes."""
-    from flwr.simulation import run_simulation
+def test_fedkin_run_on_flower_reaches_the_in_process_result(cli, tmp_path, capsys):
+    """``fedkin run backend.name=flower``: Flower's Simulation Runtime with 4 virtual
+    SuperNodes gives the in-process records and population; resuming is refused clearly."""
+    from fedkin.tracking import read_records
 
-    config = tiny("algorithm.name=ditto", "cohort.clients_per_round=3", "eval.every=1")
-    expected_records, expected_population = run_in_process(config)
-    server_app, client_app = make_apps(config, run_dir=tmp_path, round_timeout=300)
-    run_simulation(
-        server_app,
-        client_app,
-        num_supernodes=config.data.num_clients,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-    )
-    server = server_app.fedkin_server
-    for a, b in zip(
-        tree_leaves(expected_population), tree_leaves(server.experiment.population), strict=True
-    ):
+    overrides = [*TINY, "algorithm.name=ditto", "cohort.clients_per_round=3", "eval.every=1"]
+    expected_records, expected_population = run_in_process(load_config(None, overrides))
+    out = tmp_path / "flower-run"
+    assert cli(["run", *overrides, "backend.name=flower", "--out", str(out), "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    same_records(expected_records, read_records(out))
+    population = torch.load(out / "population.pt")["population"]
+    for a, b in zip(tree_leaves(expected_population), tree_leaves(population), strict=True):
         assert torch.equal(a, b)
-    same_records(expected_records, server.records)
-    assert server.summary["personal_acc_mean"] == pytest.approx(
+    assert summary["runtime"] == "flower"
+    assert summary["personal_acc_mean"] == pytest.approx(
         expected_records[-1]["personal_acc_mean"], abs=1e-6
     )
+    assert cli(["run", "--resume", str(out)]) == 2
+    assert "runs on Flower (backend.name=flower) cannot be resumed" in capsys.readouterr().err
 
 
 # ----- a real deployment on loopback with TLS ----------------------------------------------------

@@ -45,7 +45,12 @@ def new_run(config: ExperimentConfig, run_dir: Path) -> Experiment:
 def resume_run(run_dir: Path) -> Experiment:
     """The experiment of ``run_dir`` restored to its last checkpoint (later records dropped)."""
     if not (run_dir / CHECKPOINT).exists():
-        raise UserError(f"{run_dir} has no {CHECKPOINT}; nothing to resume")
+        config_path = run_dir / "config.yaml"
+        flower = config_path.exists() and load_config(config_path).backend.name == "flower"
+        raise UserError(
+            f"{run_dir} has no {CHECKPOINT}; nothing to resume"
+            + ("; runs on Flower (backend.name=flower) cannot be resumed" if flower else "")
+        )
     experiment = Experiment(load_config(run_dir / "config.yaml"), run_dir)
     experiment.load_checkpoint(run_dir)
     truncate_records(run_dir, experiment.round)

@@ -3,9 +3,13 @@
 * ``local`` (default) — in this process, on the configured engine.
 * ``ray`` — the cohort is sharded across Ray workers, each running the vectorized engine on
   its shard (``pip install fedkin[ray]``); see :mod:`fedkin.backends.ray_backend`.
+* ``flower`` — ``fedkin run`` hands the whole experiment to Flower's Simulation Runtime: one
+  virtual SuperNode per client, fedkin's ServerApp and ClientApp (``pip install
+  fedkin[flower]``); see :mod:`fedkin.backends.flower_app`.
 
-A backend wraps an engine and exposes the same ``map(fn, args, in_dims)``; the experiment loop
-does not know which one it runs on.
+A local or Ray backend wraps an engine and exposes the same ``map(fn, args, in_dims)``; the
+experiment loop does not know which one it runs on. Under Flower each node runs its cohort of
+one on the configured engine.
 """
 
 from __future__ import annotations
@@ -47,5 +51,20 @@ class RayBackendConfig(BaseModel):
         return RayEngine(engine, self)
 
 
-BackendConfig = Annotated[LocalBackendConfig | RayBackendConfig, Field(discriminator="name")]
-BACKENDS = {"local": LocalBackendConfig, "ray": RayBackendConfig}
+class FlowerBackendConfig(BaseModel):
+    """Run the experiment on Flower's Simulation Runtime (needs the `flower` extra)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["flower"] = "flower"
+    client_cpus: float = Field(
+        1.0, gt=0, description="CPUs reserved per ClientApp actor (Flower/Ray resources)"
+    )
+
+    def wrap(self, engine):
+        return engine  # each node trains its own client on the configured engine
+
+
+BackendConfig = Annotated[
+    LocalBackendConfig | RayBackendConfig | FlowerBackendConfig, Field(discriminator="name")
+]
+BACKENDS = {"local": LocalBackendConfig, "ray": RayBackendConfig, "flower": FlowerBackendConfig}

@@ -66,6 +66,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         path, overrides = split_items(args.items)
         config = load_config(path, overrides)
         run_dir = args.out or default_run_dir(config.name)
+        if config.backend.name == "flower":
+            return run_on_flower(config, run_dir, args.quiet)
         experiment = new_run(config, run_dir)
     try:
         summary = execute(experiment, run_dir, progress=not args.quiet)
@@ -89,4 +91,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             "metrics.png)",
             file=sys.stderr,
         )
+    return 0
+
+
+def run_on_flower(config, run_dir: Path, quiet: bool) -> int:
+    """``backend.name=flower``: the experiment on Flower's Simulation Runtime, one SuperNode per
+    client; the run directory gets config.yaml, metrics.jsonl, summary.json and population.pt."""
+    from fedkin.backends.flower_app import run_simulation
+
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"{run_dir} is not empty; choose a new --out for a Flower run")
+    server = run_simulation(config, run_dir, client_cpus=config.backend.client_cpus)
+    summary = {k: v for k, v in server.summary.items() if not k.endswith("_by_client")}
+    print(json.dumps(summary) if quiet else f"written: {run_dir}/ {json.dumps(summary)}")
     return 0
