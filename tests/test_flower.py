@@ -200,7 +200,7 @@ def test_tree_record_roundtrip_keeps_structure_dtypes_and_shapes():
         tree_to_record({"a/b": torch.zeros(1)})
 
 
-def test_without_flwr_the_adapter_names_the_extra(monkeypatch):
+def test_without_flwr_the_adapter_names_the_extra(monkeypatch, cli, tmp_path, capsys):
     monkeypatch.delitem(vars(flower_app), "client_app", raising=False)  # built lazily
     monkeypatch.setitem(sys.modules, "flwr.clientapp", None)
     for use in (
@@ -210,7 +210,10 @@ def test_without_flwr_the_adapter_names_the_extra(monkeypatch):
     ):
         with pytest.raises(FlowerNotInstalledError, match=r"pip install 'fedkin\[flower\]'"):
             use()
-    assert issubclass(FlowerNotInstalledError, UserError)  # the CLI prints one line, exit 2
+    assert cli(["run", *TINY, "backend.name=flower", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'fedkin[flower]'" in err[0]
+    assert issubclass(FlowerNotInstalledError, UserError)
 
 
 def test_run_config_names_the_experiment(tmp_path):
