@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedkin.algorithms import ALGORITHMS
 from fedkin.config import load_config
 from fedkin.core.errors import UserError
 from fedkin.core.tree import tree_leaves
@@ -267,6 +268,14 @@ def test_protocol_reproduces_the_in_process_run(extra):
         if "fedkin-state" in c.state
     }
     assert have == trained
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_every_algorithm_runs_through_the_protocol(algorithm):
+    """Each algorithm as a Flower app: bit-identical to its in-process run (2 rounds, holdout
+    clients so new-client evaluation crosses the wire too)."""
+    holdout = ("eval.holdout_clients=0.25", "cohort.clients_per_round=3")
+    run_both(tiny(f"algorithm.name={algorithm}", "eval.every=1", *holdout))
 
 
 def test_empty_dp_cohort_releases_noise_and_writes_no_state():

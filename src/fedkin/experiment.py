@@ -419,47 +419,59 @@ class Experiment:
     def _prepare_states(
         self, group: ClientGroup, clients: torch.Tensor, fresh: bool, chunk: int = 1024
     ) -> StackedStates:
-        alg, cfg = group.algorithm, self.config
-        parts = []
-        for start in range(0, len(clients), chunk):
-            ids = clients[start : start + chunk]
-            ctx = {
-                "client_id": ids,
-                "num_samples": self.dataset.train_sizes[ids].to(torch.float32),
-                "round": torch.full_like(ids, self.round),
-            }
-
-            def batches(name: str, ids=ids):
-                return self.dataset.sample_train_batches(
-                    ids,
-                    self.stream.child(name),
-                    self.round,
-                    cfg.client.local_steps,
-                    cfg.client.batch_size,
-                )
-
-            if fresh:
-                template = MemoryStore(alg.init_client(self.population), len(ids))
-                _, states, _ = self.engine.map(
-                    alg.client_update,
-                    (
-                        self.population,
-                        template.gather(torch.arange(len(ids))),
-                        batches("adapt"),
-                        ctx,
-                    ),
-                    (None, 0, 1, 0),
-                )
-            else:
-                states = group.store.gather(group.rows(ids))
-            if self._adapts(alg):
-                states = self.engine.map(
-                    alg.adapt,
-                    (self.population, states, batches("adapt-eval"), ctx),
-                    (None, 0, 1, 0),
-                )
-            parts.append(states)
+        parts = [
+            self.eval_states(
+                group.algorithm,
+                ids,
+                self.population,
+                self.round,
+                None if fresh else group.store.gather(group.rows(ids)),
+            )
+            for ids in clients.split(chunk)
+        ]
         return StackedStates(_cat(parts) if parts else {})
+
+    def eval_states(
+        self,
+        algorithm: Algorithm,
+        clients: torch.Tensor,
+        population: Tree,
+        round_: int,
+        states: Tree | None = None,
+    ) -> Tree:
+        """The stacked states whose personal models are evaluated for ``clients``: their stored
+        ``states``, or (None, held-out clients) a fresh ``init_client`` state after one
+        ``client_update`` from Γ; then ``adapt``, if the algorithm has one. Batches are
+        counter-based in (round, client), so a Flower node evaluating its own client computes
+        exactly the in-process numbers."""
+        cfg = self.config
+        ctx = {
+            "client_id": clients,
+            "num_samples": self.dataset.train_sizes[clients].to(torch.float32),
+            "round": torch.full_like(clients, round_),
+        }
+
+        def batches(name: str):
+            return self.dataset.sample_train_batches(
+                clients,
+                self.stream.child(name),
+                round_,
+                cfg.client.local_steps,
+                cfg.client.batch_size,
+            )
+
+        if states is None:
+            template = MemoryStore(algorithm.init_client(population), len(clients))
+            _, states, _ = self.engine.map(
+                algorithm.client_update,
+                (population, template.gather(torch.arange(len(clients))), batches("adapt"), ctx),
+                (None, 0, 1, 0),
+            )
+        if self._adapts(algorithm):
+            states = self.engine.map(
+                algorithm.adapt, (population, states, batches("adapt-eval"), ctx), (None, 0, 1, 0)
+            )
+        return states
 
     # ----- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -335,7 +335,7 @@ class _ClientHandlers:
         from flwr.app import Message, MetricRecord, RecordDict
 
         from fedkin.core.evaluate import evaluate_personal
-        from fedkin.core.store import MemoryStore
+        from fedkin.core.store import StackedStates
 
         rt = self._runtime(context)
         cid = rt.client_id(context)
@@ -350,21 +350,13 @@ class _ClientHandlers:
             losses = torch.nn.functional.cross_entropy(logits, y, reduction="none")
             out["global-loss"] = float(losses.to(torch.float64).sum())
         if bool(config["personal"]):
-            if bool(config["adapt"]):  # held-out client: one local run from Γ, not kept
-                alg = rt.algorithm(cid)
-                _, states, _ = rt.local_update(
-                    cid, population, alg.init_client(population), "adapt", int(config["round"])
-                )
-                state = _row(states)
-            else:
-                state = rt.state(cid, context)
+            # held-out ("adapt") client: one local run from Γ, not kept; then, as in-process,
+            # the algorithm's adaptation
+            alg, ids = rt.algorithm(cid), torch.tensor([cid])
+            stored = None if bool(config["adapt"]) else _batch1(rt.state(cid, context))
+            states = rt.experiment.eval_states(alg, ids, population, int(config["round"]), stored)
             correct, loss = evaluate_personal(
-                rt.algorithm(cid),
-                rt.engine,
-                population,
-                MemoryStore(state, 1),
-                rt.experiment.dataset,
-                torch.tensor([cid]),
+                alg, rt.engine, population, StackedStates(states), rt.experiment.dataset, ids
             )
             out["personal-correct"], out["personal-loss"] = float(correct[0]), float(loss[0])
 
