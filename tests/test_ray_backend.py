@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import drop_timings, tiny, tiny_config
+from fedkin.algorithms import ALGORITHMS
 from fedkin.core.errors import ConfigError
 from fedkin.experiment import Experiment
 
@@ -116,6 +117,15 @@ def test_ray_equals_local_for_a_stateful_algorithm(ray_instance, local_reference
     assert all(r["dropped_clients"] == 0 for r in got if r["kind"] == "train")
     assert_same_state(e, local)
     assert e.engine.workers == 2 and len(set(e.engine.worker_pids())) == 2
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_every_algorithm_on_ray_equals_local(ray_instance, algorithm):
+    """Training and evaluation (held-out clients and ``adapt`` included) through 2 workers."""
+    overrides = (f"algorithm.name={algorithm}", "rounds=2", "eval.holdout_clients=0.2")
+    local, on_ray = Experiment(tiny_config(*overrides)), Experiment(tiny_config(*overrides, *RAY))
+    assert_records_close(run(on_ray, 2), run(local, 2))
+    torch.testing.assert_close(on_ray.population, local.population)
 
 
 def test_the_client_function_is_shipped_once_per_experiment(ray_instance):
