@@ -6,8 +6,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedkin.core.errors import RunFailure, UserError
+
+if TYPE_CHECKING:
+    from fedkin.config import ExperimentConfig
 
 EPILOG = """examples:
   fedkin run                                   the built-in default (digits, 100 clients, FedAvg)
@@ -94,7 +98,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_on_flower(config, run_dir: Path, quiet: bool) -> int:
+def run_on_flower(config: ExperimentConfig, run_dir: Path, quiet: bool) -> int:
     """``backend.name=flower``: the experiment on Flower's Simulation Runtime, one SuperNode per
     client; the run directory gets config.yaml, metrics.jsonl, summary.json and population.pt."""
     from fedkin.backends.flower_app import run_simulation
