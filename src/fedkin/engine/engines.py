@@ -154,8 +154,8 @@ class EngineConfig(BaseModel):
     )
     compile: bool = Field(
         False,
-        description="vectorized engine: torch.compile the mapped client function (a one-off "
-        "compile per cohort size for a faster steady state)",
+        description="vectorized engine: torch.compile the mapped client function (compiles "
+        "once per cohort shape, tens of seconds each; for long runs with steady cohorts)",
     )
     retain_freed_mb: Annotated[int, Field(ge=0, le=2047)] = Field(
         1024,
