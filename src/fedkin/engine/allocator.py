@@ -4,7 +4,7 @@ A vectorized round allocates and frees cohort-sized tensors (tens of MB: activat
 per-client gradients, parameters) at every local step. glibc ``malloc`` serves blocks above
 ``M_MMAP_THRESHOLD`` (128 KiB, adapting up to 32 MiB) with fresh ``mmap`` pages and unmaps them
 on ``free``, so every step pays page faults and kernel page zeroing: on the throughput workload
-of ``fedkin bench throughput`` rounds took 1.3–1.6x longer without this. Raising
+of ``fedkin bench throughput`` rounds took 1.2–1.5x longer without this. Raising
 ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` to ``limit`` bytes makes malloc keep up to
 ``limit`` bytes of freed memory for reuse. It is the effect the PyTorch CPU tuning guide gets
 by preloading jemalloc/tcmalloc, through glibc's own ``mallopt`` and without ``LD_PRELOAD``.
