@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from fedkin.display import print_table
+
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 PLOT = "metrics.png"
@@ -149,7 +151,7 @@ class ConsoleTracker:
 
     def finish(self, summary: dict[str, Any]) -> None:
         self.progress.stop()
-        self.console.print(summary_table(summary))
+        print_table(summary_table(summary), self.console)
 
     def abort(self) -> None:
         self.progress.stop()

@@ -301,6 +301,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from fedkin.core.errors import UserError
+    from fedkin.display import print_table
 
     if args.clients < 1 or args.rounds < 2:
         raise UserError("--clients must be ≥ 1 and --rounds ≥ 2 (round 1 is the warm-up)")
@@ -332,7 +333,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
             speedup,
         )
     console = Console()
-    console.print(table)
+    print_table(table, console)
     if not results["flower_installed"]:
         console.print(
             "Flower was not measured: it is not installed (pip install 'fedkin[flower]')",

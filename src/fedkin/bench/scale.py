@@ -365,6 +365,8 @@ def print_table(results: list[dict], algorithm: str, command: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from fedkin.display import print_table
+
     table = Table(
         title=f"{algorithm} at scale (digits draws, MLP 64-{HIDDEN}-10, {STEPS} steps x batch "
         f"{BATCH}, disk store, checkpoint every round)"
@@ -401,7 +403,7 @@ def print_table(results: list[dict], algorithm: str, command: str) -> None:
             _mb(r["dense_store_bytes"]),
         )
     console = Console()
-    console.print(table)
+    print_table(table, console)
     console.print(
         f"state per client {results[0]['state_bytes_per_client']:,} bytes; "
         f"threads={results[0]['threads']}; medians over timed rounds; s/round includes the "

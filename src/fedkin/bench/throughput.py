@@ -30,6 +30,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from fedkin.display import print_table
+
 STEPS, BATCH, LR, HIDDEN = 5, 16, 0.1, 128
 
 
@@ -220,7 +222,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
             f"{r['peak_rss_mb']:.0f}",
         )
     console = Console()
-    console.print(table)
+    print_table(table, console)
     console.print(f"threads={results[0]['threads']}; reproduce with: {command}")
     return 0
 

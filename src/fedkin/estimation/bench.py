@@ -26,6 +26,7 @@ from rich.table import Table
 
 from fedkin.core.errors import ConfigError
 from fedkin.core.rng import Stream
+from fedkin.display import print_table
 from fedkin.estimation.api import estimate
 from fedkin.estimation.private import PrivacyConfig
 from fedkin.estimation.simulate import (
@@ -274,7 +275,7 @@ def run_bench(spec: BenchSpec, console: Console | None = None) -> int:
         "clip range [-10, 10]."
     )
     rows = measure(spec)
-    console.print(table(spec, rows))
+    print_table(table(spec, rows), console)
     console.print(FORMULAS)
     paths = write_plots(spec, console) if spec.plots else []
     for path in paths:

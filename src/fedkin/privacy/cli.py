@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from rich.console import Console
 from rich.table import Table
+
+from fedkin.display import print_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -64,5 +65,5 @@ def cmd_privacy(args: argparse.Namespace) -> int:
         for kind in ("pld", "rdp"):
             z = calibrate_noise_multiplier(args.epsilon, args.delta, args.q, args.rounds, kind)
             table.add_row(kind, f"{z:.6g}")
-    Console().print(table)
+    print_table(table)
     return 0
