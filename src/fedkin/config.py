@@ -82,6 +82,12 @@ class CheckpointConfig(_Section):
 class ClientModelGroup(_Section):
     model: ModelConfig = Field(description="architecture of this group's personal models")
     fraction: float = Field(gt=0, le=1, description="share of the clients in this group")
+    centers: int | None = Field(
+        None,
+        ge=2,
+        description="quantization centers M of this group's personal models, for quantizing "
+        "algorithms (qupel, quped): 2 = 1-bit, 4 = 2-bit; None = full precision",
+    )
 
 
 class CompareSection(_Section):
@@ -159,6 +165,22 @@ class ExperimentConfig(_Section):
                     f"algorithm.name={self.algorithm.name} needs one architecture for all clients; "
                     f"client_models works with: {allowed}"
                 )
+            quantizing = "centers" in algorithm.Config.model_fields
+            for i, group in enumerate(self.client_models):
+                if group.centers is not None and not quantizing:
+                    allowed = ", ".join(
+                        n for n, a in ALGORITHMS.items() if "centers" in a.Config.model_fields
+                    )
+                    raise ValueError(
+                        f"client_models.{i}.centers: algorithm.name={self.algorithm.name} does "
+                        f"not quantize; centers work with: {allowed}"
+                    )
+                if algorithm.personal_shape_is_global and group.model != self.model:
+                    raise ValueError(
+                        f"client_models.{i}.model must equal model for algorithm.name="
+                        f"{self.algorithm.name} (its prior compares personal and global "
+                        "parameters); give groups other centers, not other architectures"
+                    )
         return self
 
 

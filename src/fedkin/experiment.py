@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from fedkin.algorithms import ALGORITHMS, Algorithm, ServerStep
-from fedkin.config import ExperimentConfig, holdout_count
+from fedkin.config import ClientModelGroup, ExperimentConfig, holdout_count
 from fedkin.core.channel import Channel, finite_rows, reject_nonfinite
 from fedkin.core.errors import NonFiniteModelError
 from fedkin.core.evaluate import evaluate_global, evaluate_personal, summarize
@@ -107,7 +107,9 @@ class Experiment:
         self.groups = self._build_groups()
         self.algorithm: Algorithm = self.groups[0].algorithm
         self.model = self.algorithm.model
-        self.population: Tree = self.algorithm.init_population(self.algorithm.initial_params())
+        self.population: Tree = self.algorithm.init_population(
+            self.algorithm.initial_global_params()
+        )
         for g, group in enumerate(self.groups):
             group.store = make_store(
                 config.store,
@@ -151,20 +153,30 @@ class Experiment:
         self._dead_rounds = 0  # consecutive rounds in which every client update was rejected
 
     def _build_groups(self) -> list[ClientGroup]:
-        """One group per personal architecture; clients are assigned by a seeded permutation."""
+        """One group per personal architecture (and precision); clients are assigned by a seeded
+        permutation. Every group's algorithm shares one population (global) model, built from
+        ``model``; a group's ``centers`` overrides ``algorithm.centers``."""
         cfg, ds = self.config, self.dataset
         n = ds.num_clients
-        specs = [(g.model, g.fraction) for g in cfg.client_models] or [(cfg.model, 1.0)]
+        specs = cfg.client_models or [ClientModelGroup(model=cfg.model, fraction=1.0)]
         order = torch.argsort(self.stream.child("model-groups").keys(torch.arange(n)))
-        bounds = [round(n * sum(f for _, f in specs[: g + 1])) for g in range(len(specs))]
+        bounds = [round(n * sum(s.fraction for s in specs[: g + 1])) for g in range(len(specs))]
+        global_model = build_model(
+            cfg.model, ds.feature_shape, ds.image_shape, ds.num_classes, cfg.seed
+        )
+        global_model.requires_grad_(False)
         groups, start = [], 0
-        for g, ((model_cfg, _), stop) in enumerate(zip(specs, bounds, strict=True)):
+        for g, (spec, stop) in enumerate(zip(specs, bounds, strict=True)):
             seed = cfg.seed if g == 0 else cfg.seed + 7919 * g
-            model = build_model(model_cfg, ds.feature_shape, ds.image_shape, ds.num_classes, seed)
+            model = build_model(spec.model, ds.feature_shape, ds.image_shape, ds.num_classes, seed)
             model.requires_grad_(False)
+            alg_cfg = cfg.algorithm
+            if cfg.client_models and "centers" in type(alg_cfg).model_fields:
+                alg_cfg = alg_cfg.model_copy(update={"centers": spec.centers})
             algorithm = ALGORITHMS[cfg.algorithm.name](
-                cfg.algorithm, model, cfg.client.optimizer.build(), cfg.client.local_steps
+                alg_cfg, model, cfg.client.optimizer.build(), cfg.client.local_steps
             )
+            algorithm.global_model = global_model
             members = order[start:stop].sort().values
             groups.append(ClientGroup(algorithm, members, store=None))  # type: ignore[arg-type]
             start = stop

@@ -15,6 +15,8 @@ from fedkin.algorithms.l2gd import L2gd
 from fedkin.algorithms.local import Local
 from fedkin.algorithms.perfedavg import PerFedAvg
 from fedkin.algorithms.pfedme import PFedMe
+from fedkin.algorithms.quped import QuPeD
+from fedkin.algorithms.qupel import QuPeL
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
     cls.name: cls
@@ -33,6 +35,8 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
         FedRep,
         FedPer,
         Fml,
+        QuPeL,
+        QuPeD,
     )
 }
 

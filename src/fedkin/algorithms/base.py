@@ -68,6 +68,9 @@ class Algorithm(ABC):
     #: the engine then runs one vectorized group per architecture. Requires that messages do
     #: not depend on the personal architecture.
     supports_model_groups: ClassVar[bool] = False
+    #: True if, with ``client_models``, every group must keep the global architecture (the prior
+    #: compares personal and global parameters, e.g. QuPeL); groups then differ in precision only.
+    personal_shape_is_global: ClassVar[bool] = False
     #: Names of scalar metrics from ``client_update`` to log per client id (e.g. AdaPeD's ψ);
     #: every metric is also logged as its mean over the cohort's accepted clients.
     per_client_metrics: ClassVar[tuple[str, ...]] = ()
@@ -80,6 +83,9 @@ class Algorithm(ABC):
     ) -> None:
         self.config = config
         self.model = model
+        #: the population model's architecture; differs from ``model`` (the personal one) only in
+        #: a ``client_models`` group whose personal architecture is not ``model``
+        self.global_model = model
         self.client_optimizer = client_optimizer
         self.local_steps = local_steps
         self.dp_sgd: DpSgdConfig | None = None  # see enable_dp_sgd
@@ -95,8 +101,16 @@ class Algorithm(ABC):
         """This instance's model parameters at initialization (its group's architecture)."""
         return {k: v.detach().clone() for k, v in self.model.named_parameters()}
 
+    def initial_global_params(self) -> Tree:
+        """The population model's parameters at initialization."""
+        return {k: v.detach().clone() for k, v in self.global_model.named_parameters()}
+
     def logits(self, params: Tree, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, params, (x,))
+
+    def global_logits(self, params: Tree, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the population model (``global_model``'s architecture)."""
+        return functional_call(self.global_model, params, (x,))
 
     def data_loss(self, params: Tree, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """L_i(θ; batch): mean cross-entropy −log p(y | x, θ)."""

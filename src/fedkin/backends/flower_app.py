@@ -345,7 +345,7 @@ class _ClientHandlers:
         out = {"test-count": float(len(y))}
         if bool(config["global"]):
             with torch.no_grad():
-                logits = rt.experiment.algorithm.logits(population["global"], x)
+                logits = rt.experiment.algorithm.global_logits(population["global"], x)
             out["global-correct"] = float((logits.argmax(-1) == y).to(torch.float64).sum())
             losses = torch.nn.functional.cross_entropy(logits, y, reduction="none")
             out["global-loss"] = float(losses.to(torch.float64).sum())

@@ -46,7 +46,7 @@ def evaluate_global(
     loss_sum = torch.zeros(dataset.num_clients, dtype=torch.float64)
     for start in range(0, len(index), chunk):
         idx, who = index[start : start + chunk], owner[start : start + chunk]
-        logits = algorithm.logits(params, dataset.x[idx])
+        logits = algorithm.global_logits(params, dataset.x[idx])
         y = dataset.y[idx]
         correct.index_add_(0, who, (logits.argmax(-1) == y).to(torch.float64))
         loss_sum.index_add_(0, who, F.cross_entropy(logits, y, reduction="none").to(torch.float64))

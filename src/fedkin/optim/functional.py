@@ -19,6 +19,9 @@ from fedkin.core.tree import Tree, tree_map, tree_zeros_like
 class Optimizer(NamedTuple):
     init: Callable[[Tree], Tree]
     update: Callable[[Tree, Tree, Tree], tuple[Tree, Tree]]
+    #: step size η (None if the optimizer has no single one); proximal steps taken after the
+    #: optimizer's step use it as their η (e.g. ``core.quantize.prox_optimizer``)
+    lr: float | None = None
 
 
 def sgd(lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> Optimizer:
@@ -35,7 +38,7 @@ def sgd(lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> Optimize
             return tree_map(lambda p, d: p.add(d, alpha=-lr), params, m), {"m": m}
         return tree_map(lambda p, g: p.add(g, alpha=-lr), params, grads), state
 
-    return Optimizer(init, update)
+    return Optimizer(init, update, lr)
 
 
 def adam(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Optimizer:
@@ -56,7 +59,7 @@ def adam(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Op
         new = tree_map(lambda p, m, v: p - lr * (m / c1) / ((v / c2).sqrt() + eps), params, m, v)
         return new, {"m": m, "v": v, "t": t}
 
-    return Optimizer(init, update)
+    return Optimizer(init, update, lr)
 
 
 class SgdConfig(BaseModel):
