@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
+import types
 from typing import Any
 
 import pytest
@@ -49,3 +53,22 @@ def cli():
     from fedkin.cli.main import main
 
     return main
+
+
+@pytest.fixture(scope="session")
+def byzfl():
+    """ByzFL's aggregators and attacks (the test oracle for ``fedkin.channel``), imported without
+    its package ``__init__``, which pulls in its benchmark framework and so torchvision; these
+    modules need only numpy, scipy and torch. scripts/setup.sh installs byzfl."""
+    spec = importlib.util.find_spec("byzfl")
+    if spec is None:
+        pytest.skip("byzfl is not installed (scripts/setup.sh installs it)")
+    if "byzfl" not in sys.modules:
+        pkg = types.ModuleType("byzfl")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        sys.modules["byzfl"] = pkg
+    names: dict[str, Any] = {}
+    for module in ("byzfl.aggregators", "byzfl.attacks"):
+        mod = importlib.import_module(module)
+        names.update({k: v for k, v in vars(mod).items() if not k.startswith("_")})
+    return types.SimpleNamespace(**names)
