@@ -50,6 +50,6 @@ def unflatten(flat: torch.Tensor, spec: TreeSpec) -> Tree:
         node = out
         for key in path[:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = flat[..., start : start + n].reshape(*batch, *shape)
+        node[path[-1]] = flat[..., start : start + n].reshape((*batch, *shape))
         start += n
     return out
