@@ -8,3 +8,5 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
 .venv/bin/python -m pip install --quiet -e ".[test,ray,flower]"
+# ByzFL, the robust-aggregation test oracle: its aggregators need only numpy/scipy/torch.
+.venv/bin/python -m pip install --quiet --no-deps "byzfl==0.0.11"

@@ -1,9 +1,28 @@
 """The channel's building blocks: aggregation rules, compressors and attacks.
 
-Each entry is a pydantic config (``name`` plus described options) with a ``build`` method,
-registered by name like algorithms and optimizers and listed by ``fedkin list``.
+Each entry is a pydantic config (``name`` plus described options) with a ``build(seed)``
+method, registered by name like algorithms and optimizers and listed by ``fedkin list``.
 """
 
-from fedkin.channel.aggregators import AGGREGATORS, PREAGGREGATORS, AggregatorConfig
+from fedkin.channel.aggregators import (
+    AGGREGATORS,
+    PREAGGREGATORS,
+    Aggregator,
+    AggregatorConfig,
+)
+from fedkin.channel.attacks import ATTACKS, Attack, AttackConfig, byzantine_clients
+from fedkin.channel.compressors import COMPRESSORS, Compressor, CompressorConfig
 
-__all__ = ["AGGREGATORS", "PREAGGREGATORS", "AggregatorConfig"]
+__all__ = [
+    "AGGREGATORS",
+    "ATTACKS",
+    "COMPRESSORS",
+    "PREAGGREGATORS",
+    "Aggregator",
+    "AggregatorConfig",
+    "Attack",
+    "AttackConfig",
+    "Compressor",
+    "CompressorConfig",
+    "byzantine_clients",
+]

@@ -1,0 +1,33 @@
+"""`fedkin list aggregators|preaggregators|compressors|attacks`."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedkin.channel import AGGREGATORS, ATTACKS, COMPRESSORS, PREAGGREGATORS
+
+
+@pytest.mark.parametrize(
+    ("kind", "registry", "option"),
+    [
+        ("aggregators", AGGREGATORS, "f = 1: declared Byzantine messages"),
+        ("preaggregators", PREAGGREGATORS, "s = 2: bucket size"),
+        ("compressors", COMPRESSORS, "density = 0.01: fraction of coordinates kept"),
+        ("attacks", ATTACKS, "tau = 0.1: factor"),
+    ],
+)
+def test_list_channel_kind(cli, capsys, monkeypatch, kind, registry, option):
+    monkeypatch.setenv("COLUMNS", "250")
+    assert cli(["list", kind]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in registry)
+    assert option in out
+    assert "algorithms (config key" not in out
+
+
+def test_every_entry_documents_every_option():
+    for registry in (AGGREGATORS, PREAGGREGATORS, COMPRESSORS, ATTACKS):
+        for name, cls in registry.items():
+            assert cls.__doc__, name
+            for key, field in cls.model_fields.items():
+                assert key == "name" or field.description, (name, key)
