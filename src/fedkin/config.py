@@ -73,6 +73,11 @@ class EvalConfig(_Section):
         description="fraction of clients that never train; evaluated as new clients after one "
         "local adaptation from the population model (new_acc_*)",
     )
+    failure_patterns: bool = Field(
+        False,
+        description="model mel only: also report accuracy under every failure pattern of the "
+        "ensemble (global_acc_<pattern>, personal_acc_<pattern>; e.g. pattern combiner+branch1)",
+    )
 
 
 class CheckpointConfig(_Section):
@@ -153,6 +158,13 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"privacy.dp_sgd: algorithm.name={self.algorithm.name} computes gradients "
                 f"outside the shared local solver; DP-SGD works with: {allowed}"
+            )
+        if self.eval.failure_patterns and (
+            self.model.name != "mel" or self.client_models or self.backend.name == "flower"
+        ):
+            raise ValueError(
+                f"eval.failure_patterns needs model.name=mel (got {self.model.name!r}), no "
+                "client_models, and backend.name local or ray"
             )
         if self.client_models:
             total = sum(g.fraction for g in self.client_models)

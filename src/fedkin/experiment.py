@@ -30,6 +30,7 @@ from fedkin.core.tree import Tree, tree_leaves
 from fedkin.data import build_dataset
 from fedkin.data.federated import FederatedDataset
 from fedkin.models import build_model
+from fedkin.models.mel import pattern_name
 
 if TYPE_CHECKING:  # dp-accounting (and scipy) load only when a run is private
     from fedkin.privacy.federated import UserLevelDP
@@ -383,10 +384,29 @@ class Experiment:
                 correct, loss = self._evaluate_personal(self._new_client_states)
             record.update(summarize("new", correct[new], loss[new], counts[new]))
             self.client_accuracy["new"] = (correct[new] / counts[new]).tolist()
+        if self.config.eval.failure_patterns:
+            record.update(self.failure_accuracy())
         if self.config.privacy.dp_sgd is not None:
             record["example_epsilon"] = self.example_epsilon()
         record["eval_time_s"] = time.perf_counter() - t0
         return record
+
+    def failure_accuracy(self) -> dict[str, float]:
+        """Weighted accuracy over training clients of the MEL model served under each failure
+        pattern (``global_acc_<pattern>``, and ``personal_acc_<pattern>`` if personalized)."""
+        alg, ds, train = self.algorithm, self.dataset, self.is_training
+        counts = ds.test_sizes.to(torch.float64)[train]
+        out: dict[str, float] = {}
+        for dead in self.model.failure_patterns():
+            name = pattern_name(dead)
+            with self.model.serving(dead):
+                if alg.has_global_model:
+                    correct, _ = evaluate_global(alg, self.population["global"], ds)
+                    out[f"global_acc_{name}"] = float(correct[train].sum() / counts.sum())
+                if self.personalizes():
+                    correct, _ = self._evaluate_personal(self._training_states)
+                    out[f"personal_acc_{name}"] = float(correct[train].sum() / counts.sum())
+        return out
 
     def personalizes(self) -> bool:
         alg = self.algorithm

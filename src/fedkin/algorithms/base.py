@@ -113,7 +113,11 @@ class Algorithm(ABC):
         return functional_call(self.global_model, params, (x,))
 
     def data_loss(self, params: Tree, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """L_i(θ; batch): mean cross-entropy −log p(y | x, θ)."""
+        """L_i(θ; batch): mean cross-entropy −log p(y | x, θ), or the model's own training loss
+        if it ``owns_loss`` (then ``model(x, targets=y)`` returns it, e.g. MEL's multi-exit
+        loss; its ``model(x)`` still gives the logits that :meth:`logits` serves)."""
+        if getattr(self.model, "owns_loss", False):
+            return functional_call(self.model, params, (x,), {"targets": y})
         return F.cross_entropy(self.logits(params, x), y)
 
     # ----- shared local solver -------------------------------------------------------------

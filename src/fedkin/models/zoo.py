@@ -41,6 +41,14 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.flatten(1))
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (the input of :attr:`classifier`); needs a hidden layer."""
+        return self.net[:-1](x.flatten(1))
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return self.net[-1]
+
 
 class CNN(nn.Module):
     """Small CNN (FedAvg/PFLlib style): [Conv5×5 → ReLU → MaxPool2]×L → FC → ReLU → FC."""
@@ -62,6 +70,14 @@ class CNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x.reshape(-1, *self.image_shape)))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features: the output of the hidden fully connected layer."""
+        return self.head[:-1](self.features(x.reshape(-1, *self.image_shape)))
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return self.head[-1]
 
 
 class _ModelConfig(BaseModel):
@@ -100,12 +116,8 @@ class CnnConfig(_ModelConfig):
         return CNN(tuple(image_shape), list(self.channels), self.hidden, num_classes)
 
 
-ModelConfig = Annotated[LogRegConfig | MlpConfig | CnnConfig, Field(discriminator="name")]
-MODELS = {"logreg": LogRegConfig, "mlp": MlpConfig, "cnn": CnnConfig}
-
-
 def build_model(
-    cfg: LogRegConfig | MlpConfig | CnnConfig,
+    cfg: _ModelConfig,
     feature_shape: tuple[int, ...],
     image_shape: tuple[int, int, int] | None,
     num_classes: int,
