@@ -230,3 +230,37 @@ def test_training_uses_the_mel_loss():
     loss = alg.data_loss(params, x, y)
     assert_close(loss, e.model.loss(x, y))
     assert loss > F.cross_entropy(alg.logits(params, x), y) + 1.0  # the exits' terms are in it
+
+
+def test_bench_json_rows(cli, capsys):
+    import json
+
+    args = ["bench", "mel", "--datasets", "digits", "--seeds", "1", "--epochs", "1", "--json"]
+    assert cli(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = out["rows"]
+    assert all({"method", "dataset", "pattern", "accuracy", "params"} <= set(r) for r in rows)
+    by = {(r["method"], r["pattern"]): r for r in rows}
+    assert set(by) == {
+        ("original", "none"),
+        ("original", "server"),
+        ("compressed", "none"),
+        ("compressed", "primary"),
+        ("independent", "none"),
+        ("independent", "branch1"),
+        ("independent", "branch2"),
+        *(("mel", p) for p in ["none", "combiner", "branch1", "branch2"]),
+        *(("mel", p) for p in ["combiner+branch1", "combiner+branch2"]),
+    }
+    assert all(0 <= r["accuracy"] <= 1 for r in rows)
+    assert by[("mel", "none")]["params"] / by[("original", "none")]["params"] == pytest.approx(
+        0.4, rel=0.02
+    )
+    assert by[("compressed", "primary")]["params"] == pytest.approx(
+        by[("mel", "none")]["params"], rel=0.02
+    )
+    mel = next(s for s in out["summary"] if s["method"] == "mel")
+    single = [by[("mel", p)]["accuracy"] for p in ["combiner", "branch1", "branch2"]]
+    assert mel["single_failure_mean"] == pytest.approx(sum(single) / 3)
+    assert mel["retained"] == pytest.approx(mel["single_failure_mean"] / mel["normal"])
+    assert out["command"].startswith("fedkin bench mel --datasets digits")

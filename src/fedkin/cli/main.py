@@ -27,6 +27,7 @@ BENCH_MODULES = (
     "fedkin.estimation.bench",
     "fedkin.bench.privacy",
     "fedkin.bench.peers",
+    "fedkin.bench.mel",
 )
 
 
