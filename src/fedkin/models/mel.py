@@ -196,8 +196,9 @@ def count_parameters(model: nn.Module) -> int:
 
 
 class MelConfig(_ModelConfig):
-    """MEL multi-level ensemble (``fedkin.models.mel``): branch networks with exits and a
-    combiner over their features, trained with one multi-exit loss."""
+    """MEL multi-level ensemble: K branch networks with exits plus a combiner, one loss.
+
+    See ``fedkin.models.mel`` for the loss and the serving rule of each failure pattern."""
 
     name: Literal["mel"] = "mel"
     branches: list[BranchConfig] = Field(
