@@ -220,6 +220,14 @@ def test_vectorized_equals_sequential_with_mel_as_the_model(algorithm):
     for k in keys:
         assert ea[k] == pytest.approx(eb[k])
     assert ea[f"{prefix}_acc_none"] == pytest.approx(ea[f"{prefix}_acc_weighted"])
+    if a.algorithm.has_global_model:  # the global model served under each pattern, directly
+        ds = a.dataset
+        idx = ds.test_index[ds.test_index >= 0]
+        for dead in a.model.failure_patterns():
+            with a.model.serving(dead):
+                z = functional_call(a.model, a.population["global"], (ds.x[idx],))
+            acc = float((z.argmax(-1) == ds.y[idx]).double().mean())
+            assert ea[f"global_acc_{pattern_name(dead)}"] == pytest.approx(acc)
 
 
 def test_training_uses_the_mel_loss():

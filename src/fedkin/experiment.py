@@ -11,6 +11,7 @@ produces exactly the records an uninterrupted run produces.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -397,9 +398,12 @@ class Experiment:
         alg, ds, train = self.algorithm, self.dataset, self.is_training
         counts = ds.test_sizes.to(torch.float64)[train]
         out: dict[str, float] = {}
+        models = {id(m): m for m in (alg.model, alg.global_model)}.values()
         for dead in self.model.failure_patterns():
             name = pattern_name(dead)
-            with self.model.serving(dead):
+            with contextlib.ExitStack() as serving:
+                for m in models:
+                    serving.enter_context(m.serving(dead))
                 if alg.has_global_model:
                     correct, _ = evaluate_global(alg, self.population["global"], ds)
                     out[f"global_acc_{name}"] = float(correct[train].sum() / counts.sum())

@@ -331,6 +331,8 @@ def cmd_mel(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from fedkin.display import print_table
+
     console = Console()
     title = f"MEL under failures (ensemble at {args.ratio:.0%} of the original; {len(seeds)} seeds)"
     table = Table(title=title)
@@ -345,7 +347,7 @@ def cmd_mel(args: argparse.Namespace) -> int:
             f"{r['accuracy_std']:.4f}",
             f"{r['params']:,}",
         )
-    console.print(table)
+    print_table(table, console)
     table = Table(title="normal mode vs mean over single-component failures")
     for col in ("dataset", "method", "normal", "single-failure mean", "retained"):
         table.add_column(col)
@@ -357,7 +359,7 @@ def cmd_mel(args: argparse.Namespace) -> int:
             f"{s['single_failure_mean']:.4f}",
             f"{s['retained']:.1%}",
         )
-    console.print(table)
+    print_table(table, console)
     console.print(f"targets: {report['targets']}")
     console.print(f"reproduce with: {command}")
     return 0
