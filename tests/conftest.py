@@ -72,3 +72,28 @@ def byzfl():
         mod = importlib.import_module(module)
         names.update({k: v for k, v in vars(mod).items() if not k.startswith("_")})
     return types.SimpleNamespace(**names)
+
+
+@pytest.fixture
+def isolated_registries(tmp_path):
+    """Registrations, plugin modules (files under ``tmp_path``) and ``sys.path`` changes made by
+    a test are undone after it, so registries look the same to every other test."""
+    from fedkin import registry
+
+    registries = [
+        registry.ALGORITHM_REGISTRY,
+        registry.DATASET_REGISTRY,
+        registry.MODEL_REGISTRY,
+        registry.OPTIMIZER_REGISTRY,
+    ]
+    saved = [dict(r) and dict(r._entries) for r in registries]  # dict(r) loads the built-ins
+    path = list(sys.path)
+    yield registries
+    for r, entries in zip(registries, saved, strict=True):
+        r._entries = entries
+        r._version += 1
+    sys.path[:] = path
+    root = str(tmp_path)
+    for name, module in list(sys.modules.items()):
+        if str(getattr(module, "__file__", None) or "").startswith(root):
+            del sys.modules[name]

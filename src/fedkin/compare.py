@@ -28,9 +28,11 @@ from fedkin.config import (
     parse_overrides,
     read_yaml,
     validate_config,
+    with_plugins,
 )
 from fedkin.core.errors import ConfigError
 from fedkin.experiment import CHECKPOINT
+from fedkin.registry import ALGORITHM_REGISTRY
 from fedkin.runs import execute, new_run, read_summary, resume_run
 from fedkin.tracking import read_records
 
@@ -46,10 +48,16 @@ COLUMNS = [
 
 
 def plan(
-    path: str | None, overrides: list[str], algorithms: list[str] | None, seeds: int | None
+    path: str | None,
+    overrides: list[str],
+    algorithms: list[str] | None,
+    seeds: int | None,
+    plugins: list[str] | None = None,
 ) -> tuple[dict[str, Any], CompareSection]:
-    """Split a comparison config into the shared experiment dict and the compare section."""
+    """Split a comparison config into the shared experiment dict and the compare section;
+    ``plugins`` are added to the config's (every run records them in its config.yaml)."""
     raw = deep_merge(read_yaml(path) if path else {}, parse_overrides(overrides))
+    raw = with_plugins(raw, plugins or [])
     section = validate_config(raw).compare or CompareSection()
     raw.pop("compare", None)
     if algorithms:
@@ -59,7 +67,8 @@ def plan(
     unknown = [a for a in section.algorithms if a not in ALGORITHMS]
     if unknown:
         raise ConfigError(
-            f"--algorithms: unknown {', '.join(unknown)}; allowed: {', '.join(ALGORITHMS)}"
+            f"--algorithms: unknown {', '.join(unknown)}; allowed: {', '.join(ALGORITHMS)} "
+            f"({ALGORITHM_REGISTRY.hint})"
         )
     return raw, section
 

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 from fedkin.algorithms import ALGORITHMS
 from fedkin.backends import BackendConfig, LocalBackendConfig
@@ -23,12 +24,12 @@ from fedkin.data.config import DataConfig, DigitsConfig
 from fedkin.engine import EngineConfig
 from fedkin.models import MlpConfig, ModelConfig
 from fedkin.optim import OptimizerConfig, SgdConfig
+from fedkin.plugins import load_plugins
 from fedkin.privacy.config import PrivacyConfig
+from fedkin.registry import ALGORITHM_REGISTRY, registry_of
 
-AlgorithmConfig = Annotated[
-    Union[tuple(cls.Config for cls in ALGORITHMS.values())],  # noqa: UP007 (built at import)
-    Field(discriminator="name"),
-]
+#: An algorithm's config: any registered algorithm (``fedkin.register_algorithm``).
+AlgorithmConfig = ALGORITHM_REGISTRY.field
 
 
 class _Section(BaseModel):
@@ -109,6 +110,11 @@ class CompareSection(_Section):
 
 class ExperimentConfig(_Section):
     name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$", description="run name")
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="modules imported before the config is validated; they register "
+        "algorithms, datasets, models or optimizers (`fedkin run --plugin MODULE` adds them)",
+    )
     seed: int = Field(
         0, ge=0, description="seed: all randomness derives from (seed, round, client)"
     )
@@ -119,7 +125,7 @@ class ExperimentConfig(_Section):
         default_factory=list,
         description="personal architectures by client group (empty: every client uses `model`)",
     )
-    algorithm: AlgorithmConfig = Field(default_factory=lambda: ALGORITHMS["fedavg"].Config())
+    algorithm: AlgorithmConfig = Field(default_factory=lambda: ALGORITHM_REGISTRY["fedavg"]())
     client: ClientConfig = Field(default_factory=ClientConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     cohort: CohortConfig = Field(default_factory=CohortConfig)
@@ -253,11 +259,25 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    plugins: list[str] | None = None,
 ) -> ExperimentConfig:
+    """The experiment of a YAML file (None: the defaults) with ``key=value`` overrides;
+    ``plugins`` are added to the config's ``plugins`` (and imported before validation)."""
     raw = read_yaml(path) if path else {}
     raw = deep_merge(raw, parse_overrides(overrides or []))
-    return validate_config(raw)
+    return validate_config(with_plugins(raw, plugins or []))
+
+
+def with_plugins(raw: dict[str, Any], plugins: list[str]) -> dict[str, Any]:
+    """``raw`` with ``plugins`` appended to its ``plugins`` list (each module once)."""
+    if not plugins:
+        return raw
+    listed = raw.get("plugins") or []
+    if not isinstance(listed, list):
+        return raw  # validation reports the bad value
+    return {**raw, "plugins": [*listed, *(p for p in plugins if p not in listed)]}
 
 
 def fill_variant_names(raw: dict[str, Any], cls: type[BaseModel] | None = None) -> dict[str, Any]:
@@ -269,7 +289,7 @@ def fill_variant_names(raw: dict[str, Any], cls: type[BaseModel] | None = None) 
         field = cls.model_fields.get(key)
         if field is None or not isinstance(value, dict):
             continue
-        variants = _variants(field.annotation)
+        variants = _variants(_annotation(field))
         if "" in variants:
             out[key] = fill_variant_names(value, variants[""])
             continue
@@ -287,6 +307,10 @@ def fill_variant_names(raw: dict[str, Any], cls: type[BaseModel] | None = None) 
 
 
 def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
+    """Import the config's ``plugins`` (so the names they register are known), then validate."""
+    plugins = raw.get("plugins")
+    if isinstance(plugins, list) and all(isinstance(p, str) for p in plugins):
+        load_plugins(plugins)
     try:
         return ExperimentConfig.model_validate(fill_variant_names(raw))
     except ValidationError as err:
@@ -296,8 +320,16 @@ def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
 # ----- error messages ---------------------------------------------------------------------------
 
 
+def _annotation(field: FieldInfo) -> Any:
+    """A field's full annotation (pydantic keeps ``Annotated`` metadata apart)."""
+    return Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+
+
 def _variants(annotation: Any) -> dict[str, type[BaseModel]]:
     """Models a field may hold, keyed by their ``name`` tag ("" for a single untagged model)."""
+    registry = registry_of(annotation)
+    if registry is not None:
+        return dict(registry)
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return {"": annotation}
     origin = typing.get_origin(annotation)
@@ -331,7 +363,7 @@ def _walk(loc: tuple[Any, ...]) -> tuple[str, type[BaseModel] | None]:
         if cls is None or key not in cls.model_fields:
             cls = None
             continue
-        annotation = cls.model_fields[key].annotation
+        annotation = _annotation(cls.model_fields[key])
         if typing.get_origin(annotation) is list and i < len(loc) and isinstance(loc[i], int):
             names.append(str(loc[i]))  # an item of a list section
             annotation = typing.get_args(annotation)[0]
@@ -347,11 +379,17 @@ def _walk(loc: tuple[Any, ...]) -> tuple[str, type[BaseModel] | None]:
     return ".".join(names), parent
 
 
+def _field_annotation(loc: tuple[Any, ...]) -> Any:
+    """The annotation of the field at ``loc``."""
+    _, parent = _walk(loc)
+    field = parent.model_fields.get(str(loc[-1])) if parent and loc else None
+    return _annotation(field) if field else None
+
+
 def _expected_names(loc: tuple[Any, ...]) -> str:
     """The variant names allowed at ``loc`` (a discriminated-union field)."""
-    _, parent = _walk(loc)
-    field = parent.model_fields.get(str(loc[-1])) if parent else None
-    return ", ".join(repr(n) for n in _variants(field.annotation)) if field else "?"
+    annotation = _field_annotation(loc)
+    return ", ".join(repr(n) for n in _variants(annotation)) if annotation else "?"
 
 
 def format_validation_error(err: ValidationError) -> str:
@@ -366,7 +404,9 @@ def format_validation_error(err: ValidationError) -> str:
             got = e.get("ctx", {}).get("tag")
             expected = e.get("ctx", {}).get("expected_tags") or _expected_names(tuple(e["loc"]))
             what = f"'{got}' is not one of" if got is not None else "is required; one of"
-            lines.append(f"{path}.name: {what}: {expected}")
+            registry = registry_of(_field_annotation(tuple(e["loc"])))
+            hint = f" ({registry.hint})" if registry is not None else ""
+            lines.append(f"{path}.name: {what}: {expected}{hint}")
         elif kind == "value_error":
             lines.append(str(e["msg"]).removeprefix("Value error, "))
         else:

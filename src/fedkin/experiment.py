@@ -12,6 +12,7 @@ produces exactly the records an uninterrupted run produces.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import time
 from dataclasses import dataclass
@@ -21,17 +22,18 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from fedkin.algorithms import ALGORITHMS, Algorithm, ServerStep
-from fedkin.config import ClientModelGroup, ExperimentConfig, holdout_count
+from fedkin.config import ClientModelGroup, ExperimentConfig, holdout_count, load_config
 from fedkin.core.channel import Channel, finite_rows, reject_nonfinite
-from fedkin.core.errors import NonFiniteModelError
+from fedkin.core.errors import NonFiniteModelError, UserError
 from fedkin.core.evaluate import evaluate_global, evaluate_personal, summarize
 from fedkin.core.rng import Stream
 from fedkin.core.store import ClientStore, MemoryStore, StackedStates, make_store
-from fedkin.core.tree import Tree, tree_leaves
+from fedkin.core.tree import Tree, tree_leaves, tree_map
 from fedkin.data import build_dataset
 from fedkin.data.federated import FederatedDataset
 from fedkin.models import build_model
 from fedkin.models.mel import pattern_name
+from fedkin.registry import OPTIMIZER_REGISTRY
 
 if TYPE_CHECKING:  # dp-accounting (and scipy) load only when a run is private
     from fedkin.privacy.federated import UserLevelDP
@@ -119,7 +121,7 @@ class Experiment:
                 len(group.members),
                 run_dir / "client_state" / f"group{g}" if run_dir else None,
             )
-        self.server = ServerStep(config.server.optimizer.build())
+        self.server = ServerStep(OPTIMIZER_REGISTRY.build(config.server.optimizer))
         self.round = 0  # rounds completed
         self.client_accuracy: dict[str, list[float]] = {}  # per-client, from the last evaluate()
         n_new = holdout_count(self.dataset.num_clients, config.eval.holdout_clients)
@@ -175,8 +177,9 @@ class Experiment:
             alg_cfg = cfg.algorithm
             if cfg.client_models and "centers" in type(alg_cfg).model_fields:
                 alg_cfg = alg_cfg.model_copy(update={"centers": spec.centers})
+            client_optimizer = OPTIMIZER_REGISTRY.build(cfg.client.optimizer)
             algorithm = ALGORITHMS[cfg.algorithm.name](
-                alg_cfg, model, cfg.client.optimizer.build(), cfg.client.local_steps
+                alg_cfg, model, client_optimizer, cfg.client.local_steps
             )
             algorithm.global_model = global_model
             members = order[start:stop].sort().values
@@ -509,7 +512,45 @@ class Experiment:
             )
         return states
 
+    # ----- personal models (the Python API) -----------------------------------------------------
+    def personal_params(self, client_id: int) -> Tree:
+        """θ_i = personal_params(Γ, s_i): the parameters client ``client_id`` predicts with,
+        exactly as evaluation uses them — its stored state (adapted first if the algorithm
+        adapts); for a held-out client, a fresh state after one local update from Γ."""
+        n = self.dataset.num_clients
+        if not 0 <= client_id < n:
+            raise UserError(f"client id {client_id} is outside 0..{n - 1}")
+        group = self.groups[int(self.group_of[client_id])]
+        ids = torch.tensor([client_id])
+        if not self.is_training[client_id]:
+            states = self.eval_states(group.algorithm, ids, self.population, self.round)
+        else:
+            states = group.store.gather(group.rows(ids))
+            if self._adapts(group.algorithm):
+                states = self.eval_states(group.algorithm, ids, self.population, self.round, states)
+        state = tree_map(lambda t: t[0], states)
+        return group.algorithm.personal_params(self.population, state)
+
+    def personal_model(self, client_id: int) -> torch.nn.Module:
+        """Client ``client_id``'s personal model as a standalone ``nn.Module`` (a copy of its
+        group's architecture holding :meth:`personal_params`), in eval mode."""
+        params = self.personal_params(client_id)
+        model = copy.deepcopy(self.groups[int(self.group_of[client_id])].algorithm.model)
+        model.load_state_dict({**model.state_dict(), **params})
+        return model.eval()
+
     # ----- checkpoints --------------------------------------------------------------------------
+    @classmethod
+    def load(cls, run_dir: str | Path) -> Experiment:
+        """The experiment of a run directory at its last checkpoint (its files are not
+        changed; to continue training use ``fedkin run --resume``)."""
+        run_dir = Path(run_dir)
+        if not (run_dir / CHECKPOINT).exists():
+            raise UserError(f"{run_dir} has no {CHECKPOINT}")
+        experiment = cls(load_config(run_dir / "config.yaml"), run_dir)
+        experiment.load_checkpoint(run_dir)
+        return experiment
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "round": self.round,

@@ -51,10 +51,43 @@ def resume_run(run_dir: Path) -> Experiment:
             f"{run_dir} has no {CHECKPOINT}; nothing to resume"
             + ("; runs on Flower (backend.name=flower) cannot be resumed" if flower else "")
         )
-    experiment = Experiment(load_config(run_dir / "config.yaml"), run_dir)
-    experiment.load_checkpoint(run_dir)
+    experiment = Experiment.load(run_dir)
     truncate_records(run_dir, experiment.round)
     return experiment
+
+
+def run(
+    config: ExperimentConfig | str | Path,
+    run_dir: str | Path | None = None,
+    *,
+    overrides: list[str] | None = None,
+    plugins: list[str] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Run an experiment to its end and return its summary: the Python form of ``fedkin run``.
+
+    ``config``: an :class:`ExperimentConfig` or a YAML path (with ``key=value`` ``overrides``
+    and ``plugins``). ``run_dir`` defaults to ``runs/<date>-<time>-<name>``; it gets the usual
+    files (``config.yaml``, ``metrics.jsonl``, ``summary.json``, checkpoint, plot)."""
+    if not isinstance(config, ExperimentConfig):
+        config = load_config(config, overrides, plugins)
+    elif overrides or plugins:
+        raise UserError("overrides and plugins apply to a config file; pass them to load_config")
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config.name)
+    if config.backend.name == "flower":
+        return run_flower(config, run_dir)
+    return execute(new_run(config, run_dir), run_dir, progress=progress)
+
+
+def run_flower(config: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
+    """``backend.name=flower``: the experiment on Flower's Simulation Runtime, one SuperNode
+    per client; ``run_dir`` gets config.yaml, metrics.jsonl, summary.json and population.pt.
+    Returns the summary."""
+    from fedkin.backends.flower_app import run_simulation
+
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"{run_dir} is not empty; choose a new --out for a Flower run")
+    return run_simulation(config, run_dir, client_cpus=config.backend.client_cpus).summary
 
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:

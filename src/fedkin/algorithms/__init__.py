@@ -1,4 +1,10 @@
-"""Algorithm registry: name → class (each class carries its pydantic ``Config``)."""
+"""The built-in algorithms, registered in :data:`fedkin.registry.ALGORITHM_REGISTRY`.
+
+``ALGORITHMS`` is a read-only view of that registry: name → class (each class carries its
+pydantic ``Config``); it includes algorithms registered by plugins.
+"""
+
+from collections.abc import Mapping
 
 from fedkin.algorithms.adaped import AdaPeD
 from fedkin.algorithms.apfl import Apfl
@@ -17,27 +23,28 @@ from fedkin.algorithms.perfedavg import PerFedAvg
 from fedkin.algorithms.pfedme import PFedMe
 from fedkin.algorithms.quped import QuPeD
 from fedkin.algorithms.qupel import QuPeL
+from fedkin.registry import ALGORITHM_REGISTRY, register_algorithm
 
-ALGORITHMS: dict[str, type[Algorithm]] = {
-    cls.name: cls
-    for cls in (
-        FedAvg,
-        FedProx,
-        Local,
-        FedAvgFt,
-        Ditto,
-        PFedMe,
-        PerFedAvg,
-        Apfl,
-        L2gd,
-        AdaPeD,
-        Ifca,
-        FedRep,
-        FedPer,
-        Fml,
-        QuPeL,
-        QuPeD,
-    )
-}
+for _cls in (
+    FedAvg,
+    FedProx,
+    Local,
+    FedAvgFt,
+    Ditto,
+    PFedMe,
+    PerFedAvg,
+    Apfl,
+    L2gd,
+    AdaPeD,
+    Ifca,
+    FedRep,
+    FedPer,
+    Fml,
+    QuPeL,
+    QuPeD,
+):
+    register_algorithm(_cls)
+
+ALGORITHMS: Mapping[str, type[Algorithm]] = ALGORITHM_REGISTRY.builders
 
 __all__ = ["ALGORITHMS", "Algorithm", "ServerStep"]

@@ -34,7 +34,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise UserError("--seeds must be at least 1")
     path, overrides = split_items(args.items)
     algorithms = args.algorithms.split(",") if args.algorithms else None
-    base, section = plan(path, overrides, algorithms, args.seeds)
+    base, section = plan(path, overrides, algorithms, args.seeds, args.plugins)
     out = args.out or Path("runs") / f"compare-{base.get('name', Path(path or 'default').stem)}"
     out.mkdir(parents=True, exist_ok=True)
     try:

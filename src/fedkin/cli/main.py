@@ -2,8 +2,10 @@
 
 A sub-command module exposes ``register(subparsers)``, which adds a parser and sets
 ``func=callable(args) -> int``. Benchmarks register under ``fedkin bench`` through
-``register_bench(bench_subparsers)``. A :class:`~fedkin.core.errors.UserError` anywhere
-below becomes one line on stderr and exit code 2.
+``register_bench(bench_subparsers)``. Every command takes ``--plugin MODULE`` (repeatable):
+the modules are imported before the command runs (see :mod:`fedkin.plugins`). A
+:class:`~fedkin.core.errors.UserError` anywhere below becomes one line on stderr and exit
+code 2.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from fedkin.core.errors import UserError
+from fedkin.plugins import load_plugins
 
 COMMAND_MODULES = (
     "fedkin.cli.run",
@@ -44,12 +47,32 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     for name in BENCH_MODULES:
         importlib.import_module(name).register_bench(bench_sub)
+    _add_plugin_option(parser)
     return parser
+
+
+def _add_plugin_option(parser: argparse.ArgumentParser) -> None:
+    """``--plugin MODULE`` on every command (the leaves of the sub-command tree)."""
+    groups = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not groups:
+        parser.add_argument(
+            "--plugin",
+            action="append",
+            default=[],
+            dest="plugins",
+            metavar="MODULE",
+            help="import MODULE first (it may register algorithms, datasets, models, "
+            "optimizers); repeatable",
+        )
+    for group in groups:
+        for child in dict.fromkeys(group.choices.values()):
+            _add_plugin_option(child)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        load_plugins(args.plugins)
         return int(args.func(args) or 0)
     except UserError as err:
         print(f"fedkin: error: {err}", file=sys.stderr)

@@ -17,6 +17,7 @@ EPILOG = """examples:
   fedkin run                                   the built-in default (digits, 100 clients, FedAvg)
   fedkin run configs/digits_dirichlet.yaml rounds=50 algorithm.name=fedprox algorithm.mu=0.1
   fedkin run --resume runs/20261123-120000-default
+  fedkin run --plugin mypackage.plugin algorithm.name=mine   names registered by a plugin
 Any config key can be overridden with key=value (dotted paths). `fedkin list` shows datasets,
 partitioners, models, algorithms and optimizers with their options."""
 
@@ -68,7 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         experiment = resume_run(run_dir)
     else:
         path, overrides = split_items(args.items)
-        config = load_config(path, overrides)
+        config = load_config(path, overrides, plugins=args.plugins)
         run_dir = args.out or default_run_dir(config.name)
         if config.backend.name == "flower":
             return run_on_flower(config, run_dir, args.quiet)
@@ -99,13 +100,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def run_on_flower(config: ExperimentConfig, run_dir: Path, quiet: bool) -> int:
-    """``backend.name=flower``: the experiment on Flower's Simulation Runtime, one SuperNode per
-    client; the run directory gets config.yaml, metrics.jsonl, summary.json and population.pt."""
-    from fedkin.backends.flower_app import run_simulation
+    """``backend.name=flower``: see :func:`fedkin.runs.run_flower`."""
+    from fedkin.runs import run_flower
 
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise UserError(f"{run_dir} is not empty; choose a new --out for a Flower run")
-    server = run_simulation(config, run_dir, client_cpus=config.backend.client_cpus)
-    summary = {k: v for k, v in server.summary.items() if not k.endswith("_by_client")}
+    summary = {k: v for k, v in run_flower(config, run_dir).items() if not k.endswith("_by_client")}
     print(json.dumps(summary) if quiet else f"written: {run_dir}/ {json.dumps(summary)}")
     return 0

@@ -1,13 +1,12 @@
 """Datasets and partitioners: configs in, a :class:`FederatedDataset` out.
 
-``build_dataset(cfg, seed)`` looks the config's ``name`` up in the registry and builds the
-dataset with randomness from ``Stream(seed).child("data").child(name)`` only.
-``DATASETS`` and ``PARTITIONS`` map names to config classes (for ``fedkin list``).
+``build_dataset(cfg, seed)`` looks the config's ``name`` up in the dataset registry and builds
+the dataset with randomness from ``Stream(seed).child("data").child(name)`` only.
+``DATASETS`` (the registry: built-ins and plugins) and ``PARTITIONS`` map names to config
+classes (for ``fedkin list``).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 from pydantic import BaseModel
 
@@ -27,28 +26,23 @@ from fedkin.data.digits import build_digits
 from fedkin.data.fashion_mnist import build_fashion_mnist
 from fedkin.data.federated import FederatedDataset
 from fedkin.data.synthetic import build_synthetic
+from fedkin.registry import DATASET_REGISTRY, register_dataset
 
-DATASETS: dict[str, type[BaseModel]] = {
-    "digits": DigitsConfig,
-    "synthetic": SyntheticConfig,
-    "fashion-mnist": FashionMnistConfig,
-}
+register_dataset(DigitsConfig, build_digits)
+register_dataset(SyntheticConfig, build_synthetic)
+register_dataset(FashionMnistConfig, build_fashion_mnist)
+DATASETS = DATASET_REGISTRY
 PARTITIONS: dict[str, type[BaseModel]] = {
     "iid": IidPartition,
     "dirichlet": DirichletPartition,
     "pathological": PathologicalPartition,
     "quantity": QuantitySkewPartition,
 }
-_BUILDERS: dict[str, Callable[..., FederatedDataset]] = {
-    "digits": build_digits,
-    "synthetic": build_synthetic,
-    "fashion-mnist": build_fashion_mnist,
-}
 
 
 def build_dataset(cfg: DataConfig, seed: int) -> FederatedDataset:
     """Build the federated dataset described by ``cfg``, deterministically from ``seed``."""
-    return _BUILDERS[cfg.name](cfg, Stream(seed).child("data").child(cfg.name))
+    return DATASET_REGISTRY.build(cfg, Stream(seed).child("data").child(cfg.name))
 
 
 __all__ = [

@@ -6,6 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedkin.registry import DATASET_REGISTRY
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -119,6 +121,5 @@ class FashionMnistConfig(_Strict):
     )
 
 
-DataConfig = Annotated[
-    DigitsConfig | SyntheticConfig | FashionMnistConfig, Field(discriminator="name")
-]
+#: A dataset's config: any registered dataset (``fedkin.register_dataset``).
+DataConfig = DATASET_REGISTRY.field

@@ -1,9 +1,5 @@
 """Model zoo (``zoo``) and the MEL multi-level ensemble (``mel``)."""
 
-from typing import Annotated
-
-from pydantic import Field
-
 from fedkin.models.mel import MEL, MelConfig
 from fedkin.models.zoo import (
     CNN,
@@ -14,11 +10,14 @@ from fedkin.models.zoo import (
     MlpConfig,
     build_model,
 )
+from fedkin.registry import MODEL_REGISTRY, register_model
 
-ModelConfig = Annotated[
-    LogRegConfig | MlpConfig | CnnConfig | MelConfig, Field(discriminator="name")
-]
-MODELS = {"logreg": LogRegConfig, "mlp": MlpConfig, "cnn": CnnConfig, "mel": MelConfig}
+register_model(MelConfig)  # the zoo's models register in fedkin.models.zoo
+
+#: A model's config: any registered model (``fedkin.register_model``).
+ModelConfig = MODEL_REGISTRY.field
+#: name → config class of every registered model (built-ins and plugins).
+MODELS = MODEL_REGISTRY
 
 __all__ = [
     "CNN",

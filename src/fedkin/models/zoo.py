@@ -13,6 +13,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from fedkin.registry import MODEL_REGISTRY, register_model
+
 
 class LogisticRegression(nn.Module):
     """Multinomial logistic regression: logits = W·flatten(x) + b."""
@@ -116,8 +118,12 @@ class CnnConfig(_ModelConfig):
         return CNN(tuple(image_shape), list(self.channels), self.hidden, num_classes)
 
 
+for _cfg in (LogRegConfig, MlpConfig, CnnConfig):
+    register_model(_cfg)
+
+
 def build_model(
-    cfg: _ModelConfig,
+    cfg: BaseModel,
     feature_shape: tuple[int, ...],
     image_shape: tuple[int, int, int] | None,
     num_classes: int,
@@ -126,4 +132,4 @@ def build_model(
     """Build the model with weights drawn from ``seed`` without touching global RNG state."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return cfg.build(tuple(feature_shape), image_shape, num_classes)
+        return MODEL_REGISTRY.build(cfg, tuple(feature_shape), image_shape, num_classes)

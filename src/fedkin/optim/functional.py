@@ -8,12 +8,13 @@ dimension and the sequential engine calls them per client with identical numbers
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedkin.core.tree import Tree, tree_map, tree_zeros_like
+from fedkin.registry import OPTIMIZER_REGISTRY, register_optimizer
 
 
 class Optimizer(NamedTuple):
@@ -85,5 +86,10 @@ class AdamConfig(BaseModel):
         return adam(self.lr, self.b1, self.b2, self.eps)
 
 
-OptimizerConfig = Annotated[SgdConfig | AdamConfig, Field(discriminator="name")]
-OPTIMIZERS = {"sgd": SgdConfig, "adam": AdamConfig}
+register_optimizer(SgdConfig)
+register_optimizer(AdamConfig)
+
+#: An optimizer's config: any registered optimizer (``fedkin.register_optimizer``).
+OptimizerConfig = OPTIMIZER_REGISTRY.field
+#: name → config class of every registered optimizer (built-ins and plugins).
+OPTIMIZERS = OPTIMIZER_REGISTRY
