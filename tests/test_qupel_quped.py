@@ -158,3 +158,22 @@ def test_config_errors_name_the_key():
         )
     with pytest.raises(ConfigError, match=r"client_models\.1\.model must equal model"):
         tiny_config("algorithm.name=qupel", DEEP, MIXED_ARCH)
+
+
+def test_bench_quantized_json_rows_measure_packed_files(cli, tmp_path, capsys):
+    import json
+
+    args = ["bench", "quantized", *tiny(DEEP, "rounds=1"), "--out", str(tmp_path), "--json"]
+    assert cli([*args, "--variants", "quped-1bit", "quped-mixed", "local"]) == 0
+    rows = {r["variant"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    for r in rows.values():
+        assert {"algorithm", "bits", "architecture", "personal_acc_mean", "model_bytes"} <= set(r)
+    one_bit, local = rows["quped-1bit"], rows["local"]
+    assert (one_bit["bits"], local["bits"]) == ("1", "32")
+    # the 16x16 hidden layer: 256 codes at 1 bit + two float32 centers, vs 256 float32 weights
+    assert one_bit["quantized_layer_bytes"] == 256 / 8 + 8
+    assert one_bit["fp32_quantized_layer_bytes"] == 4 * 256
+    # the files differ by those bytes, less the quantized file's longer header (its metadata)
+    saved = local["model_bytes"] - one_bit["model_bytes"]
+    assert 4 * 256 - 40 - 200 < saved < 4 * 256 - 40
+    assert rows["quped-mixed"]["architecture"] == "base + half"

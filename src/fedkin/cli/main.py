@@ -31,6 +31,7 @@ BENCH_MODULES = (
     "fedkin.bench.privacy",
     "fedkin.bench.peers",
     "fedkin.bench.mel",
+    "fedkin.bench.quantized",
 )
 
 
