@@ -31,6 +31,11 @@ and the positive weights. λ grows over rounds, λ_r = λ₀·(r + 1) (the code'
 After ``freeze_round`` the weights are frozen at Q_c(x) and only the centers are fine-tuned by
 gradient (λ = 0), the code's final phase.
 
+Differences from the code, kept on purpose: its 1-bit quantizer assigns by sign (x < 0 → c_1)
+rather than to the nearest center; its weight gradient is taken at the full-precision x (only the
+center gradient at Q_c(x)), here both are straight-through gradients at Q_c(x) (the paper); its ℓ1
+weight clamp to [−1, 1] and its stepwise center learning-rate schedule are not reproduced.
+
 Everything here is a pure function of tensors (no data-dependent Python control flow), so it runs
 inside ``vmap`` over a cohort.
 """
