@@ -9,8 +9,9 @@ the config's ``compare.algorithm_options``.
 
 Sizes are measured, not computed: every training client's final personal model is written with
 ``models.packed.save_packed`` (bit-packed codes + float32 centers; other layers float32) and
-``model_bytes`` is the mean file size. ``quantized_layer_bytes`` is the packed size of the
-quantized layers alone and ``fp32_quantized_layer_bytes`` the same layers at float32.
+``model_bytes`` is the mean file size over clients. ``quantized_layer_bytes`` is the packed size
+of the quantized layers alone and ``fp32_quantized_layer_bytes`` the same layers at float32, both
+averaged over the clients that have quantized layers (0 if none do).
 Each variant is an ordinary run directory under ``<out>/runs/`` (finished runs are reused).
 """
 
@@ -102,9 +103,10 @@ def personal_sizes(exp: Experiment) -> dict[str, float]:
                     n = params[name].numel()
                     q += math.ceil(n * bits_for(c.numel()) / 8) + 4 * c.numel()
                     f += 4 * n
-                q_bytes.append(q)
-                fp_bytes.append(f)
-    mean = lambda v: sum(v) / len(v)  # noqa: E731
+                if centers:
+                    q_bytes.append(q)
+                    fp_bytes.append(f)
+    mean = lambda v: sum(v) / len(v) if v else 0.0  # noqa: E731
     return {
         "model_bytes": mean(sizes),
         "quantized_layer_bytes": mean(q_bytes),
