@@ -85,6 +85,10 @@ def isolated_registries(tmp_path):
         registry.DATASET_REGISTRY,
         registry.MODEL_REGISTRY,
         registry.OPTIMIZER_REGISTRY,
+        registry.AGGREGATOR_REGISTRY,
+        registry.PREAGGREGATOR_REGISTRY,
+        registry.COMPRESSOR_REGISTRY,
+        registry.ATTACK_REGISTRY,
     ]
     saved = [dict(r) and dict(r._entries) for r in registries]  # dict(r) loads the built-ins
     path = list(sys.path)

@@ -31,3 +31,31 @@ def test_every_entry_documents_every_option():
             assert cls.__doc__, name
             for key, field in cls.model_fields.items():
                 assert key == "name" or field.description, (name, key)
+
+
+def test_a_plugin_aggregator_registers_and_validates(isolated_registries):
+    """The channel's registries are open like the others (``fedkin.register_aggregator``)."""
+    from typing import Literal
+
+    import torch
+    from pydantic import BaseModel, ValidationError
+
+    import fedkin
+    from fedkin.channel.aggregators import Aggregator
+    from fedkin.channel.pipeline import ChannelConfig
+
+    class FirstConfig(BaseModel):
+        """Take the first message."""
+
+        name: Literal["first"] = "first"
+
+        def build(self, seed: int = 0) -> Aggregator:
+            return Aggregator(lambda d: {}, lambda x, w, s, r: (x[0], s, {}))
+
+    fedkin.register_aggregator(FirstConfig)
+    cfg = ChannelConfig(aggregator={"name": "first"})
+    rule = cfg.aggregator.build()
+    out, _, _ = rule.apply(torch.eye(2), torch.ones(2), {}, 0)
+    assert torch.equal(out, torch.tensor([1.0, 0.0]))
+    with pytest.raises(ValidationError, match="bogus"):
+        ChannelConfig(aggregator={"name": "bogus"})

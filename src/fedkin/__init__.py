@@ -8,8 +8,10 @@ The public Python API (imported on first use, so ``import fedkin`` stays fast):
   ``.personal_params(client_id)``, ``.population``, ``.run_round()``, ``.evaluate()``
 * ``read_records(run_dir)`` → the records of ``metrics.jsonl``
 * ``Algorithm`` — the base class of algorithms (prior, local solver, population update)
-* ``register_algorithm``, ``register_dataset``, ``register_model``, ``register_optimizer``
-  and ``load_plugins`` — extend fedkin without forking it (see :mod:`fedkin.registry`)
+* ``register_algorithm``, ``register_dataset``, ``register_model``, ``register_optimizer``,
+  ``register_aggregator``, ``register_preaggregator``, ``register_compressor``,
+  ``register_attack`` and ``load_plugins`` — extend fedkin without forking it
+  (see :mod:`fedkin.registry`)
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ _EXPORTS = {
     "register_dataset": "fedkin.registry",
     "register_model": "fedkin.registry",
     "register_optimizer": "fedkin.registry",
+    "register_aggregator": "fedkin.registry",
+    "register_preaggregator": "fedkin.registry",
+    "register_compressor": "fedkin.registry",
+    "register_attack": "fedkin.registry",
     "load_plugins": "fedkin.plugins",
 }
 __all__ = [*_EXPORTS, "__version__"]

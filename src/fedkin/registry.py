@@ -22,7 +22,10 @@ matter: a plugin may register at any time before a config that names it is valid
 the installed ``fedkin.plugins`` entry points, see :mod:`fedkin.plugins`) the first time it is
 read, so ``import fedkin`` stays cheap.
 
-**Adding a registry** (e.g. the channel's aggregators, compressors and attacks): create a
+The channel's aggregators, pre-aggregations, compressors and attacks (:mod:`fedkin.channel`)
+are registries of the same kind, extended with ``register_aggregator`` and friends.
+
+**Adding a registry**: create a
 ``Registry(kind, key, builtins=(package,))`` here, type the config field with its ``field``,
 register the built-ins at the bottom of that package, and export a ``register_<kind>``
 function from :mod:`fedkin` like the four below.
@@ -235,6 +238,16 @@ DATASET_REGISTRY = Registry(
 )
 MODEL_REGISTRY = Registry("model", "model.name", builtins=("fedkin.models",))
 OPTIMIZER_REGISTRY = Registry("optimizer", "optimizer.name", builtins=("fedkin.optim",))
+AGGREGATOR_REGISTRY = Registry(
+    "aggregator", "channel.aggregator.name", builtins=("fedkin.channel",)
+)
+PREAGGREGATOR_REGISTRY = Registry(
+    "preaggregator", "channel.aggregator.pre[].name", builtins=("fedkin.channel",)
+)
+COMPRESSOR_REGISTRY = Registry("compressor", "channel.compress.name", builtins=("fedkin.channel",))
+ATTACK_REGISTRY = Registry(
+    "attack", "attack.name", builtins=("fedkin.channel",), required=("fraction",)
+)
 
 
 def register_algorithm(cls: type) -> type:
@@ -279,6 +292,38 @@ def register_optimizer(config: type[BaseModel], build: Callable[..., Any] | None
     the config's ``build`` method), an ``(init, update)`` pair of pure functions (see
     :mod:`fedkin.optim.functional`)."""
     OPTIMIZER_REGISTRY.register(config, build or _method(config, "build"))
+    return config
+
+
+def register_aggregator(config: type[BaseModel], build: Callable[..., Any] | None = None) -> type:
+    """Register an aggregation rule: ``config`` and ``build(cfg, seed) -> Aggregator`` (default:
+    the config's ``build`` method), an ``(init, apply)`` pair over stacked messages ``[n, d]``
+    (see :mod:`fedkin.channel.aggregators`)."""
+    AGGREGATOR_REGISTRY.register(config, build or _method(config, "build"))
+    return config
+
+
+def register_preaggregator(
+    config: type[BaseModel], build: Callable[..., Any] | None = None
+) -> type:
+    """Register a pre-aggregation: ``config`` and ``build(cfg, seed)`` returning a function
+    ``(x [n, d], w [n], round) -> (x' [n', d], w' [n'])`` that runs before any rule."""
+    PREAGGREGATOR_REGISTRY.register(config, build or _method(config, "build"))
+    return config
+
+
+def register_compressor(config: type[BaseModel], build: Callable[..., Any] | None = None) -> type:
+    """Register an uplink compressor: ``config`` and ``build(cfg, seed) -> Compressor`` (default:
+    the config's ``build`` method), an encode-to-bytes / decode pair (see
+    :mod:`fedkin.channel.compressors`)."""
+    COMPRESSOR_REGISTRY.register(config, build or _method(config, "build"))
+    return config
+
+
+def register_attack(config: type[BaseModel], build: Callable[..., Any] | None = None) -> type:
+    """Register a Byzantine attack: ``config`` (with a ``fraction`` field) and
+    ``build(cfg, seed) -> Attack`` (see :mod:`fedkin.channel.attacks`)."""
+    ATTACK_REGISTRY.register(config, build or _method(config, "build"))
     return config
 
 

@@ -16,12 +16,18 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
-from typing import Annotated, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedkin.core.rng import Stream
+from fedkin.registry import (
+    AGGREGATOR_REGISTRY,
+    PREAGGREGATOR_REGISTRY,
+    register_aggregator,
+    register_preaggregator,
+)
 
 AggState = dict[str, torch.Tensor]
 
@@ -284,8 +290,12 @@ class BucketingConfig(BaseModel):
         )
 
 
-PreAggregatorConfig = Annotated[NnmConfig | BucketingConfig, Field(discriminator="name")]
-PREAGGREGATORS: dict[str, type[BaseModel]] = {"nnm": NnmConfig, "bucketing": BucketingConfig}
+register_preaggregator(NnmConfig)
+register_preaggregator(BucketingConfig)
+#: A pre-aggregation's config: any registered one (``fedkin.register_preaggregator``).
+PreAggregatorConfig = PREAGGREGATOR_REGISTRY.field
+#: name → config class of every registered pre-aggregation.
+PREAGGREGATORS = PREAGGREGATOR_REGISTRY
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,33 +472,21 @@ class EditConfig(_AggregatorBase):
         return agg, new._asdict(), {"edit_outliers": float(outliers)}
 
 
-AggregatorConfig = Annotated[
-    MeanConfig
-    | WeightedMeanConfig
-    | MedianConfig
-    | TrimmedMeanConfig
-    | KrumConfig
-    | MultiKrumConfig
-    | GeometricMedianConfig
-    | CenteredClippingConfig
-    | MdaConfig
-    | MonnaConfig
-    | EditConfig,
-    Field(discriminator="name"),
-]
-AGGREGATORS: dict[str, type[BaseModel]] = {
-    cls.model_fields["name"].default: cls
-    for cls in (
-        MeanConfig,
-        WeightedMeanConfig,
-        MedianConfig,
-        TrimmedMeanConfig,
-        KrumConfig,
-        MultiKrumConfig,
-        GeometricMedianConfig,
-        CenteredClippingConfig,
-        MdaConfig,
-        MonnaConfig,
-        EditConfig,
-    )
-}
+for _cls in (
+    MeanConfig,
+    WeightedMeanConfig,
+    MedianConfig,
+    TrimmedMeanConfig,
+    KrumConfig,
+    MultiKrumConfig,
+    GeometricMedianConfig,
+    CenteredClippingConfig,
+    MdaConfig,
+    MonnaConfig,
+    EditConfig,
+):
+    register_aggregator(_cls)
+#: An aggregation rule's config: any registered one (``fedkin.register_aggregator``).
+AggregatorConfig = AGGREGATOR_REGISTRY.field
+#: name → config class of every registered aggregation rule.
+AGGREGATORS = AGGREGATOR_REGISTRY

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
-from typing import Annotated, ClassVar, Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedkin.core.rng import Stream
+from fedkin.registry import ATTACK_REGISTRY, register_attack
 
 
 class Attack(NamedTuple):
@@ -212,27 +213,18 @@ class MimicConfig(_AttackBase):
         return mimic(seen.honest, self.index)
 
 
-AttackConfig = Annotated[
-    SignFlipConfig
-    | ScaledConfig
-    | GaussianConfig
-    | LabelFlipConfig
-    | NonFiniteConfig
-    | AlieConfig
-    | IpmConfig
-    | MimicConfig,
-    Field(discriminator="name"),
-]
-ATTACKS: dict[str, type[BaseModel]] = {
-    cls.model_fields["name"].default: cls
-    for cls in (
-        SignFlipConfig,
-        ScaledConfig,
-        GaussianConfig,
-        LabelFlipConfig,
-        NonFiniteConfig,
-        AlieConfig,
-        IpmConfig,
-        MimicConfig,
-    )
-}
+for _cls in (
+    SignFlipConfig,
+    ScaledConfig,
+    GaussianConfig,
+    LabelFlipConfig,
+    NonFiniteConfig,
+    AlieConfig,
+    IpmConfig,
+    MimicConfig,
+):
+    register_attack(_cls)
+#: An attack's config: any registered one (``fedkin.register_attack``).
+AttackConfig = ATTACK_REGISTRY.field
+#: name → config class of every registered attack.
+ATTACKS = ATTACK_REGISTRY

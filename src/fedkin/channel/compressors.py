@@ -17,13 +17,14 @@ import math
 import struct
 import zlib
 from collections.abc import Callable
-from typing import Annotated, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedkin.core.rng import Stream, hash_counters
+from fedkin.registry import COMPRESSOR_REGISTRY, register_compressor
 
 Encode = Callable[[torch.Tensor, int, int], bytes]
 Decode = Callable[[bytes, int, int, int], torch.Tensor]
@@ -319,27 +320,18 @@ class FedZipConfig(_CompressorBase):
         return encode, decode
 
 
-CompressorConfig = Annotated[
-    NoneConfig
-    | TopKConfig
-    | RandomKConfig
-    | QsgdConfig
-    | SignConfig
-    | Int8Config
-    | Bf16Config
-    | FedZipConfig,
-    Field(discriminator="name"),
-]
-COMPRESSORS: dict[str, type[BaseModel]] = {
-    cls.model_fields["name"].default: cls
-    for cls in (
-        NoneConfig,
-        TopKConfig,
-        RandomKConfig,
-        QsgdConfig,
-        SignConfig,
-        Int8Config,
-        Bf16Config,
-        FedZipConfig,
-    )
-}
+for _cls in (
+    NoneConfig,
+    TopKConfig,
+    RandomKConfig,
+    QsgdConfig,
+    SignConfig,
+    Int8Config,
+    Bf16Config,
+    FedZipConfig,
+):
+    register_compressor(_cls)
+#: A compressor's config: any registered one (``fedkin.register_compressor``).
+CompressorConfig = COMPRESSOR_REGISTRY.field
+#: name → config class of every registered compressor.
+COMPRESSORS = COMPRESSOR_REGISTRY
