@@ -60,3 +60,55 @@ def test_compare_rejects_unknown_algorithms(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "nope" in err and "fedavg" in err and "Traceback" not in err
+
+
+def test_compare_tunes_on_validation_data_and_reports_the_choice(tmp_path, capsys):
+    """compare.tune: every grid point runs with a validation split; the winner is the best mean
+    final val_personal_acc_mean, and the reported runs train on all training data with it."""
+    out = tmp_path / "cmp"
+    code = main(
+        [
+            "compare",
+            *tiny("eval.every=3", "compare.tune={fedprox: {mu: [0.001, 3.0]}}"),
+            "--algorithms=fedprox",
+            "--seeds=2",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    result = json.loads((out / "results.json").read_text())
+    tuning = result["tuning"]["fedprox"]
+    val = {}
+    for mu in (0.001, 3.0):
+        runs = [
+            json.loads((out / "runs" / f"tune-fedprox-mu={mu}-seed{s}" / "summary.json").read_text())
+            for s in (0, 1)
+        ]
+        config = (out / "runs" / f"tune-fedprox-mu={mu}-seed0" / "config.yaml").read_text()
+        assert "validation_fraction: 0.2" in config
+        val[mu] = sum(r["val_personal_acc_mean"] for r in runs) / 2
+    assert [p["val_personal_acc_mean"] for p in tuning["grid"]] == [val[0.001], val[3.0]]
+    assert val[0.001] != val[3.0]
+    best = max(val, key=val.get)
+    assert tuning["chosen"] == {"mu": best}
+    final = (out / "runs" / "fedprox-seed0" / "config.yaml").read_text()
+    assert f"mu: {best}" in final and "validation_fraction: 0.0" in final
+    assert f"chose mu={best}" in (out / "results.md").read_text()
+
+
+def test_compare_rejects_tuning_an_algorithm_not_compared(tmp_path, capsys):
+    code = main(
+        [
+            "compare",
+            *tiny("compare.tune={ditto: {lam: [0.1, 1]}}"),
+            "--algorithms=fedavg",
+            "--out",
+            str(tmp_path / "x"),
+            "--quiet",
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "compare.tune" in err and "ditto" in err and "fedavg" in err

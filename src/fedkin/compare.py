@@ -12,10 +12,18 @@ A comparison config is an experiment config plus an optional ``compare`` section
       algorithms: [fedavg, local, ditto]
       seeds: 3
       algorithm_options: {ditto: {lam: 0.5}}
+      tune: {fedprox: {mu: [0.001, 0.01, 0.1, 0.5, 1]}}
+
+``tune`` chooses options without looking at test data: each grid point runs for every seed with
+``data.validation_fraction = compare.validation_fraction`` (clients' training data split into
+train and validation), the point with the highest mean final ``val_personal_acc_mean`` wins,
+and the algorithm's reported runs then train on the full training data with it. The grid, the
+validation accuracy of every point and the choice go to ``results.json`` / ``results.md``.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 from pathlib import Path
@@ -25,6 +33,7 @@ from fedkin.algorithms import ALGORITHMS
 from fedkin.config import (
     CompareSection,
     deep_merge,
+    dump_config,
     parse_overrides,
     read_yaml,
     validate_config,
@@ -45,6 +54,11 @@ COLUMNS = [
     ("global_acc_weighted", "global model acc"),
     ("new_acc_mean", "new-client acc"),
 ]
+
+
+#: Final-evaluation keys averaged over seeds for a tuning grid point: the selection metric
+#: (higher wins) and the tie-breaker (lower wins).
+TUNE_KEYS = ("val_personal_acc_mean", "val_personal_loss")
 
 
 def plan(
@@ -70,15 +84,100 @@ def plan(
             f"--algorithms: unknown {', '.join(unknown)}; allowed: {', '.join(ALGORITHMS)} "
             f"({ALGORITHM_REGISTRY.hint})"
         )
+    untuned = [a for a in section.tune if a not in section.algorithms]
+    if untuned:
+        raise ConfigError(
+            f"compare.tune: {', '.join(untuned)} not among the compared algorithms; "
+            f"allowed: {', '.join(section.algorithms)}"
+        )
+    empty = [f"{a}.{k}" for a, grid in section.tune.items() for k, v in grid.items() if not v]
+    if empty:
+        raise ConfigError(f"compare.tune: empty grid for {', '.join(empty)}; give ≥ 1 value")
     return raw, section
 
 
-def run_config(base: dict[str, Any], section: CompareSection, algorithm: str, seed: int):
+def run_config(
+    base: dict[str, Any],
+    section: CompareSection,
+    algorithm: str,
+    seed: int,
+    options: dict[str, Any] | None = None,
+    validation: bool = False,
+):
+    """The config of one run; ``options`` override the algorithm's ``algorithm_options`` and
+    ``validation`` carves the tuning validation split out of the clients' training data."""
     raw = dict(base)
-    raw["algorithm"] = {"name": algorithm, **section.algorithm_options.get(algorithm, {})}
+    raw["algorithm"] = {
+        "name": algorithm,
+        **section.algorithm_options.get(algorithm, {}),
+        **(options or {}),
+    }
     raw["seed"] = seed
     raw["name"] = f"{base.get('name', 'compare')}-{algorithm}-s{seed}"
+    if validation:
+        raw["data"] = {**raw.get("data", {}), "validation_fraction": section.validation_fraction}
     return validate_config(raw)
+
+
+def run_or_reuse(config, run_dir: Path, progress: bool) -> dict[str, Any]:
+    """Summary of ``config`` run in ``run_dir``: reused if finished, else resumed or started.
+    A run directory holding a different config (e.g. other tuned options) is an error."""
+    stored = run_dir / "config.yaml"
+    if stored.exists() and stored.read_text() != dump_config(config):
+        raise ConfigError(
+            f"{run_dir} holds a run with a different config (options changed since it ran?); "
+            "remove it or use another --out"
+        )
+    summary = read_summary(run_dir)
+    if summary is None or summary.get("rounds", 0) < config.rounds:
+        has_ckpt = (run_dir / CHECKPOINT).exists()
+        experiment = resume_run(run_dir) if has_ckpt else new_run(config, run_dir)
+        summary = execute(experiment, run_dir, progress=progress)
+    return {**summary, "run_dir": str(run_dir)}
+
+
+def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the grid's values, in grid order."""
+    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def tune_all(
+    base: dict[str, Any], section: CompareSection, out: Path, progress: bool = True
+) -> dict[str, dict[str, Any]]:
+    """Choose every ``compare.tune`` grid's options on validation data; sets the winners in
+    ``section.algorithm_options`` and returns, per algorithm, the grid's validation results
+    and the choice."""
+    tuning: dict[str, dict[str, Any]] = {}
+    for algorithm, grid in section.tune.items():
+        points = []
+        for options in grid_points(grid):
+            label = ",".join(f"{k}={v}" for k, v in options.items())
+            runs = [
+                run_or_reuse(
+                    run_config(base, section, algorithm, seed, options, validation=True),
+                    out / "runs" / f"tune-{algorithm}-{label}-seed{seed}",
+                    progress,
+                )
+                for seed in range(section.seeds)
+            ]
+            points.append(
+                {
+                    "options": options,
+                    **{k: statistics.fmean(r[k] for r in runs) for k in TUNE_KEYS},
+                }
+            )
+        best = max(points, key=lambda p: (p[TUNE_KEYS[0]], -p[TUNE_KEYS[1]]))
+        section.algorithm_options[algorithm] = {
+            **section.algorithm_options.get(algorithm, {}),
+            **best["options"],
+        }
+        tuning[algorithm] = {
+            "chosen": best["options"],
+            "metric": TUNE_KEYS[0],
+            "validation_fraction": section.validation_fraction,
+            "grid": points,
+        }
+    return tuning
 
 
 def run_all(
@@ -90,12 +189,7 @@ def run_all(
         for seed in range(section.seeds):
             config = run_config(base, section, algorithm, seed)
             run_dir = out / "runs" / f"{algorithm}-seed{seed}"
-            summary = read_summary(run_dir)
-            if summary is None or summary.get("rounds", 0) < config.rounds:
-                has_ckpt = (run_dir / CHECKPOINT).exists()
-                experiment = resume_run(run_dir) if has_ckpt else new_run(config, run_dir)
-                summary = execute(experiment, run_dir, progress=progress)
-            results.setdefault(algorithm, []).append({**summary, "run_dir": str(run_dir)})
+            results.setdefault(algorithm, []).append(run_or_reuse(config, run_dir, progress))
     return results
 
 
@@ -169,11 +263,31 @@ def plot(results: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
     return [curve_path, dist_path]
 
 
+def tuning_markdown(tuning: dict[str, dict[str, Any]]) -> str:
+    """One paragraph per tuned algorithm: the grid's validation accuracies and the choice."""
+    parts = []
+    for algorithm, t in tuning.items():
+        cells = ", ".join(f"{_label(p['options'])}: {100 * p[t['metric']]:.2f}" for p in t["grid"])
+        parts.append(
+            f"- **{algorithm}**: chose {_label(t['chosen'])} by {t['metric']} (mean over seeds, "
+            f"%, validation = {t['validation_fraction']:g} of each client's training data): "
+            f"{cells}\n"
+        )
+    return "\nTuned on validation data (never on test data):\n\n" + "".join(parts)
+
+
+def _label(options: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in options.items())
+
+
 def write_report(
-    results: dict[str, list[dict[str, Any]]], out: Path, command: str
+    results: dict[str, list[dict[str, Any]]],
+    out: Path,
+    command: str,
+    tuning: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[str, list[Path]]:
     rows = aggregate(results)
-    table = markdown_table(rows)
+    table = markdown_table(rows) + (tuning_markdown(tuning) if tuning else "")
     first = next(iter(results.values()))[0]
     config = read_yaml(Path(first["run_dir"]) / "config.yaml")
     config.pop("algorithm", None)
@@ -185,6 +299,9 @@ def write_report(
     )
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(
-        json.dumps({"command": command, "config": config, "rows": rows}, indent=2) + "\n"
+        json.dumps(
+            {"command": command, "config": config, "rows": rows, "tuning": tuning or {}}, indent=2
+        )
+        + "\n"
     )
     return table, plot(results, out)

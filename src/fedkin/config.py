@@ -106,6 +106,22 @@ class CompareSection(_Section):
     algorithm_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per-algorithm options, e.g. {ditto: {lam: 0.5}}"
     )
+    tune: dict[str, dict[str, list[Any]]] = Field(
+        default_factory=dict,
+        description="per-algorithm option grids chosen on a validation split of the clients' "
+        "training data, never on test data, e.g. {fedprox: {mu: [0.001, 0.01, 0.1, 0.5, 1]}}: "
+        "every grid point runs for every seed with data.validation_fraction = "
+        "compare.validation_fraction, the point with the highest mean final "
+        "val_personal_acc_mean over seeds wins (ties: lower val_personal_loss, then grid "
+        "order), and the reported run trains on the full training data with it",
+    )
+    validation_fraction: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="share of each client's training samples held out for validation in the "
+        "tuning runs of compare.tune",
+    )
 
 
 class ExperimentConfig(_Section):
@@ -159,6 +175,11 @@ class ExperimentConfig(_Section):
                     f"privacy.delta={self.privacy.delta:g} must be < 1/population = "
                     f"1/{training} (a larger δ allows releasing one client's data outright)"
                 )
+        if getattr(self.data, "validation_fraction", 0.0) > 0 and self.backend.name == "flower":
+            raise ValueError(
+                "data.validation_fraction > 0 needs backend.name=local or ray (Flower nodes "
+                "evaluate their test split only); allowed with flower: 0"
+            )
         if self.privacy.dp_sgd is not None and not ALGORITHMS[self.algorithm.name].supports_dp_sgd:
             allowed = ", ".join(n for n, a in ALGORITHMS.items() if a.supports_dp_sgd)
             raise ValueError(

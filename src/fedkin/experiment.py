@@ -390,6 +390,8 @@ class Experiment:
             self.client_accuracy["new"] = (correct[new] / counts[new]).tolist()
         if self.config.eval.failure_patterns:
             record.update(self.failure_accuracy())
+        if self.dataset.val_index is not None:
+            record.update(self._validation_metrics())
         if self.config.privacy.dp_sgd is not None:
             record["example_epsilon"] = self.example_epsilon()
         record["eval_time_s"] = time.perf_counter() - t0
@@ -415,6 +417,21 @@ class Experiment:
                     out[f"personal_acc_{name}"] = float(correct[train].sum() / counts.sum())
         return out
 
+    def _validation_metrics(self) -> dict[str, Any]:
+        """``val_global_*`` / ``val_personal_*``: as on the test split, on the validation split
+        of the training clients that have one (``data.validation_fraction``)."""
+        alg, ds = self.algorithm, self.dataset
+        counts = ds.val_sizes.to(torch.float64)
+        keep = self.is_training & (ds.val_sizes > 0)
+        out: dict[str, Any] = {}
+        if alg.has_global_model:
+            correct, loss = evaluate_global(alg, self.population["global"], ds, split="val")
+            out.update(summarize("val_global", correct[keep], loss[keep], counts[keep]))
+        if self.personalizes():
+            correct, loss = self._evaluate_personal(self._training_states, split="val")
+        out.update(summarize("val_personal", correct[keep], loss[keep], counts[keep]))
+        return out
+
     def personalizes(self) -> bool:
         alg = self.algorithm
         return (
@@ -427,9 +444,11 @@ class Experiment:
     def _adapts(algorithm: Algorithm) -> bool:
         return type(algorithm).adapt is not Algorithm.adapt
 
-    def _evaluate_personal(self, states_of) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-client personal (correct, loss_sum); ``states_of(group)`` gives a store and the
-        client ids of its rows. Clients not covered stay zero."""
+    def _evaluate_personal(
+        self, states_of, split: str = "test"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-client personal (correct, loss_sum) on ``split``; ``states_of(group)`` gives a
+        store and the client ids of its rows. Clients not covered stay zero."""
         n = self.dataset.num_clients
         correct = torch.zeros(n, dtype=torch.float64)
         loss = torch.zeros(n, dtype=torch.float64)
@@ -437,7 +456,13 @@ class Experiment:
             store, clients = states_of(g)
             if len(clients):
                 c, l_ = evaluate_personal(
-                    g.algorithm, self.engine, self.population, store, self.dataset, clients
+                    g.algorithm,
+                    self.engine,
+                    self.population,
+                    store,
+                    self.dataset,
+                    clients,
+                    split=split,
                 )
                 correct[clients], loss[clients] = c, l_
         return correct, loss

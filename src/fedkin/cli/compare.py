@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from fedkin.cli.run import split_items
-    from fedkin.compare import plan, run_all, write_report
+    from fedkin.compare import plan, run_all, tune_all, write_report
     from fedkin.core.errors import UserError
 
     if args.seeds is not None and args.seeds < 1:
@@ -38,6 +38,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"compare-{base.get('name', Path(path or 'default').stem)}"
     out.mkdir(parents=True, exist_ok=True)
     try:
+        tuning = tune_all(base, section, out, progress=not args.quiet)
         results = run_all(base, section, out, progress=not args.quiet)
     except KeyboardInterrupt:
         print(
@@ -50,7 +51,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     command = "fedkin compare " + shlex.join(
         [*args.items, f"--algorithms={','.join(section.algorithms)}", f"--seeds={section.seeds}"]
     )
-    table, plots = write_report(results, out, command)
+    table, plots = write_report(results, out, command, tuning)
     print(table)
     print(f"written: {out}/results.md, results.json, {', '.join(p.name for p in plots)}")
     return 0

@@ -36,12 +36,14 @@ def summarize(
 
 @torch.no_grad()
 def evaluate_global(
-    algorithm: Algorithm, params: Tree, dataset, chunk: int = 8192
+    algorithm: Algorithm, params: Tree, dataset, chunk: int = 8192, split: str = "test"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-client (correct, loss_sum) of the global model on each client's test split."""
-    mask = dataset.test_index >= 0
-    owner = torch.arange(dataset.num_clients).unsqueeze(1).expand_as(dataset.test_index)[mask]
-    index = dataset.test_index[mask]
+    """Per-client (correct, loss_sum) of the global model on each client's test split
+    (``split="val"``: validation split)."""
+    table, _ = dataset.eval_split(split)
+    mask = table >= 0
+    owner = torch.arange(dataset.num_clients).unsqueeze(1).expand_as(table)[mask]
+    index = table[mask]
     correct = torch.zeros(dataset.num_clients, dtype=torch.float64)
     loss_sum = torch.zeros(dataset.num_clients, dtype=torch.float64)
     for start in range(0, len(index), chunk):
@@ -62,8 +64,10 @@ def evaluate_personal(
     dataset,
     clients: torch.Tensor,
     chunk: int = 1024,
+    split: str = "test",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-client (correct, loss_sum) of each client's personal model on its test split.
+    """Per-client (correct, loss_sum) of each client's personal model on its test split
+    (``split="val"``: validation split).
 
     ``clients[j]`` is the dataset id of the client whose state is row ``j`` of ``store``.
     """
@@ -78,7 +82,7 @@ def evaluate_personal(
     corrects, losses = [], []
     for start in range(0, len(clients), chunk):
         rows = torch.arange(start, min(start + chunk, len(clients)))
-        x, y, m = dataset.test_batches(clients[rows])
+        x, y, m = dataset.test_batches(clients[rows], split)
         c, loss = engine.map(
             one_client, (population, store.gather(rows), x, y, m), (None, 0, 0, 0, 0)
         )

@@ -1,7 +1,9 @@
 """Datasets and partitioners: configs in, a :class:`FederatedDataset` out.
 
 ``build_dataset(cfg, seed)`` looks the config's ``name`` up in the dataset registry and builds
-the dataset with randomness from ``Stream(seed).child("data").child(name)`` only.
+the dataset with randomness from ``Stream(seed).child("data").child(name)`` only; a validation split
+(``data.validation_fraction``) is then carved from the train rows with the ``"validation"``
+child stream.
 ``DATASETS`` (the registry: built-ins and plugins) and ``PARTITIONS`` map names to config
 classes (for ``fedkin list``).
 """
@@ -41,8 +43,15 @@ PARTITIONS: dict[str, type[BaseModel]] = {
 
 
 def build_dataset(cfg: DataConfig, seed: int) -> FederatedDataset:
-    """Build the federated dataset described by ``cfg``, deterministically from ``seed``."""
-    return DATASET_REGISTRY.build(cfg, Stream(seed).child("data").child(cfg.name))
+    """Build the federated dataset described by ``cfg``, deterministically from ``seed``
+    (the validation split has its own stream, so it leaves the partition unchanged; dataset
+    configs without ``validation_fraction``, e.g. from plugins, get none)."""
+    data = Stream(seed).child("data")
+    dataset = DATASET_REGISTRY.build(cfg, data.child(cfg.name))
+    fraction = getattr(cfg, "validation_fraction", 0.0)
+    if fraction > 0:
+        dataset = dataset.with_validation(fraction, data.child("validation"))
+    return dataset
 
 
 __all__ = [

@@ -53,13 +53,26 @@ class QuantitySkewPartition(_Strict):
     min_size: int = Field(2, ge=2, description="Samples every client gets before the skew.")
 
 
+class _DatasetConfig(_Strict):
+    """Fields every dataset shares."""
+
+    validation_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of each client's training samples carved out as its validation set "
+        "(never trained on; eval records then report val_* metrics, e.g. for choosing "
+        "hyperparameters without the test split). 0: no validation set.",
+    )
+
+
 PartitionConfig = Annotated[
     IidPartition | DirichletPartition | PathologicalPartition | QuantitySkewPartition,
     Field(discriminator="name"),
 ]
 
 
-class DigitsConfig(_Strict):
+class DigitsConfig(_DatasetConfig):
     """scikit-learn's bundled 8x8 digits (1797 samples, 10 classes), pooled and partitioned."""
 
     name: Literal["digits"] = Field("digits", description="Dataset name.")
@@ -73,7 +86,7 @@ class DigitsConfig(_Strict):
     )
 
 
-class SyntheticConfig(_Strict):
+class SyntheticConfig(_DatasetConfig):
     """Synthetic(alpha, beta) of the FedProx paper (Li et al. 2020), one generated client each."""
 
     name: Literal["synthetic"] = Field("synthetic", description="Dataset name.")
@@ -99,7 +112,7 @@ class SyntheticConfig(_Strict):
     )
 
 
-class FashionMnistConfig(_Strict):
+class FashionMnistConfig(_DatasetConfig):
     """Fashion-MNIST from the standard IDX files (train + test pooled: 70,000 images)."""
 
     name: Literal["fashion-mnist"] = Field("fashion-mnist", description="Dataset name.")

@@ -2,7 +2,9 @@
 
 All samples of all clients live in ``x`` / ``y``. Client ``i`` owns the rows
 ``train_index[i, :train_sizes[i]]`` (train) and ``test_index[i, :test_sizes[i]]`` (test);
-the tables are padded with ``-1``. Because the tables are rectangular, a whole cohort's
+the tables are padded with ``-1``. An optional validation split (``val_index`` /
+``val_sizes``, see :meth:`FederatedDataset.with_validation`) is carved out of the train rows:
+validation samples are never trained on. Because the tables are rectangular, a whole cohort's
 batches are produced by one gather (``x[index_table[clients, …]]``) with no Python loop
 over clients.
 """
@@ -10,7 +12,7 @@ over clients.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -71,7 +73,8 @@ class FederatedDataset:
     ``x``: float32 ``[N, *feature_shape]``; ``y``: int64 ``[N]`` in ``[0, num_classes)``;
     ``train_index`` / ``test_index``: int64 ``[num_clients, max_size]`` padded with ``-1``;
     ``train_sizes`` / ``test_sizes``: int64 ``[num_clients]``; ``image_shape``: ``(C, H, W)``
-    view of one sample for CNNs (``None`` for tabular data).
+    view of one sample for CNNs (``None`` for tabular data); ``val_index`` / ``val_sizes``:
+    the optional per-client validation split (``None``: none).
     """
 
     name: str
@@ -83,6 +86,8 @@ class FederatedDataset:
     test_index: torch.Tensor
     test_sizes: torch.Tensor
     image_shape: tuple[int, int, int] | None = None
+    val_index: torch.Tensor | None = None
+    val_sizes: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.x.dtype != torch.float32 or self.y.dtype != torch.int64:
@@ -163,14 +168,50 @@ class FederatedDataset:
         rows = rows.transpose(0, 1)  # [S, K, B]
         return self.x[rows], self.y[rows]
 
+    def with_validation(self, fraction: float, stream: Stream) -> FederatedDataset:
+        """This dataset with ``round(fraction · n_i)`` of each client's ``n_i`` train samples
+        moved to its validation split (at most ``n_i − 1``: every client keeps a train sample;
+        a client with a single train sample gets no validation samples). Which samples move is
+        a function of (stream, client, position) only."""
+        if self.val_index is not None:
+            raise ValueError("this dataset already has a validation split")
+        sizes, table = self.train_sizes, self.train_index
+        positions = torch.arange(table.shape[1])
+        keys = stream.keys(torch.arange(self.num_clients)[:, None], positions[None, :])
+        keys = torch.where(positions[None, :] < sizes[:, None], keys, _PAD_KEY)
+        shuffled = torch.gather(table, 1, torch.argsort(keys, dim=1, stable=True))
+        n_val = torch.minimum(torch.round(fraction * sizes.to(torch.float64)).long(), sizes - 1)
+        val = [shuffled[i, : int(k)] for i, k in enumerate(n_val)]
+        train = [
+            shuffled[i, int(k) : int(n)] for i, (k, n) in enumerate(zip(n_val, sizes, strict=True))
+        ]
+        train_index, train_sizes = pad_index(train)
+        val_index, val_sizes = pad_index(val)
+        return replace(
+            self,
+            train_index=train_index,
+            train_sizes=train_sizes,
+            val_index=val_index,
+            val_sizes=val_sizes,
+        )
+
+    def eval_split(self, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+        """The padded index table and sizes of the ``"test"`` or ``"val"`` split."""
+        if split == "test":
+            return self.test_index, self.test_sizes
+        if split == "val" and self.val_index is not None:
+            return self.val_index, self.val_sizes
+        raise ValueError(f"no {split!r} split (have: test{', val' * (self.val_index is not None)})")
+
     def test_batches(
-        self, clients: torch.Tensor
+        self, clients: torch.Tensor, split: str = "test"
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every test sample of a cohort, padded to the largest test split among ``clients``:
-        ``x [K, T, *feature_shape]``, ``y [K, T]``, ``mask [K, T]`` (bool; padded slots hold
-        x = 0, y = 0, mask = False)."""
-        clients = torch.as_tensor(clients, dtype=torch.int64, device=self.test_index.device)
-        return _gather_padded(self.x, self.y, self.test_index[clients], self.test_sizes[clients])
+        """Every test (or ``split="val"``: validation) sample of a cohort, padded to the
+        largest such split among ``clients``: ``x [K, T, *feature_shape]``, ``y [K, T]``,
+        ``mask [K, T]`` (bool; padded slots hold x = 0, y = 0, mask = False)."""
+        index, sizes = self.eval_split(split)
+        clients = torch.as_tensor(clients, dtype=torch.int64, device=index.device)
+        return _gather_padded(self.x, self.y, index[clients], sizes[clients])
 
     def train_batches(
         self, clients: torch.Tensor
