@@ -294,6 +294,55 @@ def test_ifca_unchosen_cluster_stays_unchanged():
         assert same == (k not in used)
 
 
+def test_ifca_client_never_sampled_takes_its_lowest_training_loss_cluster():
+    """IFCA (Ghosh et al. 2020) assigns a client the cluster whose model has the lowest loss on
+    its training data. Three constant-logit cluster models, each betting on a different class
+    set, make the best cluster differ across clients (mostly not cluster 0); an untrained
+    client must be evaluated with it, a trained one with its last chosen cluster."""
+    e = Experiment(
+        tiny_config(
+            "algorithm.name=ifca",
+            "algorithm.num_clusters=3",
+            "data.partition.name=pathological",
+            "data.partition.classes_per_client=1",
+            "client.local_steps=2",
+            "client.batch_size=64",  # the evaluation batches cover each client's training data
+        )
+    )
+    sets = [(0, 1, 2), (3, 4, 5, 6), (7, 8, 9)]
+    clusters = {k: torch.zeros_like(v) for k, v in e.population["clusters"].items()}
+    last_bias = [k for k in clusters if k.endswith("bias")][-1]
+    for j, classes in enumerate(sets):
+        clusters[last_bias][j, list(classes)] = 5.0
+    e.population = {"clusters": clusters}
+    ds, alg = e.dataset, e.algorithm
+    n = ds.num_clients
+    expected = torch.empty(n, dtype=torch.long)
+    for i in range(n):
+        x, y = ds.client_train(i)
+        expected[i] = torch.stack(
+            [alg.data_loss(alg.cluster(clusters, j), x, y) for j in range(3)]
+        ).argmin()
+    assert (expected != 0).sum() >= n // 2 and len(set(expected.tolist())) == 3
+
+    states = e.eval_states(alg, torch.arange(n), e.population, 0, e.store.gather(torch.arange(n)))
+    assert torch.equal(states["assign"].argmax(1), expected)
+    assert torch.equal(states["assign"].sum(1), torch.ones(n))
+    # the evaluation record uses these clusters: accuracy of the expected cluster's model
+    record = e.evaluate()
+    want = []
+    for i in range(n):
+        x, y = ds.client_test(i)
+        pred = alg.logits(alg.cluster(clusters, int(expected[i])), x).argmax(-1)
+        want.append(float((pred == y).to(torch.float64).mean()))
+    assert record["personal_acc_mean"] == pytest.approx(sum(want) / n, abs=1e-12)
+    # a client that trained keeps the cluster it chose, whatever its loss says now
+    trained = {"assign": torch.tensor([[1.0, 0.0, 0.0]])}
+    i = int(torch.nonzero(expected != 0)[0])
+    kept = e.eval_states(alg, torch.tensor([i]), e.population, 0, trained)
+    assert torch.equal(kept["assign"], trained["assign"])
+
+
 # ----- FedRep / FedPer ---------------------------------------------------------------------------
 
 

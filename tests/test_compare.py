@@ -83,7 +83,9 @@ def test_compare_tunes_on_validation_data_and_reports_the_choice(tmp_path, capsy
     val = {}
     for mu in (0.001, 3.0):
         runs = [
-            json.loads((out / "runs" / f"tune-fedprox-mu={mu}-seed{s}" / "summary.json").read_text())
+            json.loads(
+                (out / "runs" / f"tune-fedprox-mu={mu}-seed{s}" / "summary.json").read_text()
+            )
             for s in (0, 1)
         ]
         config = (out / "runs" / f"tune-fedprox-mu={mu}-seed0" / "config.yaml").read_text()

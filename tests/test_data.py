@@ -222,6 +222,33 @@ def test_build_is_deterministic_in_seed(digits):
     assert not torch.equal(digits.train_sizes, other.train_sizes)
 
 
+def test_validation_split_is_carved_from_train_only(digits):
+    """with_validation moves round(f·n_i) (≤ n_i − 1) train rows per client to validation,
+    deterministically in the stream; test rows and the other clients' rows are untouched."""
+    carved = digits.with_validation(0.2, Stream(3).child("v"))
+    assert torch.equal(carved.test_index, digits.test_index)
+    n = digits.train_sizes
+    expected = torch.minimum(torch.round(0.2 * n.to(torch.float64)).long(), n - 1)
+    assert torch.equal(carved.val_sizes, expected) and bool((expected > 0).any())
+    assert torch.equal(carved.train_sizes + carved.val_sizes, n)
+    for i in range(digits.num_clients):
+        train = set(carved.train_index[i, : int(carved.train_sizes[i])].tolist())
+        val = set(carved.val_index[i, : int(carved.val_sizes[i])].tolist())
+        assert not train & val
+        assert train | val == set(digits.train_index[i, : int(n[i])].tolist())
+    again = digits.with_validation(0.2, Stream(3).child("v"))
+    assert torch.equal(again.val_index, carved.val_index)
+    other = digits.with_validation(0.2, Stream(4).child("v"))
+    assert not torch.equal(other.val_index, carved.val_index)
+    # training batches come from the remaining train rows only
+    xs, _ = carved.sample_train_batches(torch.arange(5), Stream(0), 0, 4, 8)
+    for c in range(5):
+        rows = carved.x[carved.train_index[c, : int(carved.train_sizes[c])]]
+        assert all((rows == x).all(1).any() for x in xs[:, c].reshape(-1, xs.shape[-1]))
+    with pytest.raises(ValueError, match="no 'val' split"):
+        digits.test_batches(torch.arange(2), "val")
+
+
 def test_empty_split_is_rejected():
     x, y = torch.zeros(3, 2), torch.zeros(3, dtype=torch.int64)
     with pytest.raises(DataError, match=r"0 of 2 clients have an empty train split and 1 .*test"):

@@ -226,7 +226,16 @@ def test_james_stein_positive_part_and_small_k_fallback() -> None:
     )
     fallback = estimate(tiny, method="james-stein")
     assert torch.equal(fallback.estimates, tiny.means)
-    assert "more than 3 means" in fallback.notes[0]
+    assert "(m − 1)·d > 2" in fallback.notes[0]
+    # two clients with three coordinates have (m − 1)·d = 3 deviations: no fallback
+    pair = ClientData.from_samples(
+        torch.tensor([0, 0, 1, 1]),
+        torch.tensor([[0.0, 1.0, 2.0], [0.5, 1.0, 2.5], [3.0, 4.0, 5.0], [3.5, 4.0, 4.5]]),
+        "ab",
+        ("u", "v", "w"),
+    )
+    shrunk = estimate(pair, method="james-stein", family="gaussian")
+    assert not shrunk.notes and not torch.equal(shrunk.estimates, pair.means)
     # All-equal means: SS = 0, full shrinkage to the common mean.
     same = ClientData.from_samples(
         torch.arange(8).repeat(2), torch.ones(16) * 2.0, list("abcdefgh")
@@ -235,6 +244,69 @@ def test_james_stein_positive_part_and_small_k_fallback() -> None:
         estimate(same, method="james-stein", family="gaussian").estimates,
         torch.full((8, 1), 2.0, dtype=torch.float64),
     )
+
+
+def inverse_chi2_mean(q: int, lam: float) -> float:
+    """E[1/χ²_q(λ)] = Σ_k Poisson(k; λ/2) / (q − 2 + 2k) (noncentral χ² as a Poisson mixture)."""
+    return sum(
+        math.exp(-lam / 2 + k * math.log(lam / 2) - math.lgamma(k + 1)) / (q - 2 + 2 * k)
+        if lam > 0
+        else float(k == 0) / (q - 2)
+        for k in range(400)
+    )
+
+
+def js_mc_risk(theta: torch.Tensor, reps: int, seed: int) -> tuple[float, float, float]:
+    """Monte-Carlo total risk E‖θ̂ − θ‖² (mean, se) of James–Stein for x_i ~ N(θ_i, I_d) with
+    σ² = 1 known, one sample per client; and the fraction of reps where the positive part
+    clipped."""
+    m, d = theta.shape
+    gen = torch.Generator().manual_seed(seed)
+    losses, clipped = [], 0
+    for _ in range(reps):
+        x = theta + torch.randn(m, d, generator=gen, dtype=torch.float64)
+        data = ClientData.from_samples(
+            torch.arange(m), x, [f"c{i}" for i in range(m)], [f"v{j}" for j in range(d)]
+        )
+        est = estimate(data, method="james-stein", family="gaussian", sigma2=1.0).estimates
+        losses.append(float(((est - theta) ** 2).sum()))
+        clipped += int(((x - x.mean(0)) ** 2).sum() <= (m - 1) * d - 2)
+    mean, se = mean_se(losses)
+    return mean, se, clipped / reps
+
+
+def test_vector_james_stein_matches_closed_form_risk() -> None:
+    """m = 3 clients with d = 10 coordinates, shrunk toward the per-coordinate grand mean:
+    SS ~ χ²_q(λ) with q = (m − 1)d = 20, and the risk is m·d − (q − 2)² E[1/χ²_q(λ)]. The
+    former constant m·d − 3 = 27 (instead of q − 2 = 18) raises it by 81 E[1/χ²_q(λ)] ≈ 1.0."""
+    m, d = 3, 10
+    gen = torch.Generator().manual_seed(11)
+    theta = torch.randn(m, d, generator=gen, dtype=torch.float64)
+    theta = theta - theta.mean(0)
+    theta = theta * math.sqrt(60.0 / float((theta**2).sum()))  # λ = 60: the positive part
+    q, lam = (m - 1) * d, 60.0  # (clipping when SS ≤ q − 2) practically never acts
+    inv = inverse_chi2_mean(q, lam)
+    from scipy import integrate, stats
+
+    check, _ = integrate.quad(lambda v: stats.ncx2.pdf(v, q, lam) / v, 0, math.inf)
+    assert inv == pytest.approx(check, rel=1e-6)
+    risk, se, clipped = js_mc_risk(theta, reps=4000, seed=5)
+    assert clipped < 0.002
+    closed = m * d - (q - 2) ** 2 * inv
+    former = m * d - (2 * (m * d - 3) * (q - 2) - (m * d - 3) ** 2) * inv
+    assert abs(risk - closed) < K * se
+    assert former - closed > 8 * se  # the test tells the two constants apart
+    assert risk < m * d - 10 * se  # beats the MLE (the local means, risk m·d)
+
+
+def test_vector_james_stein_beats_mle_at_equal_means() -> None:
+    """θ_i all equal (λ = 0): James–Stein's risk is (d + 2) (Stein's identity with
+    E[1/χ²_q] = 1/(q − 2)), the positive part only lowers it; the MLE's is m·d = 30."""
+    m, d = 3, 10
+    risk, se, clipped = js_mc_risk(torch.full((m, d), 0.7, dtype=torch.float64), 2000, seed=6)
+    assert clipped > 0.3  # the positive part matters here
+    assert risk < d + 2 + K * se
+    assert risk < m * d / 2
 
 
 def test_bernoulli_empirical_bayes_near_beta_binomial_oracle() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -374,6 +375,26 @@ def test_eval_record_matches_naive_summary(trained_local):
     for key, value in expected.items():
         assert record[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     assert "global_acc_mean" not in record  # Local has no population model
+
+
+def test_validation_metrics_match_naive_summary_on_the_validation_rows():
+    """data.validation_fraction: val_* metrics are the test summaries computed on the carved-out
+    validation rows (here with Local's personal models, which never saw them)."""
+    exp = Experiment(tiny_config("algorithm.name=local", "data.validation_fraction=0.25"))
+    exp.run_round()
+    record = exp.evaluate()
+    ds = exp.dataset
+    assert bool((ds.val_sizes > 0).all())
+    as_test = replace(ds, test_index=ds.val_index, test_sizes=ds.val_sizes)
+    states = exp.store.gather(torch.arange(ds.num_clients))
+    correct, loss = _naive(
+        exp.algorithm, lambda i: {k: v[i] for k, v in states["params"].items()}, as_test
+    )
+    expected = summarize("val_personal", correct, loss, ds.val_sizes.to(torch.float64))
+    for key, value in expected.items():
+        assert record[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert record["val_personal_acc_mean"] != record["personal_acc_mean"]
+    assert "val_personal_acc_mean" not in Experiment(tiny_config()).evaluate()
 
 
 def test_fedavg_eval_record_personal_equals_global():

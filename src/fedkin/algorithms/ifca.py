@@ -5,7 +5,9 @@ Local solver: j* = argmin_j f_i(w_j) on the round's batches, then K optimizer st
 w_{j*}; message {Δ_i ⊗ e_{j*}, e_{j*}} (delta one-hot-masked by cluster, and the one-hot).
 Population update: each chosen cluster k takes the weighted mean of its members' deltas,
     w_k ← ServerOpt_k(w_k, −Σ_i p_i e_ik Δ_i / Σ_i p_i e_ik);
-clusters nobody chose stay unchanged. The personal model is w of the last chosen cluster.
+clusters nobody chose stay unchanged. The personal model is w of the last chosen cluster; a
+client that never trained has no cluster yet (assignment e = 0) and, at evaluation (``adapt``),
+takes j* = argmin_j f_i(w_j) on its own training batches, as the paper assigns clusters.
 """
 
 from __future__ import annotations
@@ -89,22 +91,23 @@ class Ifca(Algorithm):
 
     # ----- client ----------------------------------------------------------------------------
     def init_client(self, population: Tree) -> Tree:
-        """The last chosen cluster as a one-hot (cluster 0 until the client first trains)."""
-        k = self.config.num_clusters
-        return {"assign": (torch.arange(k) == 0).to(torch.float32)}
+        """The last chosen cluster as a one-hot; all zeros until the client first trains."""
+        return {"assign": torch.zeros(self.config.num_clusters)}
 
     def cluster_losses(self, clusters: Tree, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """f_i(w_k) for every cluster on the samples (x, y): ``[K]``."""
         k = self.config.num_clusters
         return torch.stack([self.data_loss(self.cluster(clusters, j), x, y) for j in range(k)])
 
+    def choose(self, clusters: Tree, batches) -> torch.Tensor:
+        """One-hot of j* = argmin_j f_i(w_j) on all samples of ``batches`` (xs ``[S, B, …]``)."""
+        xs, ys = batches
+        losses = self.cluster_losses(clusters, xs.reshape(-1, *xs.shape[2:]), ys.reshape(-1))
+        return hard_assignment(losses.detach())
+
     def client_update(self, population: Tree, client: Tree, batches, ctx: Tree):
         clusters = population["clusters"]
-        xs, ys = batches
-        losses = self.cluster_losses(
-            clusters, xs.reshape(-1, *xs.shape[2:]), ys.reshape(-1)
-        ).detach()
-        onehot = hard_assignment(losses)
+        onehot = self.choose(clusters, batches)
         w = self.select(clusters, onehot)
         new, _, loss = self.local_solve(w, self.plain_objective, batches)
         delta = tree_map(
@@ -127,6 +130,13 @@ class Ifca(Algorithm):
                 w_k = server(f"cluster{k}", w_k, pseudo_grad)
             models.append(w_k)
         return {"clusters": tree_map(lambda *ts: torch.stack(ts), *models)}
+
+    def adapt(self, population: Tree, client: Tree, batches, ctx: Tree) -> Tree:
+        """A client that never trained (e = 0) takes j* = argmin_j f_i(w_j) on its training
+        batches; a client that trained keeps its last chosen cluster."""
+        assign = client["assign"]
+        chosen = self.choose(population["clusters"], batches).to(assign.dtype)
+        return {"assign": torch.where(assign.sum() > 0, assign, chosen)}
 
     def personal_params(self, population: Tree, client: Tree) -> Tree:
         return self.select(population["clusters"], client["assign"])

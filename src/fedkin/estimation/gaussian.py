@@ -30,10 +30,14 @@ Reported posterior sd: ``√(a_i s_i² + (1 − a_i)² v_μ)`` with ``v_μ = (τ
 sampling variance of ``μ̂`` (the plug-in posterior plus the first-order uncertainty of μ̂);
 under privacy noise ``σ̂²`` there is raised to its upper bound ``σ̂² + 2·sd(σ̂²)``.
 
-James–Stein (positive part, toward the grand mean): with ``k`` means and
-``SS = Σ (x̄ − μ̂)²``, ``θ̂_i = μ̂ + (1 − B_i)₊ (x̄_i − μ̂)``, ``B_i = (k − 3) s_i²/SS``; for
-equal ``n_i`` this is Efron–Morris' estimator, for unequal ``n_i`` the natural extension.
-It needs ``k > 3``; otherwise the local means are returned (stated in the notes).
+James–Stein (positive part, toward the grand mean): with ``m`` clients, ``d`` coordinates and
+``SS = Σ_i ‖x̄_i − μ̂‖²``, ``θ̂_i = μ̂ + (1 − B_i)₊ (x̄_i − μ̂)``, ``B_i = (q − 2) s_i²/SS``, where
+``q = (m − 1)·d`` is the dimension left after estimating the d-vector ``μ̂`` (so for equal
+``n_i``, ``SS/s² ~ χ²_q(λ)``, ``λ = Σ_i ‖θ_i − θ̄‖²/s²``); ``pooled=False`` shrinks each coordinate
+on its own (``d = 1``: ``q − 2 = m − 3``). For equal ``n_i`` the estimator without the positive
+part has total risk ``s² [m d − (q − 2)² E 1/χ²_q(λ)]`` (Stein's identity), below the local
+means' ``m d s²`` for every θ (Efron–Morris); for unequal ``n_i`` this is the natural extension.
+It needs ``q > 2``; otherwise the local means are returned (stated in the notes).
 """
 
 from __future__ import annotations
@@ -130,12 +134,15 @@ def _noise(sd: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 def _james_stein(x: torch.Tensor, mom: Moments, s2: torch.Tensor, pooled: bool) -> Fit:
     ss = (mom.m - 1) * mom.spread
-    k = mom.m * (x.shape[1] if pooled else 1)
+    q = (mom.m - 1) * (x.shape[1] if pooled else 1)
     if pooled:
         ss = ss.sum().expand_as(ss)
     hyper = {"mu": mom.mean.tolist()}
-    if k <= 3:
-        note = f"James–Stein needs more than 3 means (got {k}): returning the local means"
+    if q <= 2:
+        note = (
+            f"James–Stein needs (m − 1)·d > 2 deviations from the grand mean (got {q}): "
+            "returning the local means"
+        )
         return Fit(x.clone(), hyper=hyper, notes=(note,))
-    b = torch.where(ss > 0, (k - 3) * s2 / ss, torch.ones_like(s2)).clamp(max=1.0)
+    b = torch.where(ss > 0, (q - 2) * s2 / ss, torch.ones_like(s2)).clamp(max=1.0)
     return Fit(mom.mean + (1 - b) * (x - mom.mean), hyper=hyper)
