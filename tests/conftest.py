@@ -47,6 +47,27 @@ def drop_timings(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records]
 
 
+def hand_personal_accuracy(exp) -> float:
+    """Mean over training clients of each client's personal-model test accuracy, computed one
+    client at a time (its stored state, adapted if the algorithm adapts) — an independent check
+    of the vectorized evaluation's ``personal_acc_mean``."""
+    from fedkin.core.tree import tree_map
+
+    accuracies = []
+    for group in exp.groups:
+        alg = group.algorithm
+        for i in group.members[exp.is_training[group.members]].tolist():
+            ids = torch.tensor([i])
+            stored = group.store.gather(group.rows(ids))
+            state = exp.eval_states(alg, ids, exp.population, exp.round, stored)  # adapt, if any
+            params = alg.personal_params(exp.population, tree_map(lambda t: t[0], state))
+            x, y = exp.dataset.client_test(i)
+            with torch.no_grad():
+                hits = (alg.logits(params, x).argmax(-1) == y).to(torch.float64)
+            accuracies.append(float(hits.mean()))
+    return sum(accuracies) / len(accuracies)
+
+
 @pytest.fixture
 def cli():
     """``fedkin.cli.main.main``: the real command line, called in-process."""

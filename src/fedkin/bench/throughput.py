@@ -12,7 +12,9 @@ Both consume the same pre-drawn batches in the same process, timed round by roun
 alternation (medians reported), so their ratio is meaningful on a shared machine even when
 absolute times are not. Each cohort size runs in its own subprocess so
 its peak memory (max RSS) is its own. For cohorts above ``--loop-cap`` clients the reference
-loop is timed on ``--loop-cap`` of them: its cost is strictly per client.
+loop is timed on ``--loop-cap`` of them: its cost is strictly per client. When the loop runs
+the whole cohort, both implementations train the same model from the same batches, and the
+largest absolute difference between their final models is reported (``final_max_abs_diff``).
 """
 
 from __future__ import annotations
@@ -131,6 +133,10 @@ def measure(clients: int, rounds: int, loop_cap: int, seed: int = 0) -> dict:
         loop_times.append(time.perf_counter() - t1)
     fedkin_s, loop_s = statistics.median(fedkin_times), statistics.median(loop_times)
 
+    diff = None
+    if loop_clients == clients:  # same cohort: both must end with the same model
+        final = dict(global_model.named_parameters())
+        diff = max(float((population["global"][k] - final[k].detach()).abs().max()) for k in final)
     fedkin_ups = clients / fedkin_s
     loop_ups = loop_clients / loop_s
     return {
@@ -144,6 +150,7 @@ def measure(clients: int, rounds: int, loop_cap: int, seed: int = 0) -> dict:
         "fedkin_us_per_update": 1e6 * fedkin_s / clients,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
+        "final_max_abs_diff": diff,
     }
 
 
@@ -223,6 +230,9 @@ def cmd_throughput(args: argparse.Namespace) -> int:
         )
     console = Console()
     print_table(table, console)
+    diffs = [r["final_max_abs_diff"] for r in results if r["final_max_abs_diff"] is not None]
+    if diffs:
+        console.print(f"final models of fedkin and the loop differ by at most {max(diffs):.1e}")
     console.print(f"threads={results[0]['threads']}; reproduce with: {command}")
     return 0
 
