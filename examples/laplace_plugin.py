@@ -131,20 +131,29 @@ class RotatedBlobsConfig(BaseModel):
     )
 
 
+def rotate_pairs(x: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+    """R(φ)x: rotate every coordinate pair (x₀, x₁), (x₂, x₃), … of ``x [..., d]`` by the angle
+    ``φ`` (broadcast over the leading dims); an odd last coordinate is kept."""
+    pairs = x[..., : x.shape[-1] // 2 * 2].unflatten(-1, (-1, 2))
+    cos, sin = phi.cos()[..., None], phi.sin()[..., None]
+    first = cos * pairs[..., 0] - sin * pairs[..., 1]
+    second = sin * pairs[..., 0] + cos * pairs[..., 1]
+    rotated = torch.stack([first, second], dim=-1).flatten(-2)
+    return torch.cat([rotated, x[..., rotated.shape[-1] :]], dim=-1)
+
+
 def build_rotated_blobs(cfg: RotatedBlobsConfig, stream: Stream) -> FederatedDataset:
-    """Γ: class means μ_k ~ N(0, s²I_d); client i: angle φ_i ~ N(0, σ²) and rotation R_i of the
-    first two coordinates; its samples y ~ Uniform{1..C}, x ~ N(R_i μ_y, ν²I_d). All draws are
-    counter-based in (seed, client, sample), so the data is a function of the seed only."""
+    """Γ: class means μ_k ~ N(0, s²I_d); client i: angle φ_i ~ N(0, σ²) and the rotation R_i by
+    φ_i of every coordinate pair; its samples y ~ Uniform{0..C−1}, x ~ N(R_i μ_y, ν²I_d). The
+    Bayes classifier of client i is the global one rotated by φ_i, so a single global model
+    loses accuracy as σ grows. All draws are counter-based in (seed, client, sample): the data
+    is a function of the seed only."""
     n_clients, n, d, c = cfg.num_clients, cfg.samples_per_client, cfg.dim, cfg.num_classes
     means = cfg.separation * stream.child("means").normal(torch.arange(c)[:, None], torch.arange(d))
     phi = cfg.rotation_std * stream.child("angle").normal(torch.arange(n_clients))
     client, sample = torch.arange(n_clients)[:, None], torch.arange(n)[None, :]
     y = (stream.child("label").uniform(client, sample) * c).long()  # [clients, n]
-    mu = means[y]  # [clients, n, d]
-    cos, sin = phi.cos()[:, None], phi.sin()[:, None]
-    first = cos * mu[..., 0] - sin * mu[..., 1]
-    second = sin * mu[..., 0] + cos * mu[..., 1]
-    mu = torch.cat([first[..., None], second[..., None], mu[..., 2:]], dim=-1)
+    mu = rotate_pairs(means[y], phi[:, None])  # [clients, n, d]
     noise = stream.child("noise").normal(client[..., None], sample[..., None], torch.arange(d))
     x = (mu + cfg.noise_std * noise).to(torch.float32).reshape(n_clients * n, d)
     n_test = min(n - 1, max(1, round(cfg.test_fraction * n)))

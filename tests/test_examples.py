@@ -139,6 +139,17 @@ def test_laplace_ditto_limits(plugin):
     assert 0.0 < float(metrics["personal_density"]) < 1.0
 
 
+def test_rotate_pairs_is_a_rotation_of_every_coordinate_pair(plugin):
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    phi = torch.tensor([0.3, 1.0, -2.0])
+    rotated = plugin.rotate_pairs(x, phi)
+    for i, p in enumerate(phi):
+        r = torch.tensor([[p.cos(), -p.sin()], [p.sin(), p.cos()]])
+        for a in (0, 2):
+            torch.testing.assert_close(rotated[i, a : a + 2], r @ x[i, a : a + 2])
+    assert torch.equal(rotated[:, 4], x[:, 4])  # the odd coordinate is kept
+
+
 def test_rotated_blobs_is_a_function_of_the_seed(plugin):
     config = load_config(None, [*EXAMPLE, f"plugins=[{PLUGIN}]"])
     a, b = build_dataset(config.data, 0), build_dataset(config.data, 0)

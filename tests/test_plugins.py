@@ -60,6 +60,26 @@ def test_a_plugin_that_fails_to_import_is_one_line_and_exit_2(
     assert error in err
 
 
+def test_every_command_takes_plugin():
+    import argparse
+
+    from fedkin.cli.main import build_parser
+
+    def leaves(parser, path=()):
+        groups = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not groups:
+            yield path, parser
+        for group in groups:
+            for name, child in group.choices.items():
+                yield from leaves(child, (*path, name))
+
+    found = list(leaves(build_parser()))
+    assert {p[0] for p, _ in found} >= {"run", "compare", "list", "estimate", "privacy", "bench"}
+    for path, parser in found:
+        options = {o for a in parser._actions for o in a.option_strings}
+        assert "--plugin" in options, path
+
+
 def test_run_records_its_plugins_and_resume_loads_them(
     cli, capsys, tmp_path, monkeypatch, isolated_registries
 ):

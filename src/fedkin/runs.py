@@ -57,7 +57,7 @@ def resume_run(run_dir: Path) -> Experiment:
 
 
 def run(
-    config: ExperimentConfig | str | Path,
+    config: ExperimentConfig | str | Path | None,
     run_dir: str | Path | None = None,
     *,
     overrides: list[str] | None = None,
@@ -66,9 +66,10 @@ def run(
 ) -> dict[str, Any]:
     """Run an experiment to its end and return its summary: the Python form of ``fedkin run``.
 
-    ``config``: an :class:`ExperimentConfig` or a YAML path (with ``key=value`` ``overrides``
-    and ``plugins``). ``run_dir`` defaults to ``runs/<date>-<time>-<name>``; it gets the usual
-    files (``config.yaml``, ``metrics.jsonl``, ``summary.json``, checkpoint, plot)."""
+    ``config``: an :class:`ExperimentConfig`, or a YAML path (None: the defaults) with
+    ``key=value`` ``overrides`` and ``plugins``. ``run_dir`` defaults to
+    ``runs/<date>-<time>-<name>``; it gets the usual files (``config.yaml``,
+    ``metrics.jsonl``, ``summary.json``, checkpoint, plot)."""
     if not isinstance(config, ExperimentConfig):
         config = load_config(config, overrides, plugins)
     elif overrides or plugins:
