@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 import fedkin
 from conftest import drop_timings, tiny, tiny_config
 from fedkin.algorithms import ALGORITHMS
-from fedkin.config import dump_config, load_config
+from fedkin.config import ExperimentConfig, dump_config, load_config
 from fedkin.core.errors import ConfigError, UserError
 from fedkin.optim import OPTIMIZERS, sgd
 from fedkin.registry import RegistryError
@@ -54,8 +54,11 @@ def test_registering_after_validation_rebuilds_the_schema(isolated_registries, t
     tiny_config()  # the optimizer union is built (and cached) without half-sgd
     with pytest.raises(ConfigError, match="'half-sgd' is not one of"):
         tiny_config("client.optimizer.name=half-sgd")
+    schema = json.dumps(ExperimentConfig.model_json_schema())
+    assert '"sgd"' in schema and "half-sgd" not in schema
     assert fedkin.register_optimizer(HalfSgdConfig) is HalfSgdConfig
     assert "half-sgd" in OPTIMIZERS
+    assert "half-sgd" in json.dumps(ExperimentConfig.model_json_schema())  # the JSON schema too
     with pytest.raises(ConfigError, match=r"client\.optimizer\.lr: Input should be greater"):
         tiny_config("client.optimizer.name=half-sgd", "client.optimizer.lr=-1")
     config = tiny_config("client.optimizer.name=half-sgd", "client.optimizer.lr=0.2", "rounds=2")

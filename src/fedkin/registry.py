@@ -179,15 +179,18 @@ class Registry(Mapping[str, type[BaseModel]]):
         return f"Registry({self.kind!r}, {list(self._entries)})"
 
     # ----- validation ---------------------------------------------------------------------------
-    def validate(self, value: Any) -> BaseModel:
-        """Validate ``value`` (a dict with ``name``, or a config instance) against the
-        discriminated union of the registered configs, built on first use after a change."""
+    def union(self) -> TypeAdapter:
+        """The discriminated union of the registered configs, built on first use after a change."""
         self._ensure_loaded()
         if self._adapter is None or self._adapter[0] != self._version:
             configs = tuple(e.config for e in self._entries.values())
             union = Annotated[Union[configs], Field(discriminator="name")]  # noqa: UP007
             self._adapter = (self._version, TypeAdapter(union))
-        return self._adapter[1].validate_python(value)
+        return self._adapter[1]
+
+    def validate(self, value: Any) -> BaseModel:
+        """Validate ``value`` (a dict with ``name``, or a config instance) against the union."""
+        return self.union().validate_python(value)
 
 
 class _Builders(Mapping[str, Callable[..., Any]]):
@@ -211,6 +214,9 @@ class _RegistryField:
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
+
+    def __get_pydantic_json_schema__(self, schema: Any, handler: Any) -> Any:
+        return handler(self.registry.union().core_schema)  # the registered configs, one of
 
     def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> core_schema.CoreSchema:
         return core_schema.no_info_plain_validator_function(
