@@ -259,6 +259,8 @@ def test_bench_json_rows(cli, capsys):
         ("independent", "branch2"),
         *(("mel", p) for p in ["none", "combiner", "branch1", "branch2"]),
         *(("mel", p) for p in ["combiner+branch1", "combiner+branch2"]),
+        *(("mel-nodrop", p) for p in ["none", "combiner", "branch1", "branch2"]),
+        *(("mel-nodrop", p) for p in ["combiner+branch1", "combiner+branch2"]),
     }
     assert all(0 <= r["accuracy"] <= 1 for r in rows)
     assert by[("mel", "none")]["params"] / by[("original", "none")]["params"] == pytest.approx(

@@ -10,6 +10,7 @@ split with Adam and evaluated on the test split under each failure pattern:
 * ``mel``: the MEL ensemble (``fedkin.models.mel``), K = 2 branches of the original's depth and
   a combiner, all widths scaled by one factor to ``--ratio`` × the original's parameters;
   every pattern of :meth:`~fedkin.models.mel.MEL.failure_patterns`.
+* ``mel-nodrop``: the same without branch feature dropout (p = 0), an ablation.
 * ``compressed``: the original on the primary server plus a compressed backup — a model of the
   original's architecture with widths scaled to MEL's total size, distilled from the original
   (Hinton et al. 2015: (1−α)·CE + α·T²·KL(p_T^teacher ‖ p_T^student), α = 0.5, T = 4).
@@ -160,6 +161,8 @@ def run_dataset(name: str, root: str, ratio: float, seed: int, lr: float, epochs
     mel = build(mel_cfg, seed)
     times["mel"] = train(mel, mel, xtr, ytr, spec, lr, seed)
     n_mel = count_parameters(mel)
+    nodrop = build(mel_cfg.model_copy(update={"branch_dropout": 0.0}), seed)
+    times["mel-nodrop"] = train(nodrop, nodrop, xtr, ytr, spec, lr, seed)
 
     # the compressed backup and the independent ensemble get MEL's total size
     total = n_mel / n_orig
@@ -183,6 +186,7 @@ def run_dataset(name: str, root: str, ratio: float, seed: int, lr: float, epochs
             "params": count_parameters(fallback),
         },
         *mel_rows(mel, "mel", xte, yte),
+        *mel_rows(nodrop, "mel-nodrop", xte, yte),
         {"method": "compressed", "pattern": "none", "accuracy": acc_orig, "params": n_orig},
         {
             "method": "compressed",
