@@ -138,12 +138,12 @@ class AdaPeD(Algorithm):
         psi = self.to_psi(params["u"])
         coupling = scale / psi.detach()  # s/ψ, no gradient to ψ
         z_t, z_w = self.logits(theta, x), self.logits(w, x)
-        ce_t = torch.nn.functional.cross_entropy(z_t, y)
+        ce_t = self.logits_loss(z_t, theta, x, y)
         kd_t = self.kd(z_t, z_w)  # θ is the student, w the (detached) teacher
         psi_term = 0.5 * torch.log(psi) + kd_t.detach() / (2 * psi)
         total = ce_t + kd_t * coupling / 2 + scale * psi_term
         if cfg.global_ce_weight:
-            total = total + cfg.global_ce_weight * torch.nn.functional.cross_entropy(z_w, y)
+            total = total + cfg.global_ce_weight * self.logits_loss(z_w, w, x, y)
         if cfg.global_kd_direction == "mutual":
             total = total + self.kd(z_w, z_t) * coupling / 2
         elif cfg.global_kd_direction == "joint":

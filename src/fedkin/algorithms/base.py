@@ -112,13 +112,32 @@ class Algorithm(ABC):
         """Logits of the population model (``global_model``'s architecture)."""
         return functional_call(self.global_model, params, (x,))
 
+    @staticmethod
+    def own_loss(model: nn.Module, params: Tree, x: torch.Tensor, y: torch.Tensor):
+        """The training loss of a model that ``owns_loss`` (``model(x, targets=y)``, e.g. MEL's
+        multi-exit loss; its ``model(x)`` still gives the logits that :meth:`logits` serves);
+        None for every other model."""
+        if not getattr(model, "owns_loss", False):
+            return None
+        return functional_call(model, params, (x,), {"targets": y})
+
     def data_loss(self, params: Tree, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """L_i(θ; batch): mean cross-entropy −log p(y | x, θ), or the model's own training loss
-        if it ``owns_loss`` (then ``model(x, targets=y)`` returns it, e.g. MEL's multi-exit
-        loss; its ``model(x)`` still gives the logits that :meth:`logits` serves)."""
-        if getattr(self.model, "owns_loss", False):
-            return functional_call(self.model, params, (x,), {"targets": y})
-        return F.cross_entropy(self.logits(params, x), y)
+        """L_i(θ; batch): mean cross-entropy −log p(y | x, θ), or the model's own loss."""
+        own = self.own_loss(self.model, params, x, y)
+        return F.cross_entropy(self.logits(params, x), y) if own is None else own
+
+    def logits_loss(
+        self,
+        logits: torch.Tensor,
+        params: Tree,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        model: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """:meth:`data_loss` for objectives that already computed ``logits = model(x)`` (for a
+        distillation term): cross-entropy of those logits, or the model's own loss."""
+        own = self.own_loss(self.model if model is None else model, params, x, y)
+        return F.cross_entropy(logits, y) if own is None else own
 
     # ----- shared local solver -------------------------------------------------------------
     def local_solve(

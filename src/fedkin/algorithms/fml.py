@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedkin.algorithms.base import Algorithm
@@ -60,9 +59,10 @@ class Fml(Algorithm):
         mutual-learning gradients of one shared forward pass."""
         a, b, t = self.config.alpha, self.config.beta, self.config.temperature
         z_v, z_w = self.logits(params["v"], x), self.logits(params["w"], x)
-        ce_v = F.cross_entropy(z_v, y)
+        ce_v = self.logits_loss(z_v, params["v"], x, y)
         loss_v = a * ce_v + (1 - a) * distillation_penalty(z_v, z_w, t)
-        loss_w = b * F.cross_entropy(z_w, y) + (1 - b) * distillation_penalty(z_w, z_v, t)
+        ce_w = self.logits_loss(z_w, params["w"], x, y)
+        loss_w = b * ce_w + (1 - b) * distillation_penalty(z_w, z_v, t)
         return loss_v + loss_w, ce_v
 
     def init_client(self, population: Tree) -> Tree:

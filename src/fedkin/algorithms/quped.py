@@ -27,7 +27,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from fedkin.algorithms.common import routed
@@ -69,11 +68,12 @@ class QuPeD(QuantizedPersonal):
         a, t = cfg.lam_p, cfg.temperature
 
         def objective(p: Tree, x, y):
-            z_q = self.logits(self.soft_quantized(p["q"], frozen), x)
-            z_w = self.global_logits(p["w"], x)
-            ce_q = F.cross_entropy(z_q, y)
+            q = self.soft_quantized(p["q"], frozen)
+            z_q, z_w = self.logits(q, x), self.global_logits(p["w"], x)
+            ce_q = self.logits_loss(z_q, q, x, y)
             loss_q = (1 - a) * ce_q + a * distillation_penalty(z_q, z_w, t)
-            loss_w = (1 - a) * F.cross_entropy(z_w, y) + a * distillation_penalty(z_w, z_q, t)
+            ce_w = self.logits_loss(z_w, p["w"], x, y, self.global_model)
+            loss_w = (1 - a) * ce_w + a * distillation_penalty(z_w, z_q, t)
             return loss_q + loss_w, ce_q
 
         params, state, loss = self.local_solve(
