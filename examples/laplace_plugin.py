@@ -40,13 +40,13 @@ def prox_sgd_l1(lr: float, lam: float, center: Tree) -> Optimizer:
     def init(params: Tree) -> Tree:
         return {}
 
-    def update(grads: Tree, state: Tree, params: Tree) -> tuple[Tree, Tree]:
-        def step(v: torch.Tensor, g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def step(grads: Tree, state: Tree, params: Tree) -> tuple[Tree, Tree]:
+        def prox(v: torch.Tensor, g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
             return c + soft_threshold(v - lr * g - c, lr * lam)
 
-        return tree_map(step, params, grads, center), state
+        return tree_map(prox, params, grads, center), state
 
-    return Optimizer(init, update)
+    return Optimizer(init, step)
 
 
 class LaplaceDittoConfig(BaseModel):

@@ -167,7 +167,7 @@ def test_runs_actually_train(runs):
             sampled[exp.sample_cohort(r)] = True
         assert torch.equal(trained, sampled)
         assert (moved[~sampled] == 0).all()
-        assert _all_rows(exp)["opt"]["m"]["net.0.weight"].abs().max() > 0
+        assert _all_rows(exp)["opt"]["0"]["m"]["net.0.weight"].abs().max() > 0
         assert "global_acc_mean" not in records[-1]
     else:
         moved = exp.population["global"]["net.0.weight"] - init.population["global"]["net.0.weight"]

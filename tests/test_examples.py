@@ -109,8 +109,8 @@ def test_laplace_prox_step_is_the_soft_threshold(plugin):
     v = {k: t + 0.1 * torch.arange(t.numel()).reshape(t.shape) for k, t in w.items()}
     x, y = _batches()
     grads = torch.func.grad(lambda p: alg.data_loss(p, x[0], y[0]))(v)
-    update = lp.prox_sgd_l1(0.5, 0.3, w).update
-    new, _ = update(grads, {}, v)
+    step = lp.prox_sgd_l1(0.5, 0.3, w).step
+    new, _ = step(grads, {}, v)
     for k in w:
         expected = w[k] + lp.soft_threshold(v[k] - 0.5 * grads[k] - w[k], 0.15)
         torch.testing.assert_close(new[k], expected, rtol=0, atol=0)

@@ -133,14 +133,14 @@ def test_prox_optimizer_steps_freezes_and_keeps_centers_sorted():
     params = {"x": x, "c": c}
     lam = torch.tensor(2.0)
     opt = qz.prox_optimizer(sgd(0.1), lam, 0.01, "l2", torch.tensor(False), center_grad_clip=10)
-    new, _ = opt.update(g, opt.init(params), params)
+    new, _ = opt.step(g, opt.init(params), params)
     z = x["a"] - 0.1 * g["x"]["a"]
     assert_close(new["x"]["a"], qz.prox_weights(z, c["a"], 0.1 * lam, "l2"))
     assert_close(new["x"]["b"], x["b"] - 0.1 * g["x"]["b"])  # full-precision layer: plain step
     zc = c["a"] - 0.01 * torch.tensor([10.0, -1.0])  # clipped gradient
     assert_close(new["c"]["a"], qz.center_step(zc, new["x"]["a"], c["a"], 0.01 * lam, "l2"))
     frozen = qz.prox_optimizer(sgd(0.1), lam, 0.01, "l2", torch.tensor(True), finetune_lr=0.0)
-    f, _ = frozen.update(g, frozen.init(params), params)
+    f, _ = frozen.step(g, frozen.init(params), params)
     assert_close(f["x"]["a"], qz.hard_quantize(x["a"], c["a"]))
     assert_close(f["c"]["a"], c["a"])
 

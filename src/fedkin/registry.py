@@ -294,9 +294,10 @@ def register_model(config: type[BaseModel], build: Callable[..., Any] | None = N
 
 
 def register_optimizer(config: type[BaseModel], build: Callable[..., Any] | None = None) -> type:
-    """Register a functional optimizer: ``config`` and ``build(cfg) -> Optimizer`` (default:
-    the config's ``build`` method), an ``(init, update)`` pair of pure functions (see
-    :mod:`fedkin.optim.functional`)."""
+    """Register an optimizer: ``config`` and ``build(cfg) -> Optimizer`` (default: the config's
+    ``build`` method), an ``(init, step)`` pair of pure functions, usually
+    ``fedkin.optim.from_transform(transformation)`` (see :mod:`fedkin.optim`; subclass
+    ``fedkin.optim.BaseOptimizerConfig`` to get ``lr``, ``schedule`` and ``clip_norm``)."""
     OPTIMIZER_REGISTRY.register(config, build or _method(config, "build"))
     return config
 

@@ -23,15 +23,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedkin.algorithms.base import Algorithm, ServerStep
-from fedkin.algorithms.common import (
-    PERSONAL_INIT_FIELD,
-    PersonalInit,
-    on_first_visit,
-    projected_sgd,
-    routed,
-)
+from fedkin.algorithms.common import PERSONAL_INIT_FIELD, PersonalInit, on_first_visit
 from fedkin.core.priors import distillation_penalty
 from fedkin.core.tree import Tree, tree_map
+from fedkin.optim import projected_sgd, routed
 
 
 class AdaPeDConfig(BaseModel):

@@ -73,8 +73,8 @@ class Apfl(Algorithm):
             x, y = xs[s % xs.shape[0]], ys[s % xs.shape[0]]
             g_w, loss = grad_fn(w_i, x, y)
             g_v, g_alpha, _ = self.mixed_grads(v, w_i, alpha, x, y)
-            w_i, opt_w = self.client_optimizer.update(g_w, opt_w, w_i)
-            v, opt_v = self.client_optimizer.update(g_v, opt_v, v)
+            w_i, opt_w = self.client_optimizer.step(g_w, opt_w, w_i)
+            v, opt_v = self.client_optimizer.step(g_v, opt_v, v)
             if cfg.adaptive_alpha:
                 alpha = (alpha - cfg.alpha_lr * g_alpha).clamp(0.0, 1.0)
             loss_sum = loss_sum + loss.detach()

@@ -53,7 +53,7 @@ class ServerStep:
         state = self.state.get(key)
         if state is None:
             state = self.optimizer.init(params)
-        new, self.state[key] = self.optimizer.update(pseudo_grad, state, params)
+        new, self.state[key] = self.optimizer.step(pseudo_grad, state, params)
         return new
 
 
@@ -171,7 +171,7 @@ class Algorithm(ABC):
                 g, data_loss = grad_fn(params, xs[b], ys[b])
             else:
                 g, data_loss = self.private_grad(objective, params, xs[b], ys[b], ctx, noise_tag, s)
-            params, state = optimizer.update(g, state, params)
+            params, state = optimizer.step(g, state, params)
             loss_sum = loss_sum + data_loss.detach()
         return params, state, loss_sum / max(steps, 1)
 

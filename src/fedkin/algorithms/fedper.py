@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Literal
 
 from fedkin.algorithms.bodyhead import BodyHeadAlgorithm, BodyHeadConfig, merge
-from fedkin.algorithms.common import routed
 from fedkin.core.tree import Tree
+from fedkin.optim import routed
 
 
 class FedPerConfig(BodyHeadConfig):

@@ -20,9 +20,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedkin.algorithms.base import Algorithm
-from fedkin.algorithms.common import PERSONAL_INIT_FIELD, PersonalInit, on_first_visit, routed
+from fedkin.algorithms.common import PERSONAL_INIT_FIELD, PersonalInit, on_first_visit
 from fedkin.core.priors import distillation_penalty
 from fedkin.core.tree import Tree, tree_map
+from fedkin.optim import routed
 
 
 class FmlConfig(BaseModel):

@@ -100,7 +100,7 @@ class PerFedAvg(Algorithm):
         loss_sum = torch.zeros(())
         for t in range(self.local_steps):
             g, loss = self.meta_grad(theta, batches, t)
-            theta, opt = outer.update(g, opt, theta)
+            theta, opt = outer.step(g, opt, theta)
             loss_sum = loss_sum + loss.detach()
         metrics = {"train_loss": loss_sum / self.local_steps}
         return {"delta": tree_sub(theta, w)}, client, metrics

@@ -69,7 +69,7 @@ class PFedMe(Algorithm):
                 ctx=ctx,
                 noise_tag=s,
             )
-            w_i, opt = self.client_optimizer.update(self.envelope_grad(w_i, theta), opt, w_i)
+            w_i, opt = self.client_optimizer.step(self.envelope_grad(w_i, theta), opt, w_i)
             loss_sum = loss_sum + loss
         metrics = {"train_loss": loss_sum / self.local_steps}
         return {"delta": tree_sub(w_i, w)}, {"params": theta}, metrics

@@ -29,11 +29,11 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from fedkin.algorithms.common import routed
 from fedkin.algorithms.quantized import QuantizedConfig, QuantizedPersonal
 from fedkin.core import quantize as qz
 from fedkin.core.priors import distillation_penalty
 from fedkin.core.tree import Tree
+from fedkin.optim import routed
 
 
 class QuPeDConfig(QuantizedConfig):

@@ -190,9 +190,9 @@ def prox_optimizer(
     def init(params: Tree) -> Tree:
         return inner.init(params["x"])
 
-    def update(grads: Tree, state: Tree, params: Tree) -> tuple[Tree, Tree]:
+    def step(grads: Tree, state: Tree, params: Tree) -> tuple[Tree, Tree]:
         x, c = params["x"], params["c"]
-        z, state = inner.update(grads["x"], state, x)
+        z, state = inner.step(grads["x"], state, x)
         new_x, new_c = dict(z), {}
         for name, cl in c.items():
             snapped = hard_quantize(x[name], cl)
@@ -206,4 +206,4 @@ def prox_optimizer(
             new_c[name] = torch.where(frozen, tuned, trained)
         return {"x": new_x, "c": new_c}, state
 
-    return Optimizer(init, update, inner.lr)
+    return Optimizer(init, step, inner.lr)

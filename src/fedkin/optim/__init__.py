@@ -1,13 +1,59 @@
-"""Functional (vmap-able) optimizers."""
+"""Optimizers as composable gradient transformations (optax style), all pure and vmappable.
 
-from fedkin.optim.functional import (
-    OPTIMIZERS,
-    AdamConfig,
-    Optimizer,
-    OptimizerConfig,
-    SgdConfig,
-    adam,
-    sgd,
+* :mod:`~fedkin.optim.transform` — ``GradientTransformation`` (``init``/``update`` → updates),
+  ``apply_updates``, ``chain``, ``partition`` and the elementary transformations.
+* :mod:`~fedkin.optim.schedules` — step-count schedules η(t).
+* :mod:`~fedkin.optim.optimizer` — ``Optimizer`` (``init``/``step`` → new parameters), the
+  object algorithms use; ``from_transform``, ``routed``, ``projected``.
+* :mod:`~fedkin.optim.alias` — SGD, Adam, AdamW as chains.
+* :mod:`~fedkin.optim.configs` — the registered configs (``fedkin list optimizers``).
+"""
+
+from fedkin.optim.alias import adam, adam_transform, adamw, projected_sgd, sgd, sgd_transform
+from fedkin.optim.configs import AdamConfig, AdamWConfig, BaseOptimizerConfig, SgdConfig
+from fedkin.optim.optimizer import Optimizer, from_transform, projected, routed
+from fedkin.optim.schedules import Schedule, ScheduleConfig
+from fedkin.optim.transform import (
+    GradientTransformation,
+    apply_updates,
+    chain,
+    label_by_key,
+    label_by_ndim,
+    partition,
 )
+from fedkin.registry import OPTIMIZER_REGISTRY, register_optimizer
 
-__all__ = ["OPTIMIZERS", "AdamConfig", "Optimizer", "OptimizerConfig", "SgdConfig", "adam", "sgd"]
+for _config in (SgdConfig, AdamConfig, AdamWConfig):
+    register_optimizer(_config)
+
+#: An optimizer's config: any registered optimizer (``fedkin.register_optimizer``).
+OptimizerConfig = OPTIMIZER_REGISTRY.field
+#: name → config class of every registered optimizer (built-ins and plugins).
+OPTIMIZERS = OPTIMIZER_REGISTRY
+
+__all__ = [
+    "OPTIMIZERS",
+    "AdamConfig",
+    "AdamWConfig",
+    "BaseOptimizerConfig",
+    "GradientTransformation",
+    "Optimizer",
+    "OptimizerConfig",
+    "Schedule",
+    "ScheduleConfig",
+    "SgdConfig",
+    "adam",
+    "adam_transform",
+    "adamw",
+    "apply_updates",
+    "chain",
+    "from_transform",
+    "label_by_key",
+    "label_by_ndim",
+    "partition",
+    "projected",
+    "projected_sgd",
+    "routed",
+    "sgd",
+    "sgd_transform",
+]

@@ -1,0 +1,78 @@
+"""The object algorithms step with: :class:`Optimizer`, ``step(grads, state, params) ->
+(new_params, state)``.
+
+An optimizer is usually a :class:`~fedkin.optim.transform.GradientTransformation` followed by
+:func:`~fedkin.optim.transform.apply_updates` (:func:`from_transform`). Steps that are not
+"θ + u" — projections, proximal maps — are optimizers directly: :func:`projected`,
+``core.quantize.prox_optimizer``. :func:`routed` combines optimizers by top-level key.
+
+The stepping method is called ``step`` (not ``update``) on purpose: ``update`` is a
+transformation's and returns *updates*, ``step`` returns *new parameters*.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from fedkin.core.tree import Tree, tree_map
+from fedkin.optim.transform import GradientTransformation, apply_updates
+
+
+class Optimizer(NamedTuple):
+    """``init(params) -> state`` and ``step(grads, state, params) -> (new_params, state)``."""
+
+    init: Callable[[Tree], Tree]
+    step: Callable[[Tree, Tree, Tree], tuple[Tree, Tree]]
+    #: peak step size η (None if the optimizer has no single one); proximal steps taken after
+    #: the optimizer's step use it as their η (e.g. ``core.quantize.prox_optimizer``)
+    lr: float | None = None
+
+
+def from_transform(transform: GradientTransformation, lr: float | None = None) -> Optimizer:
+    """θ ← θ + u with (u, s') = ``transform.update(g, s, θ)``."""
+
+    def step(grads: Tree, state: Tree, params: Tree) -> tuple[Tree, Tree]:
+        updates, state = transform.update(grads, state, params)
+        return apply_updates(params, updates), state
+
+    return Optimizer(transform.init, step, lr)
+
+
+def routed(optimizers: dict[str, Optimizer]) -> Optimizer:
+    """An optimizer over ``{key: subtree}`` that steps ``optimizers[key]`` on each key.
+
+    The optimizer-level form of :func:`~fedkin.optim.transform.partition` with labels = the
+    top-level keys (for members that are not transformations, e.g. proximal steps). Lets a local
+    solve step a persistent personal model (state carried across rounds) and a fresh copy of the
+    global model (state reset every round) with one gradient evaluation. State: ``{key: s}``.
+    """
+
+    def init(params: Tree) -> Tree:
+        return {k: opt.init(params[k]) for k, opt in optimizers.items()}
+
+    def step(grads: Tree, state: Tree, params: Tree) -> tuple[Tree, Tree]:
+        new, new_state = {}, {}
+        for k, opt in optimizers.items():
+            new[k], new_state[k] = opt.step(grads[k], state[k], params[k])
+        return new, new_state
+
+    return Optimizer(init, step)
+
+
+def projected(optimizer: Optimizer, project: Callable[[torch.Tensor], torch.Tensor]) -> Optimizer:
+    """``optimizer``'s step followed by ``project`` leafwise; ``params`` may be a bare tensor."""
+
+    def step(grads, state: Tree, params):
+        if isinstance(params, torch.Tensor):
+            new, state = optimizer.step({"p": grads}, state, {"p": params})
+            return project(new["p"]), state
+        new, state = optimizer.step(grads, state, params)
+        return tree_map(project, new), state
+
+    def init(params) -> Tree:
+        return optimizer.init({"p": params} if isinstance(params, torch.Tensor) else params)
+
+    return Optimizer(init, step, optimizer.lr)
