@@ -25,7 +25,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -38,8 +37,6 @@ from fedkin.core.tree import tree_leaves
 
 flwr = pytest.importorskip("flwr")
 
-from flwr.app import Context, Message, RecordDict  # noqa: E402
-from flwr.serverapp import Grid  # noqa: E402
 
 from fedkin.backends import flower_app  # noqa: E402
 from fedkin.backends.flower_app import (  # noqa: E402
@@ -49,6 +46,7 @@ from fedkin.backends.flower_app import (  # noqa: E402
     record_to_tree,
     tree_to_record,
 )
+from flower_fake import FakeGrid, task_identity  # noqa: E402, F401 (autouse fixture)
 
 TINY = ["data.num_clients=4", "cohort.clients_per_round=4", "rounds=2", "model.hidden=[16]"]
 
@@ -81,79 +79,6 @@ def same_records(a: list[dict], b: list[dict], rel: float = 1e-6) -> None:
                 assert rb[key] == pytest.approx(value, rel=rel, abs=1e-7, nan_ok=True), key
             else:
                 assert rb[key] == value, key
-
-
-# ----- a synchronous in-process Grid: the protocol without any Flower runtime ---------------------
-
-
-class FakeGrid(Grid):
-    """Delivers each pushed message to the ClientApp at once, one Context per node (as a
-    SuperNode keeps it). ``duplicate`` re-delivers every train message (at-least-once)."""
-
-    def __init__(self, client_app, node_configs: list[dict], duplicate: bool = False) -> None:
-        self.client_app = client_app
-        self.contexts = {
-            1000 + i: Context(
-                run_id=1, node_id=1000 + i, node_config=cfg, state=RecordDict(), run_config={}
-            )
-            for i, cfg in enumerate(node_configs)
-        }
-        self.replies: dict[str, Message] = {}
-        self.duplicate = duplicate
-        self.errors: list[str] = []
-        self.train_replies: list[Message] = []  # what left the nodes
-
-    def set_run(self, run) -> None: ...
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id, message_type, group_id=group_id, ttl=ttl)
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def _deliver(self, message: Message) -> Message:
-        context = self.contexts[message.metadata.dst_node_id]
-        try:
-            reply = self.client_app(message, context)
-        except Exception as err:  # as a SuperNode does: an error reply
-            from flwr.app import Error
-
-            self.errors.append(str(err))
-            reply = Message(Error(code=0, reason=str(err)), reply_to=message)
-        reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id
-        if message.metadata.message_type == "train" and not reply.has_error():
-            self.train_replies.append(reply)
-        return reply
-
-    def push_messages(self, messages):
-        ids = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            reply = self._deliver(message)
-            if self.duplicate and message.metadata.message_type == "train":
-                self._deliver(message)  # the duplicate's reply is lost, its effect must not be
-            self.replies[message.metadata.message_id] = reply
-            ids.append(message.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return self.pull_messages(self.push_messages(messages))
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """What a Flower runtime sets in the ServerApp's process before messages are created."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value)
 
 
 def run_fake(config, duplicate: bool = False, node_configs: list[dict] | None = None):
@@ -291,6 +216,7 @@ def test_empty_dp_cohort_releases_noise_and_writes_no_state():
         "rounds=4",
         "eval.every=1",
         "seed=4",
+        "privacy.release_diagnostics=true",  # to see the cohort sizes below
     )
     server, grid = run_both(config)
     exp = server.experiment
@@ -382,6 +308,22 @@ def test_fedkin_run_on_flower_reaches_the_in_process_result(cli, tmp_path, capsy
     )
     assert cli(["run", "--resume", str(out)]) == 2
     assert "runs on Flower (backend.name=flower) cannot be resumed" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_simulation_runtime_runs_ifca_as_in_process():
+    """IFCA (K cluster models, a one-hot in every message) on Flower's Simulation Runtime:
+    the in-process records and population. AdaPeD / FedRep and central / local DP run on it
+    in ``test_privacy_release.py``."""
+    config = tiny("algorithm.name=ifca", "algorithm.num_clusters=2", "cohort.clients_per_round=3")
+    expected_records, expected_population = run_in_process(config)
+    server = flower_app.run_simulation(config)
+    same_records(expected_records, server.records)
+    assert any("cluster_by_client" in r for r in server.records)
+    for a, b in zip(
+        tree_leaves(expected_population), tree_leaves(server.experiment.population), strict=True
+    ):
+        assert torch.equal(a, b)
 
 
 # ----- a real deployment on loopback with TLS ----------------------------------------------------
@@ -511,9 +453,15 @@ def _processes_mentioning(marker: str) -> list[int]:
 @pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="Flower CLIs not on PATH")
 def test_tls_deployment_with_superlink_and_two_supernodes(tmp_path):
     """flower-superlink + 2 flower-supernode processes with TLS (a CA generated here), the app
-    submitted with `flwr run`; 2 rounds complete, the population equals the in-process run,
-    and every process (including Flower's detached SuperExec/ClientApp helpers) is gone."""
-    overrides = "data.num_clients=2 cohort.clients_per_round=2 rounds=2 model.hidden=[16]"
+    submitted with `flwr run`: a personalized algorithm (Ditto) under local DP. 2 rounds
+    complete, the population equals the in-process run, the summary is private and holds no
+    accuracy, and every process (including Flower's detached SuperExec/ClientApp helpers) is
+    gone."""
+    overrides = (
+        "data.num_clients=2 cohort.clients_per_round=2 rounds=2 model.hidden=[16] "
+        "algorithm.name=ditto privacy.mechanism=local privacy.noise_multiplier=1 "
+        "cohort.weighting=uniform"
+    )
     config = load_config(None, overrides.split())
     _, expected_population = run_in_process(config, eval_every_round=False)
 
@@ -607,7 +555,8 @@ def test_tls_deployment_with_superlink_and_two_supernodes(tmp_path):
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         assert "Successfully started run" in result.stdout
         summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["rounds"] == 2 and 0 <= summary["global_acc_mean"] <= 1
+        assert summary["rounds"] == 2 and summary["private"] is True
+        assert summary["epsilon"] > 0 and not any("acc" in key for key in summary)
         population = torch.load(run_dir / "population.pt")["population"]
         for a, b in zip(tree_leaves(expected_population), tree_leaves(population), strict=True):
             assert torch.equal(a, b)

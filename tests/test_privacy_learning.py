@@ -262,7 +262,14 @@ def test_target_epsilon_run_spends_close_to_target(cli, capsys, tmp_path):
 def test_budget_stops_mid_run_after_recording():
     """A run whose rounds outgrow the budget (here: rounds raised after planning) stops at the
     last round that fits, evaluates and says why."""
-    exp = Experiment(tiny_config(*CENTRAL, "privacy.target_epsilon=1.5", "rounds=3"))
+    exp = Experiment(
+        tiny_config(
+            *CENTRAL,
+            "privacy.target_epsilon=1.5",
+            "rounds=3",
+            "privacy.release_diagnostics=true",  # to see the evaluation at the stop
+        )
+    )
     dp = exp.privacy
     assert dp.can_run_round()
     exp.config.rounds = 6
@@ -612,10 +619,11 @@ def test_empty_poisson_cohort_still_releases_noise():
             *CENTRAL, "privacy.noise_multiplier=1.0", "cohort.clients_per_round=1", "rounds=10"
         )
     )
-    for _ in range(10):
+    for r in range(10):
         before = [t.clone() for t in tree_leaves(exp.population)]
-        record = exp.run_round()
-        if record["clients"] == 0:
+        empty = len(exp.sample_cohort(r)) == 0  # (the cohort size is not released under DP)
+        exp.run_round()
+        if empty:
             after = tree_leaves(exp.population)
             assert not all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
             return
@@ -631,7 +639,13 @@ PERSONAL = [name for name in ("ditto", "adaped") if name in ALGORITHMS]
 @pytest.mark.parametrize("name", PERSONAL)
 def test_private_personalization_sends_only_population_quantities(name):
     exp = Experiment(
-        tiny_config(*CENTRAL, f"algorithm.name={name}", "privacy.noise_multiplier=0.8", "rounds=2")
+        tiny_config(
+            *CENTRAL,
+            f"algorithm.name={name}",
+            "privacy.noise_multiplier=0.8",
+            "rounds=2",
+            "privacy.release_diagnostics=true",  # accuracies on client data, for the check below
+        )
     )
     seen = []
     clip_step = exp.channel.steps[1]

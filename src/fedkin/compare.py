@@ -72,7 +72,15 @@ def plan(
     ``plugins`` are added to the config's (every run records them in its config.yaml)."""
     raw = deep_merge(read_yaml(path) if path else {}, parse_overrides(overrides))
     raw = with_plugins(raw, plugins or [])
-    section = validate_config(raw).compare or CompareSection()
+    config = validate_config(raw)
+    section = config.compare or CompareSection()
+    if config.privacy.enabled and not config.privacy.release_diagnostics:
+        raise ConfigError(
+            "fedkin compare ranks algorithms by accuracy on the clients' test data, which a "
+            f"run with privacy.mechanism={config.privacy.mechanism} does not release; set "
+            "privacy.release_diagnostics=true to measure utility in simulation (the runs are "
+            "then marked not private)"
+        )
     raw.pop("compare", None)
     if algorithms:
         section.algorithms = algorithms
@@ -292,10 +300,18 @@ def write_report(
     config = read_yaml(Path(first["run_dir"]) / "config.yaml")
     config.pop("algorithm", None)
     config.pop("seed", None)
+    privacy = config.get("privacy", {})
+    note = (
+        f"Privacy: privacy.mechanism={privacy['mechanism']} with privacy.release_diagnostics="
+        "true — a simulation measuring utility: the accuracies are evaluated on the clients' "
+        "data and released outside the DP mechanism, so these runs are not private.\n\n"
+        if privacy.get("mechanism", "none") != "none"
+        else ""
+    )
     text = (
         f"# fedkin compare\n\nCommand: `{command}`\n\n"
         f"Rounds: {first['rounds']}; seeds: {rows[0]['seeds']}; values are mean ± std over seeds "
-        "of the final evaluation, in %.\n\n" + table
+        "of the final evaluation, in %.\n\n" + note + table
     )
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(

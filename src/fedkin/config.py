@@ -180,6 +180,12 @@ class ExperimentConfig(_Section):
                 "data.validation_fraction > 0 needs backend.name=local or ray (Flower nodes "
                 "evaluate their test split only); allowed with flower: 0"
             )
+        if self.privacy.enabled and self.algorithm.name == "ifca":
+            raise ValueError(
+                f"algorithm.name=ifca cannot run with privacy.mechanism={self.privacy.mechanism}: "
+                "its cluster means divide noisy sums by noisy member counts near 0 (unbounded "
+                "steps); use privacy.mechanism=none or another algorithm.name"
+            )
         if self.privacy.dp_sgd is not None and not ALGORITHMS[self.algorithm.name].supports_dp_sgd:
             allowed = ", ".join(n for n, a in ALGORITHMS.items() if a.supports_dp_sgd)
             raise ValueError(

@@ -33,6 +33,7 @@ from fedkin.data import build_dataset
 from fedkin.data.federated import FederatedDataset
 from fedkin.models import build_model
 from fedkin.models.mel import pattern_name
+from fedkin.privacy.release import ReleasePolicy
 from fedkin.registry import OPTIMIZER_REGISTRY
 
 if TYPE_CHECKING:  # dp-accounting (and scipy) load only when a run is private
@@ -134,6 +135,7 @@ class Experiment:
         self.training_clients = torch.nonzero(self.is_training).squeeze(1)
         self.privacy: UserLevelDP | None = None
         self.channel = Channel()
+        self.release = ReleasePolicy.of(config)  # what records and summaries may carry
         if config.privacy.enabled:
             from fedkin.privacy.federated import UserLevelDP
 
@@ -342,12 +344,8 @@ class Experiment:
         if self.privacy is not None:
             metrics.update(self.privacy.record_round())
         self.round = r + 1
-        return {
-            "round": self.round,
-            "kind": "train",
-            **metrics,
-            "round_time_s": time.perf_counter() - t0,
-        }
+        record = {"round": self.round, "kind": "train", **metrics}
+        return self.release.record({**record, "round_time_s": time.perf_counter() - t0})
 
     def client_metric_summary(
         self, metrics: Tree, clients: torch.Tensor, ok: torch.Tensor
@@ -366,10 +364,21 @@ class Experiment:
 
     # ----- evaluation ---------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
-        """Global and personalized accuracy over training clients; new-client accuracy over the
-        held-out clients after one local adaptation from the population (``new_*``)."""
+        """The eval record: under DP only what :mod:`fedkin.privacy.release` allows (the
+        evaluation on client data below does not even run unless diagnostics are released)."""
         t0 = time.perf_counter()
         record: dict[str, Any] = {"round": self.round, "kind": "eval"}
+        if self.release.client_evaluation:
+            record.update(self.evaluate_clients())
+        if self.config.privacy.dp_sgd is not None:
+            record["example_epsilon"] = self.example_epsilon()
+        record["eval_time_s"] = time.perf_counter() - t0
+        return self.release.record(record)
+
+    def evaluate_clients(self) -> dict[str, Any]:
+        """Global and personalized accuracy over training clients; new-client accuracy over the
+        held-out clients after one local adaptation from the population (``new_*``)."""
+        record: dict[str, Any] = {}
         alg, ds = self.algorithm, self.dataset
         counts = ds.test_sizes.to(torch.float64)
         train = self.is_training
@@ -392,9 +401,6 @@ class Experiment:
             record.update(self.failure_accuracy())
         if self.dataset.val_index is not None:
             record.update(self._validation_metrics())
-        if self.config.privacy.dp_sgd is not None:
-            record["example_epsilon"] = self.example_epsilon()
-        record["eval_time_s"] = time.perf_counter() - t0
         return record
 
     def failure_accuracy(self) -> dict[str, float]:
@@ -619,8 +625,9 @@ class Experiment:
             "start_round": self.round,
             "dataset": self.dataset.summary(),
         }
+        self.release.warn()
         for t in trackers:
-            t.start(info)
+            t.start(self.release.info(info))
         last_eval: dict[str, Any] = {}
         t_start = time.perf_counter()
         while self.round < cfg.rounds:
@@ -656,6 +663,7 @@ class Experiment:
             **{k: v for k, v in last_eval.items() if k not in ("kind", "round")},
             **{f"{k}_acc_by_client": v for k, v in self.client_accuracy.items()},
         }
+        summary = self.release.summary(summary)
         for t in trackers:
             t.finish(summary)
         return summary

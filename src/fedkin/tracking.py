@@ -80,8 +80,14 @@ def plot_run(run_dir: Path) -> Path:
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot([r["round"] for r in train], [r["train_loss"] for r in train])
-    ax_loss.set(xlabel="round", ylabel="train loss (clients' mean)", title="local training loss")
+    # under DP without privacy.release_diagnostics only ε is recorded (fedkin.privacy.release)
+    key, label = ("train_loss", "train loss (clients' mean)")
+    if not any(key in r for r in train):
+        key, label = ("epsilon", "ε spent")
+    pts = [(r["round"], r[key]) for r in train if key in r]
+    if pts:
+        ax_loss.plot(*zip(*pts, strict=True))
+    ax_loss.set(xlabel="round", ylabel=label, title=label)
     for key, label in [
         ("global_acc_weighted", "global model"),
         ("personal_acc_mean", "personal (mean over clients)"),
@@ -91,7 +97,8 @@ def plot_run(run_dir: Path) -> Path:
         if pts:
             ax_acc.plot(*zip(*pts, strict=True), marker="o", label=label)
     ax_acc.set(xlabel="round", ylabel="test accuracy", title="accuracy on clients' test splits")
-    ax_acc.legend()
+    if ax_acc.lines:
+        ax_acc.legend()
     fig.tight_layout()
     out = Path(run_dir) / PLOT
     fig.savefig(out, dpi=100)

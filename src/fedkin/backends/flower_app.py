@@ -9,20 +9,25 @@ What crosses the wire, per round (everything else stays where it is):
 
 * server → sampled node: the population Γ (``ArrayRecord "population"``) and the round number
   (``ConfigRecord "config"``);
-* node → server: the algorithm's ``message`` tree (``ArrayRecord "message"``; under local DP
-  already clipped and noised on the node), its scalar metrics (``ArrayRecord "metrics"``) and
-  ``num-examples`` / ``ok`` (/ ``clipped`` under local DP) (``MetricRecord "info"``).
+* node → server: the algorithm's ``message`` tree (``ArrayRecord "message"``), its scalar
+  metrics (``ArrayRecord "metrics"``) and ``num-examples`` / ``ok`` (``MetricRecord "info"``).
+  Under DP (:mod:`fedkin.privacy.release`) the node sends its release only: the clipped
+  message (central; the server broadcasts the round's clip norm) or the clipped and noised one
+  (local), plus, under adaptive clipping, whether it was clipped (``info["clipped"]``, the
+  input of the noisy count); metrics, counts and ``ok`` only with
+  ``privacy.release_diagnostics=true``.
 
 The personal state s_i (personal model, optimizer state, algorithm extras) lives only in the
 node's ``context.state`` (``ArrayRecord "fedkin-state"``) and never leaves it. Evaluation runs
 on the nodes too: the server broadcasts Γ and each node returns its correct/loss sums on its
-own test split (held-out "new" clients first adapt from Γ, as in-process).
+own test split (held-out "new" clients first adapt from Γ, as in-process); under DP it does
+not run, and a node refuses to evaluate.
 
 The local solver is the algorithm's own ``client_update`` through the configured engine (a
 cohort of one); the server samples cohorts with the experiment's counter-based sampler,
 aggregates with the experiment's :class:`~fedkin.core.channel.Channel` (non-finite rejection,
-DP clipping/noise when ``privacy`` is enabled, weighted mean; under local DP each node clips
-and noises its own message before it leaves, and the server only averages) and applies the
+weighted mean; under DP each node clips — and under local DP noises — its own message before
+it leaves, and the server adds the central noise or only averages) and applies the
 algorithm's ``population_update`` with the configured server optimizer. Nothing about an
 algorithm is re-implemented here, so one config gives the same population through either
 runtime.
@@ -57,8 +62,9 @@ from __future__ import annotations
 import json
 import shlex
 import time
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -66,6 +72,9 @@ import torch
 from fedkin.config import ExperimentConfig, dump_config, load_config
 from fedkin.core.errors import NonFiniteModelError, UserError
 from fedkin.core.tree import Tree, tree_leaves, tree_map
+
+if TYPE_CHECKING:
+    from fedkin.data.federated import FederatedDataset
 
 __all__ = [
     "FlowerNotInstalledError",
@@ -195,10 +204,10 @@ def _runtime_config(config: ExperimentConfig) -> ExperimentConfig:
     return config.model_copy(update={"backend": LocalBackendConfig(), "store": StoreConfig()})
 
 
-def _experiment(config: ExperimentConfig):
+def _experiment(config: ExperimentConfig, dataset: FederatedDataset | None = None):
     from fedkin.experiment import Experiment
 
-    return Experiment(_runtime_config(config))
+    return Experiment(_runtime_config(config), dataset=dataset)
 
 
 # ----- the client side -------------------------------------------------------------------------
@@ -225,17 +234,20 @@ class _ClientRuntime:
     """What one node process needs, built once per config: the dataset, the client groups'
     algorithms, the initial population (for the state template) and the engine."""
 
-    def __init__(self, config: ExperimentConfig) -> None:
+    def __init__(self, config: ExperimentConfig, dataset: FederatedDataset | None) -> None:
         self.config = config
-        self.experiment = _experiment(config)
+        self.experiment = _experiment(config, dataset)
         self.engine = config.engine.build()
 
     @classmethod
-    def of(cls, config: ExperimentConfig) -> _ClientRuntime:
-        key = config.model_dump_json()
+    def of(
+        cls, config: ExperimentConfig, dataset: FederatedDataset | None = None, token: str = ""
+    ) -> _ClientRuntime:
+        """The runtime of ``config`` (and of ``dataset``, identified by ``token``)."""
+        key = config.model_dump_json() + token
         if key not in _RUNTIMES:
             _RUNTIMES.clear()  # one experiment per process at a time
-            _RUNTIMES[key] = cls(config)
+            _RUNTIMES[key] = cls(config, dataset)
         return _RUNTIMES[key]
 
     def client_id(self, context) -> int:
@@ -277,14 +289,19 @@ class _ClientRuntime:
 class _ClientHandlers:
     """The ClientApp's message handlers. ``config`` None: read it from the run config."""
 
-    def __init__(self, config: ExperimentConfig | None) -> None:
+    def __init__(
+        self, config: ExperimentConfig | None, dataset: FederatedDataset | None = None
+    ) -> None:
         self.config = config
+        self.dataset = dataset
+        # identifies the dataset in every process the handlers are copied to
+        self.token = uuid.uuid4().hex if dataset is not None else ""
 
     def _config(self, context) -> ExperimentConfig:
         return self.config or config_from_run_config(context.run_config)
 
     def _runtime(self, context) -> _ClientRuntime:
-        return _ClientRuntime.of(self._config(context))
+        return _ClientRuntime.of(self._config(context), self.dataset, self.token)
 
     def query(self, message, context):
         """Which client this node is (answered without loading any data)."""
@@ -316,19 +333,23 @@ class _ClientHandlers:
         if ok and not int(config.get("phantom", 0)):
             context.state[STATE_KEY] = tree_to_record(_row(states))
         context.state[ROUND_KEY] = MetricRecord({"round": r})
-        n = float(rt.experiment.dataset.train_sizes[cid])
-        info = {"num-examples": n, "ok": int(ok)}
-        privacy = rt.experiment.privacy
-        if privacy is not None and privacy.config.mechanism == "local":  # noised on the device
-            msg, was_clipped = privacy.release(msg, r, torch.tensor([cid]))
-            info["clipped"] = int(was_clipped[0])
-        content = RecordDict(
-            {
-                "message": tree_to_record(_row(msg)),
-                "metrics": tree_to_record(_row(metrics)),
-                "info": MetricRecord(info),
-            }
-        )
+        exp = rt.experiment
+        content = RecordDict()
+        info: dict[str, float] = {}
+        if exp.privacy is None:
+            content["message"] = tree_to_record(_row(msg))
+        else:  # clipped (central) or clipped and noised (local) here, on the device
+            clip = float(config["clip"]) if "clip" in config else None
+            ids, ok_row = torch.tensor([cid]), torch.tensor([ok])
+            released, was_clipped = exp.privacy.device_release(msg, ok_row, r, ids, clip)
+            content["message"] = tree_to_record(_row(released))
+            if exp.release.node_sends_clip_bit:
+                info["clipped"] = int(was_clipped[0])
+        if exp.release.node_reports:  # exact client-derived values: never under DP by default
+            content["metrics"] = tree_to_record(_row(metrics))
+            info.update({"num-examples": float(exp.dataset.train_sizes[cid]), "ok": int(ok)})
+        if info:
+            content["info"] = MetricRecord(info)
         return Message(content, reply_to=message)
 
     def evaluate(self, message, context):
@@ -339,6 +360,12 @@ class _ClientHandlers:
 
         rt = self._runtime(context)
         cid = rt.client_id(context)
+        if not rt.experiment.release.client_evaluation:
+            raise UserError(
+                f"client {cid}: evaluation on client data is not released under "
+                f"privacy.mechanism={rt.config.privacy.mechanism} "
+                "(privacy.release_diagnostics=false)"
+            )
         config = message.content["config"]
         population = record_to_tree(message.content["population"])
         x, y = rt.experiment.dataset.client_test(cid)
@@ -363,11 +390,15 @@ class _ClientHandlers:
         return Message(RecordDict({"eval": MetricRecord(out)}), reply_to=message)
 
 
-def _client_app(config: ExperimentConfig | None):
+def _client_app(
+    config: ExperimentConfig | None,
+    dataset: FederatedDataset | None = None,
+    mods: list | None = None,
+):
     from flwr.clientapp import ClientApp
 
-    handlers = _ClientHandlers(config)
-    app = ClientApp()
+    handlers = _ClientHandlers(config, dataset)
+    app = ClientApp(mods=mods)
     app.query()(handlers.query)
     app.train()(handlers.train)
     app.evaluate()(handlers.evaluate)
@@ -391,8 +422,10 @@ class FlowerServer:
         run_dir: str | Path | None = None,
         node_timeout: float = 120.0,
         round_timeout: float = 600.0,
+        dataset: FederatedDataset | None = None,
     ) -> None:
         self.config = config
+        self.dataset = dataset
         self.run_dir = Path(run_dir) if run_dir else None
         self.node_timeout = node_timeout
         self.round_timeout = round_timeout
@@ -503,13 +536,14 @@ class FlowerServer:
         if len(cohort) == 0:
             return exp.finish_round(r, t0, {"clients": 0})
         population = tree_to_record(exp.population)
+        round_config: dict[str, float] = {"round": r, "phantom": int(phantom)}
+        if exp.privacy is not None:  # the clip norm (a released value) the nodes clip to
+            round_config["clip"] = exp.privacy.clip
         contents = {
             int(c): RecordDict(
                 {
                     "population": population,
-                    "config": ConfigRecord(
-                        {"round": r, "client-id": int(c), "phantom": int(phantom)}
-                    ),
+                    "config": ConfigRecord({**round_config, "client-id": int(c)}),
                 }
             )
             for c in cohort
@@ -519,8 +553,11 @@ class FlowerServer:
             raise RuntimeError(f"round {r + 1}: no client of the cohort replied")
         first = next(iter(replies.values()))
         zero_msg = tree_map(torch.zeros_like, record_to_tree(first["message"]))
-        nan_metrics = tree_map(
-            lambda t: torch.full_like(t, float("nan")), record_to_tree(first["metrics"])
+        reports = "metrics" in first  # the nodes send metrics unless the release policy forbids
+        nan_metrics = (
+            tree_map(lambda t: torch.full_like(t, float("nan")), record_to_tree(first["metrics"]))
+            if reports
+            else {}
         )
         messages, metrics, reported_ok, n_i, clipped = [], [], [], [], []
         for c in cohort.tolist():
@@ -532,23 +569,25 @@ class FlowerServer:
                 n_i.append(0.0)
                 clipped.append(False)
                 continue
+            info = reply.get("info", {})
             messages.append(record_to_tree(reply["message"]))
-            metrics.append(record_to_tree(reply["metrics"]))
-            reported_ok.append(bool(reply["info"]["ok"]))
-            n_i.append(float(reply["info"]["num-examples"]))
-            clipped.append(bool(reply["info"].get("clipped", 0)))
+            metrics.append(record_to_tree(reply["metrics"]) if reports else {})
+            # without a report, a rejected update arrives as NaN (central) or as the release
+            # of 0 (local DP): the non-finite filter below is all the server needs
+            reported_ok.append(bool(info.get("ok", 1)))
+            n_i.append(float(info.get("num-examples", 0.0)))
+            clipped.append(bool(info.get("clipped", 0)))
         k = len(cohort)
-        messages, metrics = _stack(messages), _stack(metrics)
+        messages, metrics = _stack(messages), _stack(metrics) if reports else {}
         ok = torch.tensor(reported_ok) & finite_rows(messages, k) & finite_rows(metrics, k)
         if phantom:
             ok = torch.zeros_like(ok)
         n = torch.tensor(n_i, dtype=torch.float32)
         weights = n if cfg.cohort.weighting == "samples" else torch.ones(k)
+        channel = exp.channel
         if exp.privacy is not None:
             exp.privacy.bind_cohort(cohort, ok)
-        channel = exp.channel
-        if exp.privacy is not None and exp.privacy.config.mechanism == "local":
-            # the nodes already clipped and noised their messages (ClientApp ``train``)
+            # the nodes already clipped (central) or clipped and noised (local) their messages
             released = exp.privacy.released_step(torch.tensor(clipped))
             channel = Channel([reject_nonfinite, released], exp.privacy.aggregate)
         aggregate, channel_metrics = channel(messages, weights * ok, r)
@@ -580,6 +619,9 @@ class FlowerServer:
         exp = self.experiment
         t0 = time.perf_counter()
         alg, n = exp.algorithm, exp.dataset.num_clients
+        if not exp.release.client_evaluation:  # nothing to ask the nodes for (see train)
+            record = {"round": exp.round, "kind": "eval"}
+            return exp.release.record({**record, "eval_time_s": time.perf_counter() - t0})
         personal = exp.personalizes()
         population = tree_to_record(exp.population)
         contents = {
@@ -626,7 +668,7 @@ class FlowerServer:
         if not bool(got.all()):
             record["eval_missing_clients"] = float((~got).sum())
         record["eval_time_s"] = time.perf_counter() - t0
-        return record
+        return exp.release.record(record)
 
     # ----- the loop -----------------------------------------------------------------------------
     def main(self, grid, context) -> None:
@@ -639,7 +681,7 @@ class FlowerServer:
         from fedkin.tracking import JsonlTracker
 
         cfg = self.config
-        self.experiment = exp = _experiment(cfg)
+        self.experiment = exp = _experiment(cfg, self.dataset)
         self.client_accuracy: dict[str, list[float]] = {}
         trackers = []
         if self.run_dir is not None:
@@ -647,8 +689,9 @@ class FlowerServer:
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
             trackers.append(JsonlTracker(self.run_dir))
         info = {"name": cfg.name, "rounds": cfg.rounds, "dataset": exp.dataset.summary()}
+        exp.release.warn()
         for t in trackers:
-            t.start(info)
+            t.start(exp.release.info(info))
         t_start = time.perf_counter()
         self.node_of = self.discover(grid)
         log(20, "fedkin: %d SuperNodes, one per client; %d rounds", len(self.node_of), cfg.rounds)
@@ -660,13 +703,8 @@ class FlowerServer:
                 break
             record = self.train_round(grid)
             self._emit(record, trackers)
-            log(
-                20,
-                "fedkin: round %d/%d train_loss=%s",
-                exp.round,
-                cfg.rounds,
-                record.get("train_loss"),
-            )
+            shown = {k: record[k] for k in ("train_loss", "epsilon") if k in record}
+            log(20, "fedkin: round %d/%d %s", exp.round, cfg.rounds, shown)
             if exp.round % cfg.eval.every == 0 or exp.round == cfg.rounds:
                 last_eval = self.evaluate(grid)
                 self._emit(last_eval, trackers)
@@ -684,6 +722,7 @@ class FlowerServer:
             **({"stop_reason": stop_reason} if stop_reason else {}),
             **(exp.privacy.summary() if exp.privacy is not None else {}),
         }
+        self.summary = exp.release.summary(self.summary)
         for t in trackers:
             t.finish(self.summary)
         if self.run_dir is not None:
@@ -719,14 +758,20 @@ def make_apps(
     run_dir: str | Path | None = None,
     node_timeout: float = 120.0,
     round_timeout: float = 600.0,
+    dataset: FederatedDataset | None = None,
+    mods: list | None = None,
 ):
     """``(ServerApp, ClientApp)`` running ``config``'s experiment; the ServerApp's
-    :class:`FlowerServer` (records, summary, population) is ``server_app.fedkin_server``."""
+    :class:`FlowerServer` (records, summary, population) is ``server_app.fedkin_server``.
+
+    ``dataset``: a prebuilt federated dataset for the server and every node instead of
+    building ``config.data`` (as ``Experiment(config, dataset=…)``); ``mods``: Flower client
+    mods wrapped around every node's handlers (e.g. to log what leaves a node)."""
     require_flwr()
-    server = FlowerServer(config, run_dir, node_timeout, round_timeout)
+    server = FlowerServer(config, run_dir, node_timeout, round_timeout, dataset)
     app = _server_app(server.main)
     app.fedkin_server = server
-    return app, _client_app(config)
+    return app, _client_app(config, dataset, mods)
 
 
 def run_simulation(
@@ -734,13 +779,15 @@ def run_simulation(
     run_dir: str | Path | None = None,
     client_cpus: float = 1.0,
     verbose: bool = False,
+    dataset: FederatedDataset | None = None,
+    mods: list | None = None,
 ) -> FlowerServer:
     """Run ``config`` on Flower's Simulation Runtime (Ray), one virtual SuperNode per client;
-    returns the finished :class:`FlowerServer`."""
+    returns the finished :class:`FlowerServer` (``dataset``, ``mods``: see :func:`make_apps`)."""
     require_flwr()
     from flwr.simulation import run_simulation as flwr_run_simulation
 
-    server_app, client_app = make_apps(config, run_dir)
+    server_app, client_app = make_apps(config, run_dir, dataset=dataset, mods=mods)
     flwr_run_simulation(
         server_app,
         client_app,

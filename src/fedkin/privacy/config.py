@@ -69,6 +69,13 @@ class PrivacyConfig(BaseModel):
         "the checkpoint (use in deployments: with the default, noise is reproducible from "
         "the config's seed, which is right for experiments but not a real guarantee)",
     )
+    release_diagnostics: bool = Field(
+        False,
+        description="also release exact client-derived diagnostics (per-client ψ/KD/cluster/α, "
+        "train loss, clipped fraction, cohort and rejection counts, accuracy on the clients' "
+        "data); prints a warning and marks the run not private in summary.json (for "
+        "simulations that measure utility; see fedkin.privacy.release)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> PrivacyConfig:

@@ -59,6 +59,16 @@ def clip_rows(messages: Tree, size: int, clip: float) -> tuple[Tree, torch.Tenso
     return scaled, norms
 
 
+def _where_rows(keep: torch.Tensor, tree: Tree, fill: float) -> Tree:
+    """Rows of a stacked ``tree`` where ``keep`` [K] is True, ``fill`` elsewhere."""
+    return tree_map(
+        lambda t: torch.where(
+            keep.reshape(-1, *([1] * (t.dim() - 1))), t, torch.full_like(t, fill)
+        ),
+        tree,
+    )
+
+
 def _map_indexed(fn, tree: Tree, counter: list[int] | None = None) -> Tree:
     """tree_map that also passes each leaf's position in a fixed traversal order."""
     counter = [0] if counter is None else counter
@@ -211,29 +221,59 @@ class UserLevelDP:
     def clip_step(
         self, messages: Tree, weights: torch.Tensor, round_: int
     ) -> tuple[Tree, torch.Tensor, dict[str, Any]]:
-        """Clip every accepted message to C (and, for local DP, add the client's noise)."""
+        """Clip every accepted message to C (central), or release every message as its client
+        does under local DP (:meth:`device_release`; a rejected one, weight 0, releases 0)."""
         if self.config.mechanism == "local":
-            released, was_clipped = self.release(messages, round_, self._client_ids)
+            released, was_clipped = self.device_release(
+                messages, weights > 0, round_, self._client_ids
+            )
+            weights = torch.ones_like(weights)
         else:
             released, norms = clip_rows(messages, len(weights), self.clip)
             was_clipped = norms > self.clip
         return self._accept(released, weights, was_clipped)
+
+    def device_release(
+        self,
+        messages: Tree,
+        ok: torch.Tensor,
+        round_: int,
+        client_ids: torch.Tensor,
+        clip: float | None = None,
+    ) -> tuple[Tree, torch.Tensor]:
+        """What client devices send under DP (a Flower node runs this on its own message;
+        in-process the channel computes the same). Returns ``[K, …]`` messages and which were
+        clipped. ``ok`` [K]: the client's update passed its non-finite checks.
+
+        * central: clip_C(m_i) to the trusted server; NaN where ``ok`` is False, so the
+          server's non-finite filter drops it exactly as the in-process channel does;
+        * local: :meth:`release` of m_i, or of 0 where ``ok`` is False — a rejected client
+          still sends a noised message, so the untrusted server cannot tell that it failed.
+
+        ``clip``: the round's clip norm as the server broadcast it (default: this object's).
+        """
+        clip = self.clip if clip is None else clip
+        if self.config.mechanism == "local":
+            return self.release(_where_rows(ok, messages, 0.0), round_, client_ids)
+        clipped, norms = clip_rows(messages, len(client_ids), clip)
+        return _where_rows(ok, clipped, float("nan")), norms > clip
 
     def release(
         self, messages: Tree, round_: int, client_ids: torch.Tensor
     ) -> tuple[Tree, torch.Tensor]:
         """Local DP, on the clients: m̃_i = clip_C(m_i) + z·C·ξ_i, ξ_i ~ N(0, I) a function of
         (round, leaf, client, element). Returns the released ``[K, …]`` messages and which
-        were clipped. A deployed client (the Flower adapter) runs this on its own message."""
+        were clipped."""
         clipped, norms = clip_rows(messages, len(client_ids), self.clip)
         noise = client_noise(clipped, self.stream.child("local"), round_, client_ids)
         sigma = self.noise_multiplier * self.clip
         return tree_map(lambda m, n: m + sigma * n, clipped, noise), norms > self.clip
 
     def released_step(self, was_clipped: torch.Tensor):
-        """The channel step for messages the clients already released (:meth:`release` ran on
-        each device): nothing is clipped or noised again; ``was_clipped`` [K] is the clients'
-        own report, used only for the ``clipped_fraction`` metric."""
+        """The channel step for messages the clients already released (:meth:`device_release`
+        ran on each device): nothing is clipped or noised again; ``was_clipped`` [K] is the
+        clients' own report (the adaptive clip's count and the ``clipped_fraction``
+        diagnostic; all False when the nodes do not send it)."""
 
         def step(messages: Tree, weights: torch.Tensor, round_: int):
             return self._accept(messages, weights, was_clipped)
