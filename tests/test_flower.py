@@ -315,7 +315,12 @@ def test_simulation_runtime_runs_ifca_as_in_process():
     """IFCA (K cluster models, a one-hot in every message) on Flower's Simulation Runtime:
     the in-process records and population. AdaPeD / FedRep and central / local DP run on it
     in ``test_privacy_release.py``."""
-    config = tiny("algorithm.name=ifca", "algorithm.num_clusters=2", "cohort.clients_per_round=3")
+    config = tiny(
+        "algorithm.name=ifca",
+        "algorithm.num_clusters=2",
+        "cohort.clients_per_round=3",
+        "eval.every=1",
+    )
     expected_records, expected_population = run_in_process(config)
     server = flower_app.run_simulation(config)
     same_records(expected_records, server.records)

@@ -461,15 +461,22 @@ def simulate(config, dataset, log_dir):
 SIM = ("data.num_clients=4", "eval.holdout_clients=0", "cohort.clients_per_round=3")
 
 
+def same_population_as_in_process(config, dataset, server) -> None:
+    local = Experiment(config, dataset=dataset)
+    for _ in range(config.rounds):
+        local.run_round()
+    for x, y in zip(
+        tree_leaves(local.population), tree_leaves(server.experiment.population), strict=True
+    ):
+        assert torch.equal(x, y)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("algorithm", "mechanism"), [("adaped", "central"), ("fedrep", "local")], ids=str
-)
-def test_simulation_runtime_neighbours_send_only_the_release(algorithm, mechanism, tmp_path):
-    """Flower's real Simulation Runtime under DP: the nodes' messages (logged inside the
-    Ray actors) differ between neighbours only in the update, and the run equals the
-    in-process one bit for bit."""
-    config = dp_config(algorithm, mechanism, *SIM)
+def test_simulation_runtime_neighbours_send_only_the_release(tmp_path):
+    """Flower's real Simulation Runtime, AdaPeD under central DP: the nodes' messages (logged
+    inside the Ray actors) differ between neighbours only in the update, and the run equals
+    the in-process one bit for bit."""
+    config = dp_config("adaped", "central", *SIM)
     dataset, neighbour, _ = neighbours(config)
     server_a, sent_a = simulate(config, dataset, tmp_path / "a")
     server_b, sent_b = simulate(config, neighbour, tmp_path / "b")
@@ -477,13 +484,22 @@ def test_simulation_runtime_neighbours_send_only_the_release(algorithm, mechanis
     assert server_a.summary["private"] is True
     for ra, rb in zip(server_a.records, server_b.records, strict=True):
         assert_same_release(ra, rb, "flower record")
-    local = Experiment(config, dataset=dataset)
-    for _ in range(config.rounds):
-        local.run_round()
-    for x, y in zip(
-        tree_leaves(local.population), tree_leaves(server_a.experiment.population), strict=True
-    ):
-        assert torch.equal(x, y)
+    same_population_as_in_process(config, dataset, server_a)
+
+
+@pytest.mark.slow
+def test_simulation_runtime_local_dp_nodes_send_the_noised_release_only(tmp_path):
+    """FedRep under local DP on the real runtime: each train reply is the noised message alone
+    (noise z·C·√d ≫ C), and the population equals the in-process run's."""
+    config = dp_config("fedrep", "local", *SIM)
+    dataset = build_dataset(config.data, config.seed)
+    server, sent = simulate(config, dataset, tmp_path / "a")
+    trains = [content for kind, _, content in sent if kind == "train"]
+    assert {kind for kind, _, _ in sent} == {"query", "train"}
+    assert len(trains) == config.rounds * config.cohort.clients_per_round
+    assert all(set(c) == {"message"} for c in trains)
+    assert all(update_norm(c["message"]) > 5 * config.privacy.clip for c in trains)
+    same_population_as_in_process(config, dataset, server)
 
 
 def test_compare_under_dp_needs_the_diagnostics_opt_in():
