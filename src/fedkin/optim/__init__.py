@@ -7,10 +7,12 @@
   object algorithms use; ``from_transform``, ``routed``, ``projected``.
 * :mod:`~fedkin.optim.alias` — SGD, Adam, AdamW as chains.
 * :mod:`~fedkin.optim.configs` — the registered configs (``fedkin list optimizers``).
+* :mod:`~fedkin.optim.muon` — Muon and MuonBP (block-periodic orthogonalization).
 """
 
 from fedkin.optim.alias import adam, adam_transform, adamw, projected_sgd, sgd, sgd_transform
 from fedkin.optim.configs import AdamConfig, AdamWConfig, BaseOptimizerConfig, SgdConfig
+from fedkin.optim.muon import MuonBPConfig, MuonConfig
 from fedkin.optim.optimizer import Optimizer, from_transform, projected, routed
 from fedkin.optim.schedules import Schedule, ScheduleConfig
 from fedkin.optim.transform import (
@@ -23,7 +25,7 @@ from fedkin.optim.transform import (
 )
 from fedkin.registry import OPTIMIZER_REGISTRY, register_optimizer
 
-for _config in (SgdConfig, AdamConfig, AdamWConfig):
+for _config in (SgdConfig, AdamConfig, AdamWConfig, MuonConfig, MuonBPConfig):
     register_optimizer(_config)
 
 #: An optimizer's config: any registered optimizer (``fedkin.register_optimizer``).
@@ -37,6 +39,8 @@ __all__ = [
     "AdamWConfig",
     "BaseOptimizerConfig",
     "GradientTransformation",
+    "MuonBPConfig",
+    "MuonConfig",
     "Optimizer",
     "OptimizerConfig",
     "Schedule",
