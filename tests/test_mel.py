@@ -174,6 +174,8 @@ def test_config_errors_name_the_key():
         mel_config("model.branches=[{name: mlp}, {name: mlp, hidden: []}]")
     with pytest.raises(ConfigError, match=r"failure_patterns needs model\.name=mel"):
         tiny_config("eval.failure_patterns=true")
+    with pytest.raises(ConfigError, match=r"backend\.name=local \(got 'ray'\)"):
+        mel_config("eval.failure_patterns=true", "backend.name=ray")
 
 
 def test_other_models_keep_cross_entropy():

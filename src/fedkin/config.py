@@ -76,8 +76,8 @@ class EvalConfig(_Section):
     )
     failure_patterns: bool = Field(
         False,
-        description="model mel only: also report accuracy under every failure pattern of the "
-        "ensemble (global_acc_<pattern>, personal_acc_<pattern>; e.g. pattern combiner+branch1)",
+        description="model mel, local backend: also report accuracy under every failure pattern of "
+        "the ensemble (global_acc_<pattern>, personal_acc_<pattern>; e.g. combiner+branch1)",
     )
 
 
@@ -193,11 +193,13 @@ class ExperimentConfig(_Section):
                 f"outside the shared local solver; DP-SGD works with: {allowed}"
             )
         if self.eval.failure_patterns and (
-            self.model.name != "mel" or self.client_models or self.backend.name == "flower"
+            self.model.name != "mel" or self.client_models or self.backend.name != "local"
         ):
+            # Ray workers and Flower nodes keep their own copy of the model, which does not see
+            # the serving pattern set in this process
             raise ValueError(
                 f"eval.failure_patterns needs model.name=mel (got {self.model.name!r}), no "
-                "client_models, and backend.name local or ray"
+                f"client_models, and backend.name=local (got {self.backend.name!r})"
             )
         if self.client_models:
             total = sum(g.fraction for g in self.client_models)
