@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from fedkin.algorithms import ALGORITHMS, Algorithm, ServerStep
+from fedkin.algorithms.base import PHASE_EVAL_ADAPT, PHASE_EVAL_INIT
 from fedkin.config import ClientModelGroup, ExperimentConfig, holdout_count, load_config
 from fedkin.core.channel import Channel, finite_rows, reject_nonfinite
 from fedkin.core.errors import NonFiniteModelError, UserError
@@ -151,10 +152,13 @@ class Experiment:
                 [reject_nonfinite, self.privacy.clip_step], self.privacy.aggregate
             )
         self.participation = torch.zeros(self.dataset.num_clients, dtype=torch.long)
-        self.dp_sgd_steps = 0  # DP-SGD steps one client_update takes (measured on first use)
+        #: DP-SGD gradients per batch of one client_update (measured on first use)
+        self.dp_sgd_uses: list[int] = []
         if config.privacy.dp_sgd is not None:
             for group in self.groups:
-                group.algorithm.enable_dp_sgd(config.privacy.dp_sgd, config.seed)
+                group.algorithm.enable_dp_sgd(
+                    config.privacy.dp_sgd, config.seed, config.client.batch_size
+                )
         self.stop_reason = ""
         self._dead_rounds = 0  # consecutive rounds in which every client update was rejected
 
@@ -228,9 +232,7 @@ class Experiment:
         cohort, phantom = self.round_cohort(r)
         if len(cohort) == 0:
             return self.finish_round(r, t0, {"clients": 0})
-        batches = ds.sample_train_batches(
-            cohort, self.stream.child("batches"), r, cfg.client.local_steps, cfg.client.batch_size
-        )
+        batches = self.client_batches(cohort, "batches", r)
         n_i = ds.train_sizes[cohort].to(torch.float32)
         ctx = {"client_id": cohort, "num_samples": n_i, "round": torch.full_like(cohort, r)}
         weights = n_i if cfg.cohort.weighting == "samples" else torch.ones(len(cohort))
@@ -296,48 +298,46 @@ class Experiment:
             },
         )
 
+    def client_batches(self, clients: torch.Tensor, name: str, round_: int):
+        """Local batches of ``clients`` in a round, from the stream ``name``: fixed-size slices
+        of a shuffle, or under DP-SGD Poisson batches ``(xs, ys, masks)`` (what the example-level
+        accountant assumes)."""
+        cfg, ds = self.config, self.dataset
+        poisson = cfg.privacy.dp_sgd is not None
+        sample = ds.sample_poisson_batches if poisson else ds.sample_train_batches
+        steps, size = cfg.client.local_steps, cfg.client.batch_size
+        return sample(clients, self.stream.child(name), round_, steps, size)
+
     def _counting_dp_steps(self, algorithm: Algorithm):
-        """``client_update``, recording how many DP-SGD steps one call takes."""
+        """``client_update``, recording how many DP-SGD gradients it computes on each batch."""
         if algorithm.dp_sgd is None:
             return algorithm.client_update
 
         def counted(*args):
-            algorithm.dp_steps = 0
+            algorithm.dp_uses.clear()
             out = algorithm.client_update(*args)
-            self.dp_sgd_steps = max(self.dp_sgd_steps, algorithm.dp_steps)
+            self.dp_sgd_uses = sorted(algorithm.dp_uses.values())
             return out
 
         return counted
 
     def example_epsilon(self) -> float:
-        """Example-level ε of the most exposed client under DP-SGD (an upper bound over clients).
-
-        Each DP-SGD step is accounted as a Poisson-subsampled Gaussian with q = B/n_i, the
-        customary treatment (as in Opacus); fedkin draws batches by shuffling, which this
-        approximates. The bound uses the largest q and the most participations of any client;
-        when B exceeds a client's data an example can appear ⌈B/n⌉ times in one batch, so the
-        noise multiplier is divided by that factor (group privacy).
-        """
-        from fedkin.privacy.accountant import PrivacyAccountant, PrivacyEvent
+        """Example-level ε under DP-SGD of the most exposed training client: its Poisson
+        batches (q_i = min(1, B/n_i)) composed over the batches of a round and its
+        participations, by dp-accounting (RDP); see :mod:`fedkin.privacy.dp_sgd`."""
+        from fedkin.privacy.dp_sgd import example_epsilon
 
         dp = self.config.privacy.dp_sgd
-        rounds = int(self.participation.max())
-        if dp is None or rounds == 0 or self.dp_sgd_steps == 0:
+        if dp is None:
             return 0.0
-        seen = self.participation > 0
-        batch, n_min = self.config.client.batch_size, int(self.dataset.train_sizes[seen].min())
-        q = min(1.0, batch / n_min)
-        # a batch larger than a client's data repeats examples up to ⌈B/n⌉ times: group privacy
-        repeats = -(-batch // n_min)
-        accountant = PrivacyAccountant("rdp")
-        accountant.record(
-            PrivacyEvent.gaussian(
-                dp.noise_multiplier / repeats,
-                sampling_prob=None if q >= 1 else q,
-                count=rounds * self.dp_sgd_steps,
-            )
+        return example_epsilon(
+            dp.noise_multiplier,
+            dp.delta,
+            self.config.client.batch_size,
+            self.dataset.train_sizes,
+            self.participation,
+            self.dp_sgd_uses,
         )
-        return accountant.epsilon(dp.delta)
 
     def finish_round(self, r: int, t0: float, metrics: dict[str, Any]) -> dict[str, Any]:
         """Close round r: account its privacy cost and build its record."""
@@ -514,32 +514,33 @@ class Experiment:
         ``client_update`` from Γ; then ``adapt``, if the algorithm has one. Batches are
         counter-based in (round, client), so a Flower node evaluating its own client computes
         exactly the in-process numbers."""
-        cfg = self.config
-        ctx = {
-            "client_id": clients,
-            "num_samples": self.dataset.train_sizes[clients].to(torch.float32),
-            "round": torch.full_like(clients, round_),
-        }
 
-        def batches(name: str):
-            return self.dataset.sample_train_batches(
-                clients,
-                self.stream.child(name),
-                round_,
-                cfg.client.local_steps,
-                cfg.client.batch_size,
-            )
+        def ctx(phase: int) -> Tree:  # a phase of its own keys the DP-SGD noise of each solve
+            return {
+                "client_id": clients,
+                "num_samples": self.dataset.train_sizes[clients].to(torch.float32),
+                "round": torch.full_like(clients, round_),
+                "phase": torch.full_like(clients, phase),
+            }
 
         if states is None:
             template = MemoryStore(algorithm.init_client(population), len(clients))
             _, states, _ = self.engine.map(
                 algorithm.client_update,
-                (population, template.gather(torch.arange(len(clients))), batches("adapt"), ctx),
+                (
+                    population,
+                    template.gather(torch.arange(len(clients))),
+                    self.client_batches(clients, "adapt", round_),
+                    ctx(PHASE_EVAL_INIT),
+                ),
                 (None, 0, 1, 0),
             )
         if self._adapts(algorithm):
+            batches = self.client_batches(clients, "adapt-eval", round_)
             states = self.engine.map(
-                algorithm.adapt, (population, states, batches("adapt-eval"), ctx), (None, 0, 1, 0)
+                algorithm.adapt,
+                (population, states, batches, ctx(PHASE_EVAL_ADAPT)),
+                (None, 0, 1, 0),
             )
         return states
 
@@ -589,7 +590,7 @@ class Experiment:
             "server": self.server.state,
             "privacy": self.privacy.state_dict() if self.privacy else None,
             "participation": self.participation,
-            "dp_sgd_steps": self.dp_sgd_steps,
+            "dp_sgd_uses": self.dp_sgd_uses,
             "stores": [g.store.state_dict() for g in self.groups],
         }
 
@@ -600,7 +601,7 @@ class Experiment:
         if self.privacy is not None:
             self.privacy.load_state_dict(state["privacy"])
         self.participation = state["participation"]
-        self.dp_sgd_steps = state["dp_sgd_steps"]
+        self.dp_sgd_uses = state["dp_sgd_uses"]
         for group, store_state in zip(self.groups, state["stores"], strict=True):
             group.store.load_state_dict(store_state, self.round)
 

@@ -84,4 +84,3 @@ def load_entry_points() -> None:
                 f"plugin entry point {ep.name!r} ({ep.value}, group {ENTRY_POINT_GROUP}) "
                 f"failed to load: {type(err).__name__}: {err}"
             ) from None
-

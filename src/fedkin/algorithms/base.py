@@ -23,6 +23,7 @@ threads, files or networks.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import Counter
 from typing import Any, ClassVar
 
 import torch
@@ -36,6 +37,11 @@ from fedkin.core.rng import Stream
 from fedkin.core.tree import Tree, tree_leaves, tree_map, tree_sub
 from fedkin.optim import Optimizer
 from fedkin.privacy.config import DpSgdConfig
+
+#: ``ctx["phase"]`` of the local solves at evaluation (training passes none: phase 0): a
+#: held-out client's first ``client_update``, and ``adapt``. With the round and client id it
+#: keeps the DP-SGD noise of every solve distinct.
+PHASE_EVAL_INIT, PHASE_EVAL_ADAPT = 1, 2
 
 
 class ServerStep:
@@ -89,11 +95,15 @@ class Algorithm(ABC):
         self.client_optimizer = client_optimizer
         self.local_steps = local_steps
         self.dp_sgd: DpSgdConfig | None = None  # see enable_dp_sgd
-        self.dp_steps = 0  # DP-SGD steps taken by the current client_update (for accounting)
+        #: DP-SGD gradients computed on each batch index by the current ``client_update``
+        #: (for accounting; the caller resets it)
+        self.dp_uses: Counter[int] = Counter()
 
-    def enable_dp_sgd(self, config: DpSgdConfig, seed: int) -> None:
-        """Make every :meth:`local_solve` step an example-level DP-SGD step."""
+    def enable_dp_sgd(self, config: DpSgdConfig, seed: int, batch_size: int) -> None:
+        """Make every :meth:`local_solve` step an example-level DP-SGD step on Poisson batches
+        of expected size ``batch_size`` (see :meth:`private_grad`)."""
         self.dp_sgd = config
+        self.dp_batch_size = batch_size
         self.dp_stream = Stream(seed).child("dp-sgd")
 
     # ----- the model as a function -------------------------------------------------------
@@ -144,33 +154,40 @@ class Algorithm(ABC):
         self,
         params: Tree,
         objective: Any,
-        batches: tuple[torch.Tensor, torch.Tensor],
+        batches: tuple[torch.Tensor, ...],
         optimizer: Optimizer | None = None,
         opt_state: Tree | None = None,
         steps: int | None = None,
         ctx: Tree | None = None,
         noise_tag: int = 0,
+        batch: int | None = None,
     ) -> tuple[Tree, Tree, torch.Tensor]:
         """Run ``steps`` optimizer steps on ``objective(params, x, y) -> (total, data_loss)``.
 
-        ``batches`` are ``(xs [S, B, …], ys [S, B])``; step s uses batch ``s mod S``.
+        ``batches`` are ``(xs [S, B, …], ys [S, B])``; step s uses batch ``s mod S`` (every
+        step uses batch ``batch`` if given).
         Returns the new parameters, the optimizer state and the mean data loss over steps.
-        With DP-SGD on, each step's gradient is the clipped, noised per-example gradient
-        (:meth:`private_grad`); ``ctx`` (client id, round) and ``noise_tag`` (distinct per call
-        within one ``client_update``) key the noise.
+        With DP-SGD on, ``batches`` are Poisson batches ``(xs, ys, masks)`` (see
+        :meth:`~fedkin.data.federated.FederatedDataset.sample_poisson_batches`) and each step's
+        gradient is the clipped, noised per-example gradient (:meth:`private_grad`); ``ctx``
+        (client id, round, phase) and ``noise_tag`` (distinct per call within one
+        ``client_update`` or ``adapt``) key the noise.
         """
         optimizer = optimizer or self.client_optimizer
         state = optimizer.init(params) if opt_state is None else opt_state
-        xs, ys = batches
         steps = self.local_steps if steps is None else steps
         grad_fn = grad(objective, has_aux=True)
+        if self.dp_sgd is not None and len(batches) != 3:
+            raise RuntimeError("DP-SGD needs Poisson batches (xs, ys, masks)")
         loss_sum = torch.zeros(())
         for s in range(steps):
-            b = s % xs.shape[0]
+            b = s % batches[0].shape[0] if batch is None else batch
             if self.dp_sgd is None:
-                g, data_loss = grad_fn(params, xs[b], ys[b])
+                g, data_loss = grad_fn(params, batches[0][b], batches[1][b])
             else:
-                g, data_loss = self.private_grad(objective, params, xs[b], ys[b], ctx, noise_tag, s)
+                x, y, mask = (t[b] for t in batches)
+                self.dp_uses[b] += 1
+                g, data_loss = self.private_grad(objective, params, x, y, mask, ctx, noise_tag, s)
             params, state = optimizer.step(g, state, params)
             loss_sum = loss_sum + data_loss.detach()
         return params, state, loss_sum / max(steps, 1)
@@ -181,14 +198,23 @@ class Algorithm(ABC):
         params: Tree,
         x: torch.Tensor,
         y: torch.Tensor,
+        mask: torch.Tensor,
         ctx: Tree | None,
         noise_tag: int,
         step: int,
     ) -> tuple[Tree, torch.Tensor]:
-        """DP-SGD gradient (Abadi et al. 2016): (Σ_j clip_C(∇ℓ_j) + N(0, σ²C² I)) / B.
+        """DP-SGD gradient (Abadi et al. 2016) on a Poisson batch:
 
-        Per-example gradients come from ``vmap`` over the batch (nested inside the cohort's
-        ``vmap``); noise is counter-based in (round, client, noise_tag, step, leaf, element).
+            g = ( Σ_{j: mask_j} clip_C(∇ℓ_j) + N(0, σ²C² I) ) / (q·n),   q = min(1, B/n),
+
+        where the batch took each of the client's n examples independently with probability q
+        and q·n = min(B, n) is its *expected* size (a data-independent denominator, as in
+        Opacus), so one example changes the noised sum by at most C: exactly the
+        Poisson-subsampled Gaussian mechanism the accountant composes. Per-example gradients
+        come from ``vmap`` over the batch slots (nested inside the cohort's ``vmap``); padded
+        slots (mask False) contribute nothing. Noise is counter-based in (round, client, phase,
+        noise_tag, step, leaf, element); ``ctx["phase"]`` (0 if absent: training) separates
+        training from evaluation-time solves of the same round.
         """
         if ctx is None:
             raise RuntimeError(f"{type(self).__name__} must pass ctx to local_solve for DP-SGD")
@@ -200,8 +226,10 @@ class Algorithm(ABC):
         g, losses = per_example(params, x, y)
         leaves = tree_leaves(g)
         norms = torch.sqrt(sum(t.reshape(t.shape[0], -1).pow(2).sum(1) for t in leaves))
-        factor = (cfg.clip / norms.clamp(min=1e-12)).clamp(max=1.0)
+        factor = (cfg.clip / norms.clamp(min=1e-12)).clamp(max=1.0) * mask.to(norms.dtype)
         sigma = cfg.noise_multiplier * cfg.clip
+        expected = ctx["num_samples"].clamp(max=self.dp_batch_size)
+        phase = ctx.get("phase", 0)
         counter = iter(range(len(leaves)))
 
         def noisy_mean(t: torch.Tensor) -> torch.Tensor:
@@ -209,15 +237,16 @@ class Algorithm(ABC):
             z = self.dp_stream.normal(
                 ctx["round"],
                 ctx["client_id"],
+                phase,
                 noise_tag,
                 step,
                 next(counter),
                 torch.arange(clipped.numel()),
             )
-            return (clipped + sigma * z.reshape(clipped.shape).to(t.dtype)) / x.shape[0]
+            return (clipped + sigma * z.reshape(clipped.shape).to(t.dtype)) / expected
 
-        self.dp_steps += 1
-        return tree_map(noisy_mean, g), losses.mean()
+        taken = mask.to(losses.dtype)
+        return tree_map(noisy_mean, g), (losses * taken).sum() / taken.sum().clamp(min=1)
 
     def gaussian_objective(self, center: Tree, lam: float):
         """Objective with the Gaussian prior θ ~ N(center, λ⁻¹I): (L_i + λ/2‖θ − center‖², L_i)."""

@@ -53,21 +53,21 @@ class PFedMe(Algorithm):
     def client_update(self, population: Tree, client: Tree, batches, ctx: Tree):
         cfg = self.config
         w = population["global"]
-        xs, ys = batches
         inner = sgd(cfg.personal_lr)
         w_i, theta = w, w
         opt = self.client_optimizer.init(w_i)
         loss_sum = torch.zeros(())
         for s in range(self.local_steps):
-            b = s % xs.shape[0]
+            b = s % batches[0].shape[0]
             theta, _, loss = self.local_solve(
                 theta,
                 self.gaussian_objective(w_i, self.config.lam),
-                (xs[b : b + 1], ys[b : b + 1]),
+                batches,
                 optimizer=inner,
                 steps=cfg.inner_steps,
                 ctx=ctx,
                 noise_tag=s,
+                batch=b,
             )
             w_i, opt = self.client_optimizer.step(self.envelope_grad(w_i, theta), opt, w_i)
             loss_sum = loss_sum + loss

@@ -271,14 +271,7 @@ class _ClientRuntime:
 
     def local_update(self, cid: int, population: Tree, state: Tree, stream_name: str, r: int):
         """``client_update`` of one client through the engine (a cohort of one)."""
-        cfg, ds = self.config, self.experiment.dataset
-        batches = ds.sample_train_batches(
-            torch.tensor([cid]),
-            self.experiment.stream.child(stream_name),
-            r,
-            cfg.client.local_steps,
-            cfg.client.batch_size,
-        )
+        batches = self.experiment.client_batches(torch.tensor([cid]), stream_name, r)
         return self.engine.map(
             self.algorithm(cid).client_update,
             (population, _batch1(state), batches, self.ctx(cid, r)),

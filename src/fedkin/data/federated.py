@@ -203,6 +203,47 @@ class FederatedDataset:
             return self.val_index, self.val_sizes
         raise ValueError(f"no {split!r} split (have: test{', val' * (self.val_index is not None)})")
 
+    def sample_poisson_batches(
+        self, clients: torch.Tensor, stream: Stream, round: int, steps: int, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Poisson-sampled minibatches (for DP-SGD), step-major, as padded tensors with a mask.
+
+        In round ``r``, step ``s``, train sample ``p`` of client ``c`` (with ``n`` samples) is
+        in the batch iff ``stream.uniform(r, c, s, p) < q``, ``q = min(1, B/n)``: independently
+        for every sample and step, so batch sizes are Binomial(n, q) with mean ``min(B, n)``.
+        This is the sampling the Poisson-subsampled Gaussian accountant assumes. The selected
+        samples of a (step, client) fill the first slots of the batch axis in train order;
+        the axis is as wide as the largest batch drawn for the cohort (at least 1), and the
+        remaining slots hold x = 0, y = 0, mask = False.
+
+        Returns ``x [steps, K, W, *feature_shape]``, ``y [steps, K, W]``, ``mask [steps, K, W]``.
+        """
+        clients = torch.as_tensor(clients, dtype=torch.int64, device=self.train_index.device)
+        sizes = self.train_sizes[clients]  # [K]
+        width = int(sizes.max()) if len(clients) else 0
+        table = self.train_index[clients, :width]  # [K, M]
+        q = (batch_size / sizes.to(torch.float64)).clamp(max=1.0)
+        positions = torch.arange(width, device=table.device)
+        u = stream.uniform(
+            round,
+            clients[:, None, None],
+            torch.arange(steps)[None, :, None],
+            positions[None, None, :],
+        )  # [K, S, M]
+        take = (u < q[:, None, None]) & (positions < sizes[:, None])[:, None, :]
+        batch_width = max(int(take.sum(-1).max()) if take.numel() else 0, 1)
+        # selected positions first, in train order: sort keys p (taken) or M + p (not taken)
+        order = torch.where(take, positions, width + positions).sort(dim=-1).values
+        order = order[..., :batch_width]  # [K, S, W]
+        mask = order < width
+        safe = torch.where(mask, order, 0).clamp(max=max(width - 1, 0))
+        rows = torch.gather(table[:, None, :].expand(-1, steps, -1), 2, safe)  # [K, S, W]
+        rows, mask = rows.transpose(0, 1), mask.transpose(0, 1)  # [S, K, W]
+        shape = (*mask.shape, *([1] * (self.x.dim() - 1)))
+        xs = self.x[rows] * mask.view(shape).to(self.x.dtype)
+        ys = torch.where(mask, self.y[rows], torch.zeros((), dtype=self.y.dtype))
+        return xs, ys, mask
+
     def test_batches(
         self, clients: torch.Tensor, split: str = "test"
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,0 +1,73 @@
+"""Example-level ε of DP-SGD inside clients (accounting only; the mechanism is
+:meth:`fedkin.algorithms.base.Algorithm.private_grad`).
+
+In each round it trains, client i draws every local batch by Poisson sampling — each of its n_i
+examples independently with probability q_i = min(1, B/n_i) — and computes r ≥ 1 clipped,
+noised gradients on that batch (r = 1 for plain DP-SGD; Ditto's global and personal solves
+share their batches, r = 2; pFedMe's inner steps reuse one batch). The r Gaussian releases on
+one sampled batch compose adaptively to exactly a Gaussian with multiplier σ/√r, and Poisson
+sampling amplifies that composition, so one batch costs
+
+    PoissonSampled(q_i, Gaussian(σ/√r)),
+
+under add/remove-one neighbouring datasets (q_i = 1: no amplification). A client composes these
+over the batches of one ``client_update`` and over its p_i participations. ε grows with q_i and
+with p_i, so the largest ε over clients is attained on the Pareto frontier of (q_i, p_i); this
+module composes exactly those clients (RDP, dp-accounting) and reports their maximum. n_i (and
+with it q_i) is treated as public, as Opacus treats its sample rate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from fedkin.privacy.accountant import PrivacyAccountant, PrivacyEvent
+
+
+def client_events(
+    noise_multiplier: float, q: float, participations: int, uses: Sequence[int]
+) -> list[PrivacyEvent]:
+    """The ledger of one client: for each batch of a ``client_update`` used ``r`` times
+    (``uses``), ``participations`` Poisson(q)-subsampled Gaussians with multiplier σ/√r."""
+    return [
+        PrivacyEvent.gaussian(
+            noise_multiplier / math.sqrt(r),
+            sampling_prob=None if q >= 1 else q,
+            count=participations,
+        )
+        for r in uses
+    ]
+
+
+def example_epsilon(
+    noise_multiplier: float,
+    delta: float,
+    batch_size: int,
+    train_sizes: torch.Tensor,
+    participations: torch.Tensor,
+    uses: Sequence[int],
+) -> float:
+    """Largest example-level ε over clients (0 if none trained): client i has ``train_sizes[i]``
+    examples, took part in ``participations[i]`` rounds, and each ``client_update`` used its
+    batches ``uses`` times (one entry per batch)."""
+    seen = participations > 0
+    if not bool(seen.any()) or not uses:
+        return 0.0
+    q = (batch_size / train_sizes[seen].to(torch.float64)).clamp(max=1.0)
+    p = participations[seen]
+    pairs = sorted({(float(a), int(b)) for a, b in zip(q, p, strict=True)}, reverse=True)
+    frontier, most = [], 0  # clients no other client dominates in both q and p
+    for qi, pi in pairs:
+        if pi > most:
+            frontier.append((qi, pi))
+            most = pi
+    epsilons = []
+    for qi, pi in frontier:
+        accountant = PrivacyAccountant("rdp")
+        for event in client_events(noise_multiplier, qi, pi, uses):
+            accountant.record(event)
+        epsilons.append(accountant.epsilon(delta))
+    return max(epsilons)
