@@ -285,3 +285,26 @@ def test_no_noise_key_repeats_across_training_adaptation_and_evaluation(monkeypa
     assert len(keys) > 10_000
     unique = torch.unique(keys, dim=0)
     assert len(unique) == len(keys), f"{len(keys) - len(unique)} noise keys drawn twice"
+
+
+class _RemoteEngine:
+    """Runs each map on a cloudpickled copy of the function, as a Ray worker does: side effects
+    on the caller's objects are lost."""
+
+    def map(self, fn, args, in_dims):
+        from fedkin.engine import SequentialEngine
+
+        cloudpickle = pytest.importorskip("cloudpickle")  # installed with the ray extra
+        return SequentialEngine().map(cloudpickle.loads(cloudpickle.dumps(fn)), args, in_dims)
+
+
+def test_example_epsilon_does_not_depend_on_where_the_engine_runs():
+    eps = []
+    for remote in (False, True):
+        exp = Experiment(tiny_config(*DP_SGD, "algorithm.name=ditto"))
+        if remote:
+            exp.engine = _RemoteEngine()
+        exp.run_round()
+        eps.append(exp.evaluate()["example_epsilon"])
+    assert eps[0] > 0
+    assert eps[1] == eps[0]

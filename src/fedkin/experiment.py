@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from fedkin.algorithms import ALGORITHMS, Algorithm, ServerStep
-from fedkin.algorithms.base import PHASE_EVAL_ADAPT, PHASE_EVAL_INIT
+from fedkin.algorithms.base import PHASE_DRY_RUN, PHASE_EVAL_ADAPT, PHASE_EVAL_INIT
 from fedkin.config import ClientModelGroup, ExperimentConfig, holdout_count, load_config
 from fedkin.core.channel import Channel, finite_rows, reject_nonfinite
 from fedkin.core.errors import NonFiniteModelError, UserError
@@ -32,6 +32,7 @@ from fedkin.core.store import ClientStore, MemoryStore, StackedStates, make_stor
 from fedkin.core.tree import Tree, tree_leaves, tree_map
 from fedkin.data import build_dataset
 from fedkin.data.federated import FederatedDataset
+from fedkin.engine import SequentialEngine
 from fedkin.models import build_model
 from fedkin.models.mel import pattern_name
 from fedkin.privacy.release import ReleasePolicy
@@ -152,7 +153,7 @@ class Experiment:
                 [reject_nonfinite, self.privacy.clip_step], self.privacy.aggregate
             )
         self.participation = torch.zeros(self.dataset.num_clients, dtype=torch.long)
-        #: DP-SGD gradients per batch of one client_update (measured on first use)
+        #: DP-SGD gradients on each batch of one client_update (measured in the first round)
         self.dp_sgd_uses: list[int] = []
         if config.privacy.dp_sgd is not None:
             for group in self.groups:
@@ -246,11 +247,11 @@ class Experiment:
             sub_batches = batches if whole else _take(batches, pos, 1)
             sub_ctx = ctx if whole else _take(ctx, pos, 0)
             rows = group.rows(cohort[pos])
+            args = (self.population, group.store.gather(rows), sub_batches, sub_ctx)
+            if group.algorithm.dp_sgd is not None and not self.dp_sgd_uses:
+                self.dp_sgd_uses = self._dp_sgd_uses(group.algorithm, args)
             (msg, states, metrics), lost = map_cohort(
-                self.engine,
-                self._counting_dp_steps(group.algorithm),
-                (self.population, group.store.gather(rows), sub_batches, sub_ctx),
-                (None, 0, 1, 0),
+                self.engine, group.algorithm.client_update, args, (None, 0, 1, 0)
             )
             dropped += lost
             k = len(pos)
@@ -308,18 +309,21 @@ class Experiment:
         steps, size = cfg.client.local_steps, cfg.client.batch_size
         return sample(clients, self.stream.child(name), round_, steps, size)
 
-    def _counting_dp_steps(self, algorithm: Algorithm):
-        """``client_update``, recording how many DP-SGD gradients it computes on each batch."""
-        if algorithm.dp_sgd is None:
-            return algorithm.client_update
-
-        def counted(*args):
-            algorithm.dp_uses.clear()
-            out = algorithm.client_update(*args)
-            self.dp_sgd_uses = sorted(algorithm.dp_uses.values())
-            return out
-
-        return counted
+    @staticmethod
+    def _dp_sgd_uses(algorithm: Algorithm, args: tuple[Any, ...]) -> list[int]:
+        """How many DP-SGD gradients one ``client_update`` computes on each of its batches
+        (sorted), from a dry run on the cohort's first client in this process — the engine may
+        run remotely. Its noise has a phase of its own and nothing it computes is kept."""
+        population, states, batches, ctx = args
+        first = torch.tensor([0])
+        ctx = {**_take(ctx, first, 0), "phase": torch.tensor([PHASE_DRY_RUN])}
+        algorithm.dp_uses.clear()
+        SequentialEngine().map(
+            algorithm.client_update,
+            (population, _take(states, first, 0), _take(batches, first, 1), ctx),
+            (None, 0, 1, 0),
+        )
+        return sorted(algorithm.dp_uses.values())
 
     def example_epsilon(self) -> float:
         """Example-level ε under DP-SGD of the most exposed training client: its Poisson

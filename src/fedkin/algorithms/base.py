@@ -38,10 +38,10 @@ from fedkin.core.tree import Tree, tree_leaves, tree_map, tree_sub
 from fedkin.optim import Optimizer
 from fedkin.privacy.config import DpSgdConfig
 
-#: ``ctx["phase"]`` of the local solves at evaluation (training passes none: phase 0): a
-#: held-out client's first ``client_update``, and ``adapt``. With the round and client id it
-#: keeps the DP-SGD noise of every solve distinct.
-PHASE_EVAL_INIT, PHASE_EVAL_ADAPT = 1, 2
+#: ``ctx["phase"]`` of local solves other than training (which passes none: phase 0): at
+#: evaluation a held-out client's first ``client_update`` and ``adapt``; and the dry run that
+#: counts DP-SGD steps. With the round and client id it keeps the noise of every solve distinct.
+PHASE_EVAL_INIT, PHASE_EVAL_ADAPT, PHASE_DRY_RUN = 1, 2, 3
 
 
 class ServerStep:
@@ -95,8 +95,8 @@ class Algorithm(ABC):
         self.client_optimizer = client_optimizer
         self.local_steps = local_steps
         self.dp_sgd: DpSgdConfig | None = None  # see enable_dp_sgd
-        #: DP-SGD gradients computed on each batch index by the current ``client_update``
-        #: (for accounting; the caller resets it)
+        #: DP-SGD gradients computed on each batch index since the caller last cleared it
+        #: (the experiment's dry run of ``client_update``, for accounting)
         self.dp_uses: Counter[int] = Counter()
 
     def enable_dp_sgd(self, config: DpSgdConfig, seed: int, batch_size: int) -> None:
