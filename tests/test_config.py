@@ -192,6 +192,60 @@ def test_cohort_larger_than_population():
     assert "cohort.clients_per_round=1000" in msg and "data.num_clients=100" in msg
 
 
+# ----- privacy picks its cohort defaults; explicit conflicts fail once -------------------------
+
+PRIVATE = ("privacy.mechanism=central", "privacy.noise_multiplier=1")
+
+
+def test_privacy_defaults_cohorts_to_uniform_weights_and_poisson_sampling(tmp_path):
+    cfg = load_config(None, ["algorithm.name=ditto", *PRIVATE])
+    assert (cfg.cohort.weighting, cfg.cohort.sampling) == ("uniform", "poisson")
+    path = tmp_path / "config.yaml"  # the resolved config states the choice and reloads equal
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+    local = load_config(None, ["privacy.mechanism=local", "privacy.target_epsilon=2"])
+    assert (local.cohort.weighting, local.cohort.sampling) == ("uniform", "poisson")
+    plain = load_config(None, ["privacy.noise_multiplier=1"])  # mechanism none: unchanged
+    assert (plain.cohort.weighting, plain.cohort.sampling) == ("samples", "fixed")
+
+
+def test_privacy_keeps_explicit_choices_that_are_valid():
+    cfg = load_config(None, [*PRIVATE, "cohort.sampling=fixed", "privacy.accountant=rdp"])
+    assert (cfg.cohort.weighting, cfg.cohort.sampling) == ("uniform", "fixed")
+    cfg = load_config(
+        None, ["privacy.mechanism=local", "privacy.noise_multiplier=1", "cohort.sampling=fixed"]
+    )  # local DP accounts no cohort sampling
+    assert cfg.cohort.sampling == "fixed"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needles"),
+    [
+        (("cohort.weighting=samples",), ["cohort.weighting=samples", "cohort.weighting=uniform"]),
+        (
+            ("cohort.sampling=fixed",),
+            ["cohort.sampling=fixed", "cohort.sampling=poisson", "privacy.accountant=rdp"],
+        ),
+        (
+            ("cohort.weighting=samples", "cohort.sampling=fixed", "privacy.delta=0.5"),
+            [
+                "cohort.weighting=uniform",
+                "cohort.sampling=poisson",
+                "privacy.accountant=rdp",
+                "privacy.delta=0.5",
+                "1/population",
+            ],
+        ),
+    ],
+    ids=["weighting", "fixed-under-pld", "all-at-once"],
+)
+def test_explicit_conflicts_with_privacy_fail_once_naming_every_key(overrides, needles):
+    msg = _error(*PRIVATE, *overrides)
+    assert msg.count("invalid config") == 1
+    for needle in needles:
+        assert needle in msg, (needle, msg)
+
+
 def test_all_errors_reported_together():
     msg = _error("rounds=abc", "seed=-1")
     assert "rounds" in msg and "seed" in msg

@@ -234,6 +234,7 @@ def test_local_dp_noise_is_added_on_the_nodes():
         "privacy.noise_multiplier=0.5",
         "privacy.clip=0.1",
         "cohort.weighting=uniform",
+        "cohort.sampling=fixed",
         "eval.every=1",
     )
     _, grid = run_both(config)

@@ -1,6 +1,6 @@
 """Private federated learning end to end: config errors, accounting against dp-accounting and
 Opacus, the planning CLI, calibrated runs, budget stops, resume, cohort events, local DP,
-adaptive clipping, example-level DP-SGD and private personalization (DP-Ditto, DP-AdaPeD).
+adaptive clipping and private personalization (DP-Ditto, DP-AdaPeD); DP-SGD is in test_dp_sgd.py.
 
 Reference numbers are computed here with dp-accounting directly (never through fedkin) or
 copied from Opacus's own unit tests (file cited where used).
@@ -88,12 +88,16 @@ CONFIG_ERRORS = {
         ["privacy.dp_sgd", NO_DP_SGD, "fedavg"],
     ),
     "sample_weighting": (
-        ("privacy.mechanism=central", "privacy.noise_multiplier=1.0", "cohort.sampling=poisson"),
+        ("privacy.mechanism=central", "privacy.noise_multiplier=1.0", "cohort.weighting=samples"),
         ["cohort.weighting=uniform"],
     ),
     "pld_fixed_cohorts": (
-        ("cohort.weighting=uniform", "privacy.mechanism=central", "privacy.noise_multiplier=1.0"),
-        ["PLD", "fixed-size", "rdp"],
+        ("cohort.sampling=fixed", "privacy.mechanism=central", "privacy.noise_multiplier=1.0"),
+        ["PLD", "fixed-size", "cohort.sampling=poisson", "privacy.accountant=rdp"],
+    ),
+    "adaptive_count_noise_default_too_small": (
+        (*CENTRAL, "privacy.noise_multiplier=1.0", "privacy.adaptive_clip.target_quantile=0.5"),
+        ["privacy.adaptive_clip.count_noise=0.25", "default", "count_noise > z/2 = 0.5"],
     ),
     "budget_below_plan": (
         (*CENTRAL, "privacy.noise_multiplier=1.0", "privacy.epsilon_budget=0.5"),

@@ -165,16 +165,7 @@ class ExperimentConfig(_Section):
                 f"eval.holdout_clients={self.eval.holdout_clients}); allowed: 1..{training}"
             )
         if self.privacy.enabled:
-            if self.cohort.weighting != "uniform":
-                raise ValueError(
-                    "privacy needs cohort.weighting=uniform (DP bounds each client's influence; "
-                    "sample-count weights would leak and unbound it)"
-                )
-            if self.privacy.delta >= 1 / training:
-                raise ValueError(
-                    f"privacy.delta={self.privacy.delta:g} must be < 1/population = "
-                    f"1/{training} (a larger δ allows releasing one client's data outright)"
-                )
+            self._private_cohorts(training)
         if getattr(self.data, "validation_fraction", 0.0) > 0 and self.backend.name == "flower":
             raise ValueError(
                 "data.validation_fraction > 0 needs backend.name=local or ray (Flower nodes "
@@ -229,6 +220,33 @@ class ExperimentConfig(_Section):
                         "parameters); give groups other centers, not other architectures"
                     )
         return self
+
+    def _private_cohorts(self, training: int) -> None:
+        """Under user-level DP, default ``cohort.weighting`` to uniform and ``cohort.sampling``
+        to Poisson when the user left them unset; otherwise raise one error naming every key
+        that must change and its allowed values."""
+        privacy, unset = self.privacy, {"weighting", "sampling"} - self.cohort.model_fields_set
+        defaults = {"weighting": "uniform", "sampling": "poisson"}
+        self.cohort = cohort = self.cohort.model_copy(update={k: defaults[k] for k in unset})
+        problems = []
+        if cohort.weighting != "uniform":
+            problems.append(
+                "cohort.weighting=samples: set cohort.weighting=uniform (DP bounds each "
+                "client's influence; sample-count weights would leak and unbound it)"
+            )
+        central_pld = privacy.mechanism == "central" and privacy.accountant == "pld"
+        if cohort.sampling == "fixed" and central_pld:
+            problems.append(
+                "cohort.sampling=fixed with privacy.accountant=pld: the PLD accountant cannot "
+                "account fixed-size cohorts; set cohort.sampling=poisson or privacy.accountant=rdp"
+            )
+        if privacy.delta >= 1 / training:
+            problems.append(
+                f"privacy.delta={privacy.delta:g} must be < 1/population = 1/{training} "
+                "(a larger δ allows releasing one client's data outright)"
+            )
+        if problems:
+            raise ValueError(f"privacy.mechanism={privacy.mechanism} needs: " + "; ".join(problems))
 
 
 def holdout_count(num_clients: int, fraction: float) -> int:

@@ -134,9 +134,15 @@ class UserLevelDP:
         if config.adaptive_clip is not None:
             sigma_b = config.adaptive_clip.count_noise or cohort_size / 20
             if 2 * sigma_b <= self.noise_multiplier:
+                default = (
+                    " (the default: expected cohort size / 20)"
+                    if config.adaptive_clip.count_noise is None
+                    else ""
+                )
                 raise ConfigError(
-                    f"privacy.adaptive_clip.count_noise={sigma_b:g} is too small for noise "
-                    f"multiplier {self.noise_multiplier:.4g}: need count_noise > z/2"
+                    f"privacy.adaptive_clip.count_noise={sigma_b:g}{default} is too small for "
+                    f"noise multiplier z={self.noise_multiplier:.4g}: set "
+                    f"privacy.adaptive_clip.count_noise > z/2 = {self.noise_multiplier / 2:.4g}"
                 )
             self.count_noise = sigma_b
             self.update_noise = (self.noise_multiplier**-2 - (2 * sigma_b) ** -2) ** -0.5
