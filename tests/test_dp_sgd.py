@@ -308,3 +308,31 @@ def test_example_epsilon_does_not_depend_on_where_the_engine_runs():
         eps.append(exp.evaluate()["example_epsilon"])
     assert eps[0] > 0
     assert eps[1] == eps[0]
+
+
+def test_a_clients_dp_sgd_update_does_not_depend_on_its_cohort():
+    """A Flower node trains its client alone, so its Poisson batches are padded to its own
+    largest batch instead of the cohort's: the update must be the same, bit for bit."""
+    exp = Experiment(
+        tiny_config(*DP_SGD, "data.partition.name=dirichlet", "data.partition.alpha=0.5")
+    )
+
+    def update(clients: torch.Tensor):
+        ctx = {
+            "client_id": clients,
+            "num_samples": exp.dataset.train_sizes[clients].to(torch.float32),
+            "round": torch.zeros_like(clients),
+        }
+        batches = exp.client_batches(clients, "batches", 0)
+        args = (exp.population, exp.store.gather(clients), batches, ctx)
+        message, _, _ = exp.engine.map(exp.algorithm.client_update, args, (None, 0, 1, 0))
+        return tree_leaves(message), batches[0].shape[2]
+
+    cohort = torch.tensor([0, 3, 5, 8, 11])
+    together, width = update(cohort)
+    widths = set()
+    for j in range(len(cohort)):
+        alone, own_width = update(cohort[j : j + 1])
+        widths.add(own_width)
+        assert all(torch.equal(a[j], b[0]) for a, b in zip(together, alone, strict=True))
+    assert min(widths) < width  # the padding really differed
