@@ -23,7 +23,8 @@ utility, e.g. ``fedkin bench privacy``); the run then warns and its summary says
 ``"private": false`` with the reason. Every DP summary carries ``"private"``.
 
 One released value depends on client dataset sizes, which fedkin treats as public:
-``example_epsilon`` (DP-SGD) uses the smallest training-set size among the clients that trained.
+``example_epsilon`` (DP-SGD) uses the training-set sizes and participation counts of the clients
+that trained (participation is drawn from the seed, not from the data).
 """
 
 from __future__ import annotations
