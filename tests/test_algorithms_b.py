@@ -97,7 +97,8 @@ def test_mixture_penalty_gradients_match_closed_forms():
 
 def adaped(steps: int = 5, lr: float = 0.1, **cfg) -> tuple[AdaPeD, MLP]:
     model = MLP(4, [8], 3)
-    return AdaPeD(AdaPeDConfig(**{"prior_scale": "one", **cfg}), model, sgd(lr), steps), model
+    config = AdaPeDConfig(**{"psi_min": 1e-3, **cfg})
+    return AdaPeD(config, model, sgd(lr), steps), model
 
 
 def toy_batch(seed: int = 3, n: int = 10):
@@ -224,6 +225,61 @@ def test_adaped_config_and_round_metrics():
     assert 1e-3 <= float(psi) <= 1e2 and float(psi) != before
     seen = e.store.gather(torch.arange(20))["seen"]
     assert seen[cohort].eq(1).all() and int(seen.sum()) == 4
+
+
+def adaped_limit_run(*extra: str, rounds: int = 6) -> Experiment:
+    """AdaPeD (or ``extra``'s algorithm) on the two-task split, every client in every round."""
+    e, _ = two_group_experiment("algorithm.name=adaped", f"rounds={rounds}", *extra)
+    for _ in range(rounds):
+        e.run_round()
+    return e
+
+
+def personal_models(e: Experiment) -> dict:
+    states = e.store.gather(torch.arange(e.dataset.num_clients))
+    return states["theta"] if "theta" in states else states["params"]
+
+
+def held_out_kd_to_global(e: Experiment) -> float:
+    """Mean over clients of KD(θ_i ‖ w) on the client's *test* inputs (never trained on)."""
+    alg, w, out = e.algorithm, e.population["global"], []
+    for i in range(e.dataset.num_clients):
+        x, _ = e.dataset.client_test(i)
+        theta = {k: v[i] for k, v in personal_models(e).items()}
+        out.append(float(alg.kd(alg.logits(theta, x), alg.logits(w, x))))
+    return sum(out) / len(out)
+
+
+def max_gap(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+PINNED = ("algorithm.psi_lr=0", "algorithm.psi_min=1e-3")  # ψ fixed at psi_init
+
+
+def test_adaped_psi_to_infinity_is_local():
+    """ψ → ∞ removes the prior from θ's gradient: θ_i follows Local's trajectory exactly."""
+    local = adaped_limit_run("algorithm.name=local")
+    far = adaped_limit_run(*PINNED, "algorithm.psi_init=1e8", "algorithm.psi_max=1e8")
+    assert max_gap(personal_models(far), personal_models(local)) < 1e-5
+    assert far.evaluate()["personal_acc_mean"] == local.evaluate()["personal_acc_mean"]
+
+
+def test_adaped_psi_to_zero_tracks_global_and_learned_psi_is_in_between():
+    """Small pinned ψ glues θ_i to w (held-out KD to w far below Local's); the learned ψ on a
+    two-task split gives a personal model measurably different from both limits."""
+    local = adaped_limit_run("algorithm.name=local")
+    far = adaped_limit_run(*PINNED, "algorithm.psi_init=1e8", "algorithm.psi_max=1e8")
+    kd_local = held_out_kd_to_global(far)
+    near = adaped_limit_run(*PINNED, "algorithm.psi_init=0.01")
+    mid = adaped_limit_run(*PINNED, "algorithm.psi_init=0.3")
+    kd_near, kd_mid = held_out_kd_to_global(near), held_out_kd_to_global(mid)
+    assert kd_near < 0.05 * kd_local and kd_near < kd_mid < kd_local
+    learned = adaped_limit_run()  # the defaults: ψ learned, prior weight 1
+    # measured: gap 0.025 (0.0011 with the old prior_scale=per_sample, which tied Local's accuracy)
+    assert max_gap(personal_models(learned), personal_models(local)) > 0.01
+    assert 10 * kd_near < held_out_kd_to_global(learned) < 0.8 * kd_local
+    assert float(learned.population["psi"]) != 1.0  # ψ moved off psi_init = 1
 
 
 # ----- IFCA --------------------------------------------------------------------------------------
