@@ -21,8 +21,9 @@ no official AdaPeD code exists — the authors' GitHub has only QuPeD and ADEPT)
 * prior weight 1 per batch (``prior_scale='one'``): the authors' QuPeD client step
   (``kazkara/QuPeD`` ``utils.update_prox``) weights its KD term by a constant per batch
   (``(1−λ_p)·CE + λ_p·T²·KL``), not by 1/n_i;
-* KD = T²·KL(teacher ‖ student) with batch-mean reduction, teacher detached for the θ-step: as in
-  that QuPeD code (which does not divide the student logits by T; here both are divided);
+* KD = T²·KL(teacher ‖ student), batch mean, teacher detached for the θ-step: as in
+  that QuPeD code (its KL reduction is set by a caller not in the repo; it does not divide the
+  student logits by T, here both are divided);
 * w-step by mutual distillation (θ_i teaches w_i) plus w's own CE: QuPeD's global objective
   (recalled, not read in code); ``global_kd_direction`` offers the exact gradient too;
 * ψ clamped to [0.5, 1e2]: the upper bound is the ADEPT code's clamp on its learned σ; the
