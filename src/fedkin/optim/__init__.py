@@ -8,10 +8,12 @@
 * :mod:`~fedkin.optim.alias` — SGD, Adam, AdamW as chains.
 * :mod:`~fedkin.optim.configs` — the registered configs (``fedkin list optimizers``).
 * :mod:`~fedkin.optim.muon` — Muon and MuonBP (block-periodic orthogonalization).
+* :mod:`~fedkin.optim.mada` — AVGrad and MADA (coefficients learned by hyper-gradient).
 """
 
 from fedkin.optim.alias import adam, adam_transform, adamw, projected_sgd, sgd, sgd_transform
 from fedkin.optim.configs import AdamConfig, AdamWConfig, BaseOptimizerConfig, SgdConfig
+from fedkin.optim.mada import AvgradConfig, MadaConfig
 from fedkin.optim.muon import MuonBPConfig, MuonConfig
 from fedkin.optim.optimizer import Optimizer, from_transform, projected, routed
 from fedkin.optim.schedules import Schedule, ScheduleConfig
@@ -25,7 +27,15 @@ from fedkin.optim.transform import (
 )
 from fedkin.registry import OPTIMIZER_REGISTRY, register_optimizer
 
-for _config in (SgdConfig, AdamConfig, AdamWConfig, MuonConfig, MuonBPConfig):
+for _config in (
+    SgdConfig,
+    AdamConfig,
+    AdamWConfig,
+    AvgradConfig,
+    MadaConfig,
+    MuonConfig,
+    MuonBPConfig,
+):
     register_optimizer(_config)
 
 #: An optimizer's config: any registered optimizer (``fedkin.register_optimizer``).
@@ -37,8 +47,10 @@ __all__ = [
     "OPTIMIZERS",
     "AdamConfig",
     "AdamWConfig",
+    "AvgradConfig",
     "BaseOptimizerConfig",
     "GradientTransformation",
+    "MadaConfig",
     "MuonBPConfig",
     "MuonConfig",
     "Optimizer",
