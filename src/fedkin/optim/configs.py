@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedkin.optim.optimizer import Optimizer, from_transform
+from fedkin.optim.precision import low_precision
 from fedkin.optim.schedules import ScheduleConfig
 from fedkin.optim.transform import (
     GradientTransformation,
@@ -36,6 +37,12 @@ class BaseOptimizerConfig(BaseModel):
     clip_norm: float | None = Field(
         None, gt=0, description="clip the gradient to this global ℓ2 norm first (None: off)"
     )
+    precision: Literal["fp32", "bf16-stochastic", "bf16-nearest"] = Field(
+        "fp32",
+        description="'fp32'; or weights and optimizer state kept in bf16 with updates rounded "
+        "stochastically (unbiased) or to nearest (small updates are lost)",
+    )
+    rounding_seed: int = Field(0, ge=0, description="seed of the stochastic-rounding bits")
 
     def direction(self) -> GradientTransformation | None:
         """The transformation between clipping and the learning rate (None: identity)."""
@@ -49,7 +56,10 @@ class BaseOptimizerConfig(BaseModel):
         )
 
     def build(self) -> Optimizer:
-        return from_transform(self.transform(), self.lr)
+        if self.precision == "fp32":
+            return from_transform(self.transform(), self.lr)
+        rounding = "stochastic" if self.precision == "bf16-stochastic" else "nearest"
+        return low_precision(self.transform(), rounding, self.rounding_seed, self.lr)
 
 
 class SgdConfig(BaseOptimizerConfig):
