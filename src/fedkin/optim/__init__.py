@@ -9,11 +9,14 @@
 * :mod:`~fedkin.optim.configs` — the registered configs (``fedkin list optimizers``).
 * :mod:`~fedkin.optim.muon` — Muon and MuonBP (block-periodic orthogonalization).
 * :mod:`~fedkin.optim.mada` — AVGrad and MADA (coefficients learned by hyper-gradient).
+* :mod:`~fedkin.optim.memlight` — diffGrad, SGD-SaI.
+* :mod:`~fedkin.optim.precision` — bf16 weights and state, stochastic rounding.
 """
 
 from fedkin.optim.alias import adam, adam_transform, adamw, projected_sgd, sgd, sgd_transform
 from fedkin.optim.configs import AdamConfig, AdamWConfig, BaseOptimizerConfig, SgdConfig
 from fedkin.optim.mada import AvgradConfig, MadaConfig
+from fedkin.optim.memlight import DiffGradConfig, SgdSaiConfig
 from fedkin.optim.muon import MuonBPConfig, MuonConfig
 from fedkin.optim.optimizer import Optimizer, from_transform, projected, routed
 from fedkin.optim.schedules import Schedule, ScheduleConfig
@@ -49,6 +52,7 @@ __all__ = [
     "AdamWConfig",
     "AvgradConfig",
     "BaseOptimizerConfig",
+    "DiffGradConfig",
     "GradientTransformation",
     "MadaConfig",
     "MuonBPConfig",
@@ -58,6 +62,7 @@ __all__ = [
     "Schedule",
     "ScheduleConfig",
     "SgdConfig",
+    "SgdSaiConfig",
     "adam",
     "adam_transform",
     "adamw",
