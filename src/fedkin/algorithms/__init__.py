@@ -12,6 +12,7 @@ from fedkin.algorithms.base import Algorithm, ServerStep
 from fedkin.algorithms.ditto import Ditto
 from fedkin.algorithms.fedavg import FedAvg
 from fedkin.algorithms.fedavg_ft import FedAvgFt
+from fedkin.algorithms.fedkseed import FedKSeed
 from fedkin.algorithms.fedper import FedPer
 from fedkin.algorithms.fedprox import FedProx
 from fedkin.algorithms.fedrep import FedRep
@@ -27,6 +28,7 @@ from fedkin.registry import ALGORITHM_REGISTRY, register_algorithm
 
 for _cls in (
     FedAvg,
+    FedKSeed,
     FedProx,
     Local,
     FedAvgFt,

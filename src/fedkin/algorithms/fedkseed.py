@@ -1,0 +1,73 @@
+"""FedKSeed (Qin et al., ICML 2024, arXiv 2312.06353): zeroth-order clients that send
+(seed, scalar) pairs from a shared pool of K seeds.
+
+Prior: point mass, θ_i = w (as FedAvg).
+Local solver: S ZO-SGD (MeZO) steps from w; step s draws a pool index
+k_s = hash(round, client, s) mod K, rebuilds z_{k_s} from it, takes two forward passes for
+p_s = (L(θ + εz) − L(θ − εz))/(2ε) and sets θ ← θ − η p_s z_{k_s}. No backward pass.
+Message: c ∈ ℝ^K with c_k = −η Σ_{s: k_s = k} p_s (the client's pairs, accumulated per index;
+the simulation carries them as a K-vector so the channel can average them).
+Population update: w ← ServerOpt(w, −Σ_k c̄_k z_k), c̄ the weighted average of the clients' c
+— exactly the average of the clients' deltas, since each delta is Σ_k c_k z_k.
+
+Uplink on the wire: S (index, scalar) pairs = 8·S bytes per client and round
+(:func:`uplink_bytes`), against 4·d bytes for a full fp32 delta of d parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedkin.algorithms.base import Algorithm, ServerStep
+from fedkin.core.rng import hash_counters
+from fedkin.core.tree import Tree, tree_add, tree_map
+from fedkin.optim.zeroth import reconstruct, seed_direction, spsa_scalar
+
+
+class FedKSeedConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["fedkseed"] = "fedkseed"
+    pool_size: int = Field(4096, ge=1, description="K: number of shared seeds in the pool")
+    pool_seed: int = Field(0, ge=0, description="seed from which the pool's directions derive")
+    lr: float = Field(1e-3, gt=0, description="ZO-SGD step size η of the clients")
+    eps: float = Field(1e-3, gt=0, description="perturbation scale ε of the SPSA estimate")
+
+
+def uplink_bytes(steps: int) -> int:
+    """Bytes one client sends per round: ``steps`` (int32 index, fp32 scalar) pairs."""
+    return 8 * steps
+
+
+class FedKSeed(Algorithm):
+    name = "fedkseed"
+    Config = FedKSeedConfig
+
+    def client_update(self, population: Tree, client: Tree, batches, ctx: Tree):
+        cfg = self.config
+        w = population["global"]
+        xs, ys = batches
+        theta = w
+        scalars = torch.zeros(cfg.pool_size)
+        loss_sum = torch.zeros(())
+        for s in range(self.local_steps):
+            b = s % xs.shape[0]
+            k = hash_counters(cfg.pool_seed, ctx["round"], ctx["client_id"], s) % cfg.pool_size
+            z = seed_direction(w, cfg.pool_seed, k)
+            x, y = xs[b], ys[b]
+            p, loss = spsa_scalar(lambda q, x=x, y=y: self.data_loss(q, x, y), theta, z, cfg.eps)
+            theta = tree_add(theta, z, -cfg.lr * p)
+            scalars = scalars + torch.nn.functional.one_hot(k, cfg.pool_size) * (-cfg.lr * p)
+            loss_sum = loss_sum + loss.detach()
+        metrics = {"train_loss": loss_sum / max(self.local_steps, 1)}
+        return {"scalars": scalars}, client, metrics
+
+    def population_update(self, population: Tree, aggregate: Tree, server: ServerStep) -> Tree:
+        if "scalars" not in aggregate:
+            return population
+        w = population["global"]
+        delta = reconstruct(w, self.config.pool_seed, aggregate["scalars"])
+        pseudo_grad = tree_map(lambda d: -d, delta)
+        return {**population, "global": server("global", w, pseudo_grad)}
