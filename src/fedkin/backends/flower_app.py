@@ -37,11 +37,13 @@ Use it in Python (``flwr.simulation.run_simulation``)::
     server_app, client_app = make_apps(config)
     run_simulation(server_app, client_app, num_supernodes=config.data.num_clients)
 
-or deploy it (``flwr run``) with a Flower app directory whose ``pyproject.toml`` (see
-:func:`write_flower_project`) names ``fedkin.backends.flower_app:server_app`` and
-``:client_app``; those read the experiment from the run config (``fedkin-config``: a YAML
-path, ``fedkin-overrides``: ``key=value`` overrides) and each SuperNode is started with
-``--node-config "partition-id=<client id>"``. With Flower 1.41 (every SuperLink API is HTTP
+or deploy it (``fedkin flower deploy`` in :mod:`fedkin.backends.flower_deploy` writes the
+app, certificates and the exact commands) with ``flwr run`` and a Flower app directory
+whose ``pyproject.toml`` (see :func:`write_flower_project`) names
+``fedkin.backends.flower_app:server_app`` and ``:client_app``; those read the experiment
+from the run config (``fedkin-config``: a YAML path, ``fedkin-overrides``: ``key=value``
+overrides) and each SuperNode is started with ``--node-config "partition-id=<client id>"``.
+With Flower 1.41 (every SuperLink API is HTTP
 on one ``--port``; ``tests/test_flower.py`` runs exactly this on loopback)::
 
     flower-superlink --ssl-ca-certfile ca.crt --ssl-certfile server.pem \

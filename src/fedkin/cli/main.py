@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "fedkin.cli.listing",
     "fedkin.estimation.cli",
     "fedkin.privacy.cli",
+    "fedkin.cli.flower",
 )
 BENCH_MODULES = (
     "fedkin.bench.throughput",
