@@ -212,7 +212,9 @@ class Deployment:
             "flwr-clientapp) by name,\n#    so this environment's executables go first on PATH\n"
             f'export PATH={shlex.quote(str(bin_dir()))}:"$PATH"\n'
             f"# 1. the SuperLink (on {self.host}):\n{shlex.join(self.superlink())} &\n"
-            f"# 2. one SuperNode per client id 0..{self.nodes - 1} (each its own --port):\n"
+            f"# 2. one SuperNode per client id 0..{self.nodes - 1} (each its own --port; on "
+            "other hosts,\n#    with fedkin installed and this directory copied to the same "
+            "path):\n"
             f"{nodes}\n"
             "# 3. submit the run (stops non-zero unless summary.json was written):\n"
             f"{shlex.join([executable('fedkin'), 'flower', 'run', str(self.directory)])}\n"
@@ -261,8 +263,9 @@ def deploy(
         config_path=str(Path(config_path).resolve()) if config_path else "",
         run_dir=str(deployment.run_dir),
     )
-    if not insecure:
-        write_certificates(directory / "certs", hosts)
+    if not insecure:  # loopback too: each SuperNode serves its ClientApps on 127.0.0.1
+        loopback = [h for h in ("127.0.0.1", "localhost") if h not in hosts]
+        write_certificates(directory / "certs", [*hosts, *loopback])
     deployment.flwr_home.mkdir(parents=True)
     (deployment.flwr_home / "config.toml").write_text(deployment.config_toml())
     (directory / "commands.sh").write_text(deployment.instructions())
