@@ -1,20 +1,39 @@
 """`fedkin bench throughput`: client updates per second, vectorized engine vs a plain PyTorch loop.
 
-The standard workload (the foundation issue): digits features, MLP 64-128-10, FedAvg, every
-client runs 5 local SGD steps (batch 16, lr 0.1) per round, all clients sampled each round.
+Two workloads, both FedAvg with every client running 5 local SGD steps (batch 16, lr 0.1) per
+round and all clients sampled each round:
+
+* ``mlp`` (the foundation issue's standard workload): digits features, MLP 64-128-10.
+* ``cnn``: Fashion-MNIST 28×28 images, the zoo CNN (two 5×5 conv blocks with 32 and 64
+  channels, FC 512). Images come from ``/usr/share/datasets/fashion-mnist``; when that is
+  absent, uniform random tensors of the same shape stand in (the output's ``data`` says which —
+  the timing depends only on the shapes).
+
+Three implementations consume the same pre-drawn batches in the same process:
 
 * fedkin: the FedAvg local solver through the vectorized engine, the channel (non-finite
   filter + weighted mean) and the population update — the code path of ``fedkin run``.
+* fedkin sequential: the same through the sequential engine (one client at a time).
 * reference: the loop people write by hand — for each client deep-copy the global model,
   ``torch.optim.SGD``, 5 steps, then a weighted average of the client models.
 
-Both consume the same pre-drawn batches in the same process, timed round by round in
-alternation (medians reported), so their ratio is meaningful on a shared machine even when
-absolute times are not. Each cohort size runs in its own subprocess so
-its peak memory (max RSS) is its own. For cohorts above ``--loop-cap`` clients the reference
-loop is timed on ``--loop-cap`` of them: its cost is strictly per client. When the loop runs
-the whole cohort, both implementations train the same model from the same batches, and the
-largest absolute difference between their final models is reported (``final_max_abs_diff``).
+They are timed round by round in alternation (medians reported), so their ratios are
+meaningful on a shared machine even when absolute times are not. Each cohort size runs in its
+own subprocess so its peak memory (max RSS) is its own. For cohorts above ``--loop-cap``
+clients the sequential engine and the reference loop are timed on ``--loop-cap`` of them: their
+cost is strictly per client. When they run the whole cohort, all three train the same model from
+the same batches, and the largest absolute difference between the final models is reported
+(``final_max_abs_diff``).
+
+The FLOP limit. ``flops_per_update`` is what ``torch.utils.flop_counter.FlopCounterMode``
+counts for one client's local update (forward and backward of every step) of the reference
+loop; ``sgemm_gflops`` is the rate of a timed square ``torch.mm`` in the same process and at
+the same thread count; and
+
+    fraction_of_limit = fedkin_updates_per_s · flops_per_update / (sgemm_gflops · 10⁹),
+
+the share of the machine's dense-matmul rate that fedkin's vectorized engine turns into
+client updates.
 """
 
 from __future__ import annotations
@@ -27,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -35,6 +55,10 @@ from rich.table import Table
 from fedkin.display import print_table
 
 STEPS, BATCH, LR, HIDDEN = 5, 16, 0.1, 128
+WORKLOADS = ("mlp", "cnn")
+FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+#: side of the square matrices of the sgemm measurement (2·n³ ≈ 2.1 GFLOP per product)
+SGEMM_N = 1024
 
 
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,11 +68,44 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(d.data / 16.0, dtype=torch.float32), torch.tensor(d.target)
 
 
-def _batches(clients: int, seed: int, round_: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[steps, clients, batch] draws from digits, counter-based in (seed, round, client)."""
+def _fashion_mnist() -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Fashion-MNIST images as ``float32 [N, 784]`` in [0, 1], or synthetic stand-ins."""
+    from fedkin.core.errors import DataError
+    from fedkin.data.fashion_mnist import load_fashion_mnist
+
+    try:
+        x, y = load_fashion_mnist(FASHION_MNIST_ROOT)
+    except DataError:  # not installed: same shapes, random values
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(2048, 784, generator=g)
+        return x, torch.randint(0, 10, (2048,), generator=g), "synthetic (Fashion-MNIST shapes)"
+    x = torch.from_numpy(x.reshape(len(x), -1)).float() / 255.0
+    return x, torch.from_numpy(y), f"fashion-mnist ({FASHION_MNIST_ROOT})"
+
+
+_CACHE: dict[str, tuple[torch.Tensor, torch.Tensor, str]] = {}
+
+
+def _data(workload: str = "mlp") -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The workload's pooled examples ``(x, y, description)``, loaded once per process."""
+    if workload not in _CACHE:
+        _CACHE[workload] = (*_digits(), "digits") if workload == "mlp" else _fashion_mnist()
+    return _CACHE[workload]
+
+
+def _digits_cache() -> tuple[torch.Tensor, torch.Tensor]:
+    x, y, _ = _data("mlp")
+    return x, y
+
+
+def _batches(
+    clients: int, seed: int, round_: int, workload: str = "mlp"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[steps, clients, batch] draws from the workload's data, counter-based in
+    (seed, round, client)."""
     from fedkin.core.rng import Stream
 
-    x, y = _digits_cache()
+    x, y, _ = _data(workload)
     u = (
         Stream(seed)
         .child("bench")
@@ -63,108 +120,159 @@ def _batches(clients: int, seed: int, round_: int) -> tuple[torch.Tensor, torch.
     return x[idx], y[idx]
 
 
-_CACHE: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+def build_workload_model(workload: str, seed: int = 0) -> torch.nn.Module:
+    """The workload's model at ``seed``: MLP 64-128-10 or the zoo CNN on 1×28×28 images."""
+    from fedkin.models import CnnConfig, MlpConfig, build_model
+
+    if workload == "mlp":
+        return build_model(MlpConfig(hidden=[HIDDEN]), (64,), None, 10, seed=seed)
+    return build_model(CnnConfig(), (784,), (1, 28, 28), 10, seed=seed)
 
 
-def _digits_cache() -> tuple[torch.Tensor, torch.Tensor]:
-    if "d" not in _CACHE:
-        _CACHE["d"] = _digits()
-    return _CACHE["d"]
+def local_update(model: torch.nn.Module, xs: torch.Tensor, ys: torch.Tensor) -> torch.nn.Module:
+    """One client's update the way a PyTorch user writes it: copy, ``torch.optim.SGD``, steps."""
+    local = copy.deepcopy(model)
+    opt = torch.optim.SGD(local.parameters(), lr=LR)
+    for s in range(len(xs)):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(local(xs[s]), ys[s]).backward()
+        opt.step()
+    return local
 
 
-def measure(clients: int, rounds: int, loop_cap: int, seed: int = 0) -> dict:
-    """Time ``rounds`` rounds (after one warm-up) of both implementations on ``clients``."""
+def flops_per_update(workload: str, seed: int = 0) -> int:
+    """FLOPs of one client's local update (forward + backward of every step), as counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` on the reference loop's update."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_workload_model(workload, seed).requires_grad_(True)
+    xs, ys = _batches(1, seed, 0, workload)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        local_update(model, xs[:, 0], ys[:, 0])
+    return int(counter.get_total_flops())
+
+
+def sgemm_gflops(n: int = SGEMM_N, repeats: int = 5) -> float:
+    """GFLOP/s of a square float32 ``torch.mm`` (2·n³ FLOPs) at the current thread count:
+    the median over ``repeats`` timed products after one warm-up."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def measure(clients: int, rounds: int, loop_cap: int, seed: int = 0, workload: str = "mlp") -> dict:
+    """Time ``rounds`` rounds (after one warm-up) of the three implementations on ``clients``,
+    count the FLOPs of one update and measure the sgemm rate."""
     from fedkin.algorithms.base import ServerStep
     from fedkin.algorithms.fedavg import FedAvg, FedAvgConfig
     from fedkin.core.channel import Channel
     from fedkin.engine import EngineConfig
-    from fedkin.models import MlpConfig, build_model
     from fedkin.optim import sgd
 
-    model = build_model(MlpConfig(hidden=[HIDDEN]), (64,), None, 10, seed=seed)
-    data = [_batches(clients, seed, r) for r in range(rounds + 1)]
+    model = build_workload_model(workload, seed)
+    data = [_batches(clients, seed, r, workload) for r in range(rounds + 1)]
     weights = torch.full((clients,), float(STEPS * BATCH))
+    capped = min(clients, loop_cap)  # clients timed for the sequential engine and the loop
 
-    # fedkin: vectorized engine + channel + server update
+    # fedkin: an engine + channel + server update
     algorithm = FedAvg(FedAvgConfig(), model, sgd(LR), STEPS)
-    engine, channel, server = EngineConfig().build(), Channel(), ServerStep(sgd(1.0))
-    population = algorithm.init_population(
-        {k: v.detach().clone() for k, v in model.named_parameters()}
-    )
-    ctx = {"client_id": torch.arange(clients)}
+    channel, server = Channel(), ServerStep(sgd(1.0))
+    initial = {k: v.detach().clone() for k, v in model.named_parameters()}
 
-    def fedkin_round(batches) -> None:
-        nonlocal population
-        messages, _, _ = engine.map(
-            algorithm.client_update, (population, {}, batches, ctx), (None, None, 1, 0)
-        )
-        aggregate, _ = channel(messages, weights)
-        population = algorithm.population_update(population, aggregate, server)
+    def fedkin_round(engine_name: str, n: int):
+        engine = EngineConfig(name=engine_name).build()
+        state = {"population": algorithm.init_population(dict(initial))}
+        ctx = {"client_id": torch.arange(n)}
+
+        def run(batches) -> None:
+            xs, ys = batches
+            messages, _, _ = engine.map(
+                algorithm.client_update,
+                (state["population"], {}, (xs[:, :n], ys[:, :n]), ctx),
+                (None, None, 1, 0),
+            )
+            aggregate, _ = channel(messages, weights[:n])
+            state["population"] = algorithm.population_update(
+                state["population"], aggregate, server
+            )
+
+        return run, state
+
+    vectorized, vec_state = fedkin_round("vectorized", clients)
+    sequential, seq_state = fedkin_round("sequential", capped)
 
     # reference: a plain per-client PyTorch loop on (up to loop_cap of) the same clients
-    loop_clients = min(clients, loop_cap)
     global_model = copy.deepcopy(model).requires_grad_(True)
 
     def loop_round(batches) -> None:
         xs, ys = batches
-        total = weights[:loop_clients].sum()
+        total = weights[:capped].sum()
         new_state = {k: torch.zeros_like(v) for k, v in global_model.state_dict().items()}
-        for c in range(loop_clients):
-            local = copy.deepcopy(global_model)
-            opt = torch.optim.SGD(local.parameters(), lr=LR)
-            for s in range(STEPS):
-                opt.zero_grad()
-                torch.nn.functional.cross_entropy(local(xs[s, c]), ys[s, c]).backward()
-                opt.step()
+        for c in range(capped):
+            local = local_update(global_model, xs[:, c], ys[:, c])
             for k, v in local.state_dict().items():
                 new_state[k] += v * (weights[c] / total)
         global_model.load_state_dict(new_state)
 
-    # interleave the two so both see the same machine load; take medians over rounds
-    fedkin_round(data[0])
-    loop_round(data[0])
-    fedkin_times, loop_times = [], []
+    # interleave the three so all see the same machine load; take medians over rounds
+    impls = {"fedkin": vectorized, "sequential": sequential, "loop": loop_round}
+    for run in impls.values():
+        run(data[0])
+    times: dict[str, list[float]] = {k: [] for k in impls}
     for r in range(1, rounds + 1):
-        t0 = time.perf_counter()
-        fedkin_round(data[r])
-        t1 = time.perf_counter()
-        loop_round(data[r])
-        fedkin_times.append(t1 - t0)
-        loop_times.append(time.perf_counter() - t1)
-    fedkin_s, loop_s = statistics.median(fedkin_times), statistics.median(loop_times)
+        for name, run in impls.items():
+            t0 = time.perf_counter()
+            run(data[r])
+            times[name].append(time.perf_counter() - t0)
+    fedkin_s = statistics.median(times["fedkin"])
+    fedkin_ups = clients / fedkin_s
+    seq_ups = capped / statistics.median(times["sequential"])
+    loop_ups = capped / statistics.median(times["loop"])
 
     diff = None
-    if loop_clients == clients:  # same cohort: both must end with the same model
-        final = dict(global_model.named_parameters())
-        diff = max(float((population["global"][k] - final[k].detach()).abs().max()) for k in final)
-    fedkin_ups = clients / fedkin_s
-    loop_ups = loop_clients / loop_s
+    if capped == clients:  # same cohort: all three must end with the same model
+        final = {k: v.detach() for k, v in global_model.named_parameters()}
+        others = (vec_state["population"]["global"], seq_state["population"]["global"])
+        diff = max(float((m[k] - final[k]).abs().max()) for m in others for k in final)
+    flops = flops_per_update(workload, seed)
+    gflops = sgemm_gflops()
     return {
+        "workload": workload,
+        "data": _data(workload)[2],
         "clients": clients,
         "rounds_timed": rounds,
         "fedkin_s_per_round": fedkin_s,
         "fedkin_updates_per_s": fedkin_ups,
-        "loop_clients_timed": loop_clients,
+        "loop_clients_timed": capped,
+        "sequential_updates_per_s": seq_ups,
         "loop_updates_per_s": loop_ups,
         "speedup": fedkin_ups / loop_ups,
+        "speedup_vs_sequential": fedkin_ups / seq_ups,
         "fedkin_us_per_update": 1e6 * fedkin_s / clients,
+        "flops_per_update": flops,
+        "sgemm_gflops": gflops,
+        "fraction_of_limit": fedkin_ups * flops / (gflops * 1e9),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
         "final_max_abs_diff": diff,
     }
 
 
-def run_isolated(clients: int, rounds: int, loop_cap: int, threads: int) -> dict:
+def run_isolated(clients: int, rounds: int, loop_cap: int, threads: int, workload: str) -> dict:
     """Measure one cohort size in a fresh interpreter (clean peak-memory reading); ``threads``
-    torch intra-op threads for both implementations (0: torch's default)."""
+    torch intra-op threads for all implementations and the sgemm (0: torch's default)."""
     cmd = [
         sys.executable,
         "-m",
         "fedkin.bench.throughput",
-        str(clients),
-        str(rounds),
-        str(loop_cap),
-        str(threads),
+        *(str(a) for a in (clients, rounds, loop_cap, threads)),
+        workload,
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -173,67 +281,115 @@ def run_isolated(clients: int, rounds: int, loop_cap: int, threads: int) -> dict
 def register_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "throughput",
-        help="client updates/s: vectorized engine vs plain PyTorch loop",
+        help="client updates/s: vectorized engine vs sequential engine vs plain PyTorch loop",
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument(
-        "--clients", default="100,1000", help="comma-separated cohort sizes (default 100,1000)"
+        "--workload",
+        choices=WORKLOADS,
+        default="mlp",
+        help="mlp: digits MLP 64-128-10 (default); cnn: Fashion-MNIST CNN",
+    )
+    p.add_argument(
+        "--clients",
+        default=None,
+        help="comma-separated cohort sizes (default 100,1000 for mlp, 20,100 for cnn)",
     )
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per size (default 5)")
-    p.add_argument("--loop-cap", type=int, default=1000, help="max clients timed for the loop")
     p.add_argument(
-        "--threads", type=int, default=0, help="torch threads for both (0: torch's default)"
+        "--loop-cap",
+        type=int,
+        default=1000,
+        help="max clients timed for the sequential engine and the loop",
+    )
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch threads for all (0: torch's default)"
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_throughput)
 
 
+TITLES = {
+    "mlp": "digits, MLP 64-128-10",
+    "cnn": "Fashion-MNIST 1x28x28, CNN conv32-conv64-fc512",
+}
+
+
 def cmd_throughput(args: argparse.Namespace) -> int:
     from fedkin.core.errors import UserError
 
+    clients = args.clients or ("100,1000" if args.workload == "mlp" else "20,100")
     try:
-        sizes = [int(s) for s in str(args.clients).split(",")]
+        sizes = [int(s) for s in str(clients).split(",")]
     except ValueError:
-        raise UserError(f"--clients {args.clients!r}: give integers, e.g. 100,1000") from None
+        raise UserError(f"--clients {clients!r}: give integers, e.g. 100,1000") from None
     if any(s < 1 for s in sizes) or args.rounds < 1 or args.loop_cap < 1 or args.threads < 0:
         raise UserError("--clients, --rounds and --loop-cap must be positive, --threads >= 0")
-    results = [run_isolated(n, args.rounds, args.loop_cap, args.threads) for n in sizes]
-    command = f"fedkin bench throughput --clients {args.clients} --rounds {args.rounds}" + (
-        f" --threads {args.threads}" if args.threads else ""
+    results = [
+        run_isolated(n, args.rounds, args.loop_cap, args.threads, args.workload) for n in sizes
+    ]
+    command = (
+        "fedkin bench throughput"
+        + (f" --workload {args.workload}" if args.workload != "mlp" else "")
+        + f" --clients {clients} --rounds {args.rounds}"
+        + (f" --threads {args.threads}" if args.threads else "")
     )
     if args.json:
         print(json.dumps({"command": command, "results": results}, indent=2))
         return 0
-    table = Table(title="FedAvg round throughput (digits, MLP 64-128-10, 5 SGD steps x batch 16)")
+    table = Table(
+        title=f"FedAvg round throughput ({TITLES[args.workload]}, "
+        f"{STEPS} SGD steps x batch {BATCH})"
+    )
     for col in (
         "clients",
         "fedkin upd/s",
+        "sequential upd/s",
         "loop upd/s",
-        "speedup",
+        "x loop",
+        "x sequential",
         "fedkin µs/upd",
         "s/round",
+        "MFLOP/upd",
+        "sgemm GFLOP/s",
+        "% of limit",
         "peak RSS MB",
     ):
         table.add_column(col, justify="right")
     for r in results:
-        loop_note = (
-            "" if r["loop_clients_timed"] == r["clients"] else f" ({r['loop_clients_timed']})"
-        )
+        capped = "" if r["loop_clients_timed"] == r["clients"] else f" ({r['loop_clients_timed']})"
         table.add_row(
             str(r["clients"]),
             f"{r['fedkin_updates_per_s']:,.0f}",
-            f"{r['loop_updates_per_s']:,.0f}{loop_note}",
+            f"{r['sequential_updates_per_s']:,.0f}{capped}",
+            f"{r['loop_updates_per_s']:,.0f}{capped}",
             f"{r['speedup']:.1f}x",
+            f"{r['speedup_vs_sequential']:.1f}x",
             f"{r['fedkin_us_per_update']:.0f}",
             f"{r['fedkin_s_per_round']:.3f}",
+            f"{r['flops_per_update'] / 1e6:,.1f}",
+            f"{r['sgemm_gflops']:.0f}",
+            f"{100 * r['fraction_of_limit']:.0f}%",
             f"{r['peak_rss_mb']:.0f}",
         )
     console = Console()
     print_table(table, console)
     diffs = [r["final_max_abs_diff"] for r in results if r["final_max_abs_diff"] is not None]
     if diffs:
-        console.print(f"final models of fedkin and the loop differ by at most {max(diffs):.1e}")
-    console.print(f"threads={results[0]['threads']}; reproduce with: {command}")
+        console.print(
+            f"final models of fedkin, sequential and the loop differ by at most {max(diffs):.1e}"
+        )
+    console.print(
+        "MFLOP/upd: FlopCounterMode on one client's update; sgemm: timed "
+        f"{SGEMM_N}x{SGEMM_N} torch.mm in the same run; % of limit: fedkin upd/s x FLOP/upd / "
+        "sgemm FLOP/s",
+        soft_wrap=True,
+    )
+    console.print(
+        f"data={results[0]['data']}; threads={results[0]['threads']}; reproduce with: {command}",
+        soft_wrap=True,
+        markup=False,
+    )
     return 0
 
 
@@ -241,4 +397,4 @@ if __name__ == "__main__":
     n, rounds, cap, threads = (int(a) for a in sys.argv[1:5])
     if threads:
         torch.set_num_threads(threads)
-    print(json.dumps(measure(n, rounds, cap)))
+    print(json.dumps(measure(n, rounds, cap, workload=sys.argv[5])))
