@@ -263,3 +263,10 @@ def test_clipping_transforms():
     clipped = SgdConfig(lr=1.0, clip_norm=1.0).build()
     new, _ = clipped.step(g, clipped.init(g), tree_map(torch.zeros_like, g))
     assert_close(new, {"a": torch.tensor([-0.6, 0.0]), "b": torch.tensor([-0.8])})
+
+
+def test_every_built_in_optimizer_is_registered():
+    from fedkin.optim import OPTIMIZERS
+
+    expected = {"sgd", "adam", "adamw", "avgrad", "mada", "muon", "muonbp", "diffgrad", "sgd-sai"}
+    assert expected <= set(OPTIMIZERS)

@@ -38,6 +38,8 @@ for _config in (
     MadaConfig,
     MuonConfig,
     MuonBPConfig,
+    DiffGradConfig,
+    SgdSaiConfig,
 ):
     register_optimizer(_config)
 
