@@ -12,7 +12,8 @@ the repository. Only what bounds the runtime is changed:
 * ``fedkin run``/``compare``: ``rounds`` capped at :data:`MAX_ROUNDS` (appended if absent,
   except with ``--resume``), ``--seeds`` capped at 1, ``--quiet`` added;
 * ``fedkin bench NAME``: its documented options are replaced by :data:`BENCH_SMALL` ``[NAME]``,
-  or the command is skipped for the reason :data:`BENCH_SKIPPED` ``[NAME]`` gives.
+  or the command is skipped for the reason :data:`BENCH_SKIPPED` ``[NAME]`` gives;
+* ``fedkin flower run`` is skipped (it needs running Flower processes).
 
 A ``$ command`` followed by output lines is checked against them: a documented error
 (``fedkin: error: …``) must exit 2 with that message (``...`` stands for any text); other
@@ -194,6 +195,11 @@ def _capped(argv: list[str]) -> list[str] | str:
                 "reason to BENCH_SKIPPED in tests/test_readme_commands.py"
             )
         return ["bench", name, *BENCH_SMALL[name]]
+    if argv[:2] == ["flower", "run"]:
+        return (
+            "fedkin flower run: needs the SuperLink and SuperNodes that fedkin flower deploy "
+            "prints; tests/test_flower_deploy.py runs them"
+        )
     if sub not in ("run", "compare"):
         return argv
     out = []
