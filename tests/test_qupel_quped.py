@@ -29,6 +29,12 @@ CASES = {
     "quped": ["algorithm.name=quped", DEEP, "algorithm.freeze_round=2"],
     "qupel-mixed-precision": ["algorithm.name=qupel", DEEP, MIXED_PRECISION],
     "quped-mixed-arch": ["algorithm.name=quped", DEEP, MIXED_ARCH, "algorithm.freeze_round=2"],
+    "qupel-l1-code-sign": [
+        "algorithm.name=qupel",
+        DEEP,
+        "algorithm.penalty=l1",
+        "algorithm.code_l1_center_sign=true",
+    ],
 }
 
 
