@@ -270,3 +270,22 @@ def test_every_built_in_optimizer_is_registered():
 
     expected = {"sgd", "adam", "adamw", "avgrad", "mada", "muon", "muonbp", "diffgrad", "sgd-sai"}
     assert expected <= set(OPTIMIZERS)
+
+
+def test_differentially_private_aggregate_clips_per_example_and_adds_keyed_noise():
+    from fedkin.optim.transform import differentially_private_aggregate
+
+    per_example = {"a": torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]])}  # norms 5, 0.5, 0
+    calls = []
+
+    def noise(count, leaf, numel):
+        calls.append((int(count), leaf))
+        return torch.ones(numel)
+
+    tx = differentially_private_aggregate(1.0, 0.5, 4.0, noise)
+    u, state = tx.update(per_example, tx.init(per_example), per_example)
+    clipped = torch.tensor([0.6, 0.8]) + torch.tensor([0.3, 0.4])  # first clipped to norm 1
+    assert_close(u["a"], (clipped + 0.5 * 1.0) / 4.0)
+    u2, _ = tx.update(per_example, state, per_example)
+    assert calls == [(0, 0), (1, 0)]  # the step count keys the noise
+    assert_close(u2["a"], u["a"])

@@ -34,8 +34,9 @@ from torch.func import functional_call, grad, vmap
 
 from fedkin.core.priors import gaussian_penalty
 from fedkin.core.rng import Stream
-from fedkin.core.tree import Tree, tree_leaves, tree_map, tree_sub
+from fedkin.core.tree import Tree, tree_map, tree_sub
 from fedkin.optim import Optimizer
+from fedkin.optim.transform import differentially_private_aggregate
 from fedkin.privacy.config import DpSgdConfig
 
 #: ``ctx["phase"]`` of local solves other than training (which passes none: phase 0): at
@@ -214,7 +215,8 @@ class Algorithm(ABC):
         come from ``vmap`` over the batch slots (nested inside the cohort's ``vmap``); padded
         slots (mask False) contribute nothing. Noise is counter-based in (round, client, phase,
         noise_tag, step, leaf, element); ``ctx["phase"]`` (0 if absent: training) separates
-        training from evaluation-time solves of the same round.
+        training from evaluation-time solves of the same round. The clip-and-noise is the
+        transformation :func:`fedkin.optim.transform.differentially_private_aggregate`.
         """
         if ctx is None:
             raise RuntimeError(f"{type(self).__name__} must pass ctx to local_solve for DP-SGD")
@@ -224,29 +226,22 @@ class Algorithm(ABC):
             in_dims=(None, 0, 0),
         )
         g, losses = per_example(params, x, y)
-        leaves = tree_leaves(g)
-        norms = torch.sqrt(sum(t.reshape(t.shape[0], -1).pow(2).sum(1) for t in leaves))
-        factor = (cfg.clip / norms.clamp(min=1e-12)).clamp(max=1.0) * mask.to(norms.dtype)
-        sigma = cfg.noise_multiplier * cfg.clip
-        expected = ctx["num_samples"].clamp(max=self.dp_batch_size)
-        phase = ctx.get("phase", 0)
-        counter = iter(range(len(leaves)))
-
-        def noisy_mean(t: torch.Tensor) -> torch.Tensor:
-            clipped = (t * factor.reshape(-1, *([1] * (t.dim() - 1)))).sum(0)
-            z = self.dp_stream.normal(
-                ctx["round"],
-                ctx["client_id"],
-                phase,
-                noise_tag,
-                step,
-                next(counter),
-                torch.arange(clipped.numel()),
-            )
-            return (clipped + sigma * z.reshape(clipped.shape).to(t.dtype)) / expected
-
         taken = mask.to(losses.dtype)
-        return tree_map(noisy_mean, g), (losses * taken).sum() / taken.sum().clamp(min=1)
+        g = tree_map(lambda t: t * taken.reshape(-1, *([1] * (t.dim() - 1))).to(t.dtype), g)
+        phase = ctx.get("phase", 0)
+
+        def noise(count: torch.Tensor, leaf: int, numel: int) -> torch.Tensor:
+            keys = (ctx["round"], ctx["client_id"], phase, noise_tag, count, leaf)
+            return self.dp_stream.normal(*keys, torch.arange(numel))
+
+        aggregate = differentially_private_aggregate(
+            cfg.clip,
+            cfg.noise_multiplier,
+            ctx["num_samples"].clamp(max=self.dp_batch_size),
+            noise,
+        )
+        noised, _ = aggregate.update(g, {"count": torch.tensor(step)}, params)
+        return noised, (losses * taken).sum() / taken.sum().clamp(min=1)
 
     def gaussian_objective(self, center: Tree, lam: float):
         """Objective with the Gaussian prior θ ~ N(center, λ⁻¹I): (L_i + λ/2‖θ − center‖², L_i)."""

@@ -232,3 +232,39 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
 def clip(max_abs: float) -> GradientTransformation:
     """u = clamp(g, −c, c) elementwise."""
     return _stateless(lambda g, p: tree_map(lambda x: x.clamp(-max_abs, max_abs), g))
+
+
+def differentially_private_aggregate(
+    clip_norm: float,
+    noise_multiplier: float,
+    denominator: torch.Tensor | float,
+    noise: Callable[[torch.Tensor, int, int], torch.Tensor],
+) -> GradientTransformation:
+    """DP-SGD's aggregation (optax's ``differentially_private_aggregate``) on *per-example*
+    gradients (every leaf has a leading example dimension):
+
+        u = ( Σ_j clip_C(g_j) + σC·z ) / D,     clip_C(g) = g·min(1, C/‖g‖),
+
+    with z = ``noise(t, leaf, numel)`` a standard normal draw keyed by the step count t (the
+    state, so it vmaps) and the leaf index, and D the data-independent ``denominator`` (the
+    expected batch size). Padded example slots must carry zero gradients (they then add 0).
+    """
+    sigma = noise_multiplier * clip_norm
+
+    def init(params: Tree) -> Tree:
+        return {"count": torch.zeros((), dtype=torch.int64)}
+
+    def update(grads: Tree, state: Tree, params: Tree) -> tuple[Tree, Tree]:
+        leaves = tree_leaves(grads)
+        norms = torch.sqrt(sum(t.reshape(t.shape[0], -1).pow(2).sum(1) for t in leaves))
+        factor = (clip_norm / norms.clamp(min=1e-12)).clamp(max=1.0)
+        counter = iter(range(len(leaves)))
+
+        def noisy_mean(t: torch.Tensor) -> torch.Tensor:
+            clipped = (t * factor.reshape(-1, *([1] * (t.dim() - 1)))).sum(0)
+            z = noise(state["count"], next(counter), clipped.numel())
+            return (clipped + sigma * z.reshape(clipped.shape).to(t.dtype)) / denominator
+
+        return tree_map(noisy_mean, grads), {"count": state["count"] + 1}
+
+    return GradientTransformation(init, update)
