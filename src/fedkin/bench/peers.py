@@ -1,4 +1,4 @@
-"""`fedkin bench peers`: the standard throughput workload through fedkin and through Flower.
+"""`fedkin bench peers`: the standard throughput workload through fedkin, pfl-research and Flower.
 
 The workload of ``fedkin bench throughput``: digits features, MLP 64-128-10, FedAvg, every
 client runs 5 local SGD steps (batch 16, lr 0.1) per round, all clients sampled each round.
@@ -12,12 +12,16 @@ Both runs start from the same initial model and draw the same batches (counter-b
   strategy in a ``ServerApp``, one virtual SuperNode per client, run by Flower's Simulation
   Runtime (``flwr.simulation.run_simulation`` on Ray, one CPU per ClientApp actor, so the
   2-core machine runs two clients at a time).
+* pfl-research: what a pfl user writes — a ``PyTorchModel`` (local ``torch.optim.SGD``, central
+  SGD of rate 1), a ``FederatedDataset`` of the same per-client draws, the built-in
+  ``FederatedAveraging`` on pfl's in-process ``SimulatedBackend`` (clients one after another).
 
 Each runs in its own subprocess after its imports; fedkin twice, with 1 torch thread and with
 one per CPU (on a shared, oversubscribed machine intra-op threads can be much slower than
 one). Reported per run: client updates per second in steady state (median over rounds after
 the first) and end to end including startup (model and data set-up, Ray start and actor
-warm-up for Flower, the first round's vmap tracing for fedkin), and the ratios fedkin / Flower.
+warm-up for Flower, the first round's vmap tracing for fedkin), and the ratios fedkin /
+pfl-research and fedkin / Flower (for the peers that are installed).
 """
 
 from __future__ import annotations
@@ -211,13 +215,113 @@ def measure_flower(clients: int, rounds: int, out: Path | None = None) -> dict:
     }
 
 
+# ----- pfl-research -----------------------------------------------------------------------------
+
+
+class PflNet(Net):
+    """The MLP with the ``loss`` and ``metrics`` methods pfl-research's ``PyTorchModel`` calls."""
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+    @torch.no_grad()
+    def metrics(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        from pfl.metrics import Weighted
+
+        return {"loss": Weighted(float(self.loss(x, y)) * len(y), len(y))}
+
+
+def measure_pfl(clients: int, rounds: int, out: Path | None = None) -> dict:
+    """What a pfl-research user writes: a ``PyTorchModel`` with ``torch.optim.SGD`` as the local
+    optimizer and a central SGD of rate 1 (FedAvg's server step), a ``FederatedDataset`` whose
+    user ``c`` holds its ``STEPS·BATCH`` draws of the current round in step order (pfl iterates a
+    user's data in order, ``local_batch_size=BATCH``, one epoch: exactly the fedkin steps),
+    the built-in ``FederatedAveraging`` on the ``SimulatedBackend`` with every user in the
+    cohort. The clock starts before model and data set-up."""
+    from pfl.aggregate.simulate import SimulatedBackend
+    from pfl.algorithm import FederatedAveraging, NNAlgorithmParams
+    from pfl.callback.base import TrainingProcessCallback
+    from pfl.data.dataset import Dataset
+    from pfl.data.federated_dataset import FederatedDataset
+    from pfl.data.sampling import get_user_sampler
+    from pfl.hyperparam import NNEvalHyperParams, NNTrainHyperParams
+    from pfl.metrics import Metrics
+    from pfl.model.pytorch import PyTorchModel
+
+    t0 = time.perf_counter()
+    net = PflNet()
+    net.load_state_dict(initial_model().state_dict())
+    _digits_cache()
+    round_of = dict.fromkeys(range(clients), 0)  # each user is drawn once per round
+
+    def make_dataset(user: int) -> Dataset:
+        xs, ys = client_batches(user, SEED, round_of[user])
+        round_of[user] += 1
+        return Dataset(raw_data=[xs.reshape(-1, 64), ys.reshape(-1)], user_id=str(user))
+
+    data = FederatedDataset(make_dataset, get_user_sampler("minimize_reuse", list(range(clients))))
+    ends: list[float] = []
+
+    class RoundTimer(TrainingProcessCallback):
+        def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):
+            ends.append(time.perf_counter())
+            return False, Metrics()
+
+    model = PyTorchModel(
+        model=net,
+        local_optimizer_create=torch.optim.SGD,
+        central_optimizer=torch.optim.SGD(net.parameters(), lr=1.0),
+    )
+    FederatedAveraging().run(
+        algorithm_params=NNAlgorithmParams(
+            central_num_iterations=rounds,
+            evaluation_frequency=rounds + 1,
+            train_cohort_size=clients,
+            val_cohort_size=0,
+        ),
+        backend=SimulatedBackend(training_data=data, val_data=data),
+        model=model,
+        model_train_params=NNTrainHyperParams(
+            local_learning_rate=LR, local_num_epochs=1, local_batch_size=BATCH
+        ),
+        model_eval_params=NNEvalHyperParams(local_batch_size=BATCH),
+        callbacks=[RoundTimer()],
+    )
+    if len(ends) != rounds:
+        raise RuntimeError(f"the pfl-research run finished {len(ends)} of {rounds} rounds")
+    times = [ends[0] - t0] + [b - a for a, b in itertools.pairwise(ends)]
+    if out is not None:
+        torch.save({k: v.detach() for k, v in net.state_dict().items()}, out)
+    return {
+        "runtime": "pfl",
+        "threads": torch.get_num_threads(),
+        **_summary(clients, times, ends[-1] - t0),
+    }
+
+
 # ----- driver -----------------------------------------------------------------------------------
 
 
-def flower_available() -> bool:
+def _installed(*modules: str) -> bool:
     import importlib.util
 
-    return all(importlib.util.find_spec(m) is not None for m in ("flwr", "ray"))
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def flower_available() -> bool:
+    return _installed("flwr", "ray")
+
+
+def pfl_available() -> bool:
+    return _installed("pfl")
+
+
+#: peer runtimes in the order they run: (name, JSON key suffix, availability, install hint);
+#: availability is looked up when called (tests replace it)
+PEERS = (
+    ("pfl", "pfl", lambda: pfl_available(), "pip install 'fedkin[pfl]'"),
+    ("flower", "flower", lambda: flower_available(), "pip install 'fedkin[flower]'"),
+)
 
 
 def run_isolated(
@@ -244,10 +348,11 @@ def run_isolated(
 
 
 def compare(clients: int, rounds: int, compile: bool = True, timeout: float = 1800.0) -> dict:
-    """fedkin with 1 and with all torch threads (eager, and compiled with all threads), then
-    Flower; ratios and the final models' largest difference (all compute the same rounds)."""
+    """fedkin with 1 and with all torch threads (eager, and compiled with all threads), then each
+    installed peer (pfl-research, Flower); fedkin's ratios to each peer and the final models'
+    largest difference (all compute the same rounds)."""
     cpus = os.cpu_count() or 1
-    results: dict = {"cpus": cpus, "runs": [], "flower_installed": flower_available()}
+    results: dict = {"cpus": cpus, "runs": []}
     variants = [(threads, False) for threads in sorted({1, cpus})] + ([(cpus, True)] * compile)
     with tempfile.TemporaryDirectory() as tmp:
         outs = []
@@ -256,26 +361,31 @@ def compare(clients: int, rounds: int, compile: bool = True, timeout: float = 18
             results["runs"].append(
                 run_isolated("fedkin", clients, rounds, outs[-1], timeout, threads, compiled)
             )
-        if results["flower_installed"]:
-            outs.append(Path(tmp) / "flower.pt")
-            flower = run_isolated("flower", clients, rounds, outs[-1], timeout)
-            results["runs"].append(flower)
+        fedkin_runs = list(results["runs"])
+        for name, key, available, _ in PEERS:
+            results[f"{name}_installed"] = available()
+            if not results[f"{name}_installed"]:
+                continue
+            outs.append(Path(tmp) / f"{name}.pt")
+            peer = run_isolated(name, clients, rounds, outs[-1], timeout)
+            results["runs"].append(peer)
+            for run in fedkin_runs:
+                for kind in ("steady", "total"):
+                    run[f"{kind}_speedup_vs_{key}"] = (
+                        run[f"{kind}_updates_per_s"] / peer[f"{kind}_updates_per_s"]
+                    )
+        if len(outs) > len(fedkin_runs):
             models = [torch.load(o) for o in outs]
             results["max_abs_model_diff"] = max(
                 float((m[k] - models[0][k]).abs().max()) for m in models[1:] for k in m
             )
-            for run in results["runs"][:-1]:
-                for kind in ("steady", "total"):
-                    run[f"{kind}_speedup_vs_flower"] = (
-                        run[f"{kind}_updates_per_s"] / flower[f"{kind}_updates_per_s"]
-                    )
     return results
 
 
 def register_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "peers",
-        help="client updates/s: fedkin (vectorized) vs Flower (simulation) on one workload",
+        help="client updates/s: fedkin (vectorized) vs pfl-research and Flower on one workload",
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument("--clients", type=int, default=100, help="clients, all train each round")
@@ -293,7 +403,12 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
 def _label(run: dict) -> str:
     if run["runtime"] == "flower":
         return f"flower {run['workers']}x1 thr"
+    if run["runtime"] == "pfl":
+        return f"pfl-research {run['threads']} thr"
     return f"fedkin {run['threads']} thr" + (" compiled" if run["compiled"] else "")
+
+
+_PEER_NAMES = {"pfl": "pfl-research", "flower": "Flower"}
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
@@ -315,34 +430,37 @@ def cmd_peers(args: argparse.Namespace) -> int:
         title=f"FedAvg, {args.clients} clients x {args.rounds} rounds (digits, MLP 64-128-10, "
         f"{STEPS} SGD steps x batch {BATCH}, lr {LR})"
     )
-    columns = ("runtime", "steady upd/s", "s/round", "upd/s incl. startup", "total s", "x Flower")
+    columns = ("runtime", "steady upd/s", "s/round", "upd/s incl. startup", "total s")
+    columns += ("x pfl-research", "x Flower")
     for i, col in enumerate(columns):
         table.add_column(col, justify="left" if i == 0 else "right")
     for run in results["runs"]:
-        speedup = (
-            f"{run['steady_speedup_vs_flower']:,.0f} / {run['total_speedup_vs_flower']:,.0f}"
-            if "steady_speedup_vs_flower" in run
+        speedups = [
+            f"{run[f'steady_speedup_vs_{key}']:,.0f} / {run[f'total_speedup_vs_{key}']:,.0f}"
+            if f"steady_speedup_vs_{key}" in run
             else ""
-        )
+            for _, key, _, _ in PEERS
+        ]
         table.add_row(
             _label(run),
             f"{run['steady_updates_per_s']:,.1f}",
             f"{run['steady_s_per_round']:.3f}",
             f"{run['total_updates_per_s']:,.1f}",
             f"{run['total_s']:.1f}",
-            speedup,
+            *speedups,
         )
     console = Console()
     print_table(table, console)
-    if not results["flower_installed"]:
-        console.print(
-            "Flower was not measured: it is not installed (pip install 'fedkin[flower]')",
-            soft_wrap=True,
-            markup=False,
-        )
+    for name, _, _, hint in PEERS:
+        if not results[f"{name}_installed"]:
+            console.print(
+                f"{_PEER_NAMES[name]} was not measured: it is not installed ({hint})",
+                soft_wrap=True,
+                markup=False,
+            )
     console.print(
         "steady: median over rounds after the first; incl. startup: from before model/data "
-        "(and Ray) set-up to the end of the last round; x Flower: steady / incl. startup. "
+        "(and Ray) set-up to the end of the last round; x peer: steady / incl. startup. "
         f"cpus={results['cpus']}."
         + (
             f" Final models agree to {results['max_abs_model_diff']:.1e}."
@@ -361,5 +479,7 @@ if __name__ == "__main__":
         if threads:
             torch.set_num_threads(threads)
         print(json.dumps(measure_fedkin(n, rounds, out, compiled)))
+    elif runtime == "pfl":
+        print(json.dumps(measure_pfl(n, rounds, out)))
     else:
         print(json.dumps(measure_flower(n, rounds, out)))
