@@ -309,6 +309,11 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_throughput)
 
 
+def _rate(updates_per_s: float) -> str:
+    """Updates/s with a decimal where it matters (the CNN runs a few per second)."""
+    return f"{updates_per_s:,.1f}" if updates_per_s < 100 else f"{updates_per_s:,.0f}"
+
+
 TITLES = {
     "mlp": "digits, MLP 64-128-10",
     "cnn": "Fashion-MNIST 1x28x28, CNN conv32-conv64-fc512",
@@ -360,9 +365,9 @@ def cmd_throughput(args: argparse.Namespace) -> int:
         capped = "" if r["loop_clients_timed"] == r["clients"] else f" ({r['loop_clients_timed']})"
         table.add_row(
             str(r["clients"]),
-            f"{r['fedkin_updates_per_s']:,.0f}",
-            f"{r['sequential_updates_per_s']:,.0f}{capped}",
-            f"{r['loop_updates_per_s']:,.0f}{capped}",
+            _rate(r["fedkin_updates_per_s"]),
+            f"{_rate(r['sequential_updates_per_s'])}{capped}",
+            f"{_rate(r['loop_updates_per_s'])}{capped}",
             f"{r['speedup']:.1f}x",
             f"{r['speedup_vs_sequential']:.1f}x",
             f"{r['fedkin_us_per_update']:.0f}",
