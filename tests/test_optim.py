@@ -289,3 +289,15 @@ def test_differentially_private_aggregate_clips_per_example_and_adds_keyed_noise
     u2, _ = tx.update(per_example, state, per_example)
     assert calls == [(0, 0), (1, 0)]  # the step count keys the noise
     assert_close(u2["a"], u["a"])
+
+
+def test_state_bytes_per_param_is_measured_from_the_stored_state():
+    from fedkin.optim.optimizer import state_bytes_per_param
+
+    params = {"w": torch.zeros(10, 5), "b": torch.zeros(5)}
+    n = 55
+    assert state_bytes_per_param(sgd(0.1), params) == 0
+    assert state_bytes_per_param(sgd(0.1, momentum=0.9), params) == 4
+    assert state_bytes_per_param(adam(0.1), params) == (2 * n * 4 + 4) / n
+    bf16 = AdamConfig(precision="bf16-stochastic").build()
+    assert state_bytes_per_param(bf16, params) == (2 * n * 2 + 4 + 8) / n  # + t and the count

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from fedkin.core.tree import Tree, tree_map
+from fedkin.core.tree import Tree, tree_leaves, tree_map
 from fedkin.optim.transform import GradientTransformation, apply_updates
 
 
@@ -76,3 +76,11 @@ def projected(optimizer: Optimizer, project: Callable[[torch.Tensor], torch.Tens
         return optimizer.init({"p": params} if isinstance(params, torch.Tensor) else params)
 
     return Optimizer(init, step, optimizer.lr)
+
+
+def state_bytes_per_param(optimizer: Optimizer, params: Tree) -> float:
+    """Bytes of ``optimizer``'s state per model parameter, measured on its initial state
+    (element sizes of the stored tensors; 0-d step counts included)."""
+    state = optimizer.init(params)
+    n = sum(t.numel() for t in tree_leaves(params))
+    return sum(t.numel() * t.element_size() for t in tree_leaves(state)) / n
