@@ -33,6 +33,7 @@ BENCH_MODULES = (
     "fedkin.bench.peers",
     "fedkin.bench.mel",
     "fedkin.bench.quantized",
+    "fedkin.bench.optim",
 )
 
 
