@@ -388,18 +388,20 @@ class Experiment:
         train = self.is_training
         if alg.has_global_model:
             g_correct, g_loss = evaluate_global(alg, self.population["global"], ds)
-            record.update(summarize("global", g_correct[train], g_loss[train], counts[train]))
+            record.update(
+                summarize("global", g_correct[train], g_loss[train], counts[train], alg.task)
+            )
         if self.personalizes():
             correct, loss = self._evaluate_personal(self._training_states)
         else:
             correct, loss = g_correct, g_loss
-        record.update(summarize("personal", correct[train], loss[train], counts[train]))
+        record.update(summarize("personal", correct[train], loss[train], counts[train], alg.task))
         self.client_accuracy = {"personal": (correct[train] / counts[train]).tolist()}
         if len(self.new_clients):
             new = self.new_clients
             if self.personalizes():
                 correct, loss = self._evaluate_personal(self._new_client_states)
-            record.update(summarize("new", correct[new], loss[new], counts[new]))
+            record.update(summarize("new", correct[new], loss[new], counts[new], alg.task))
             self.client_accuracy["new"] = (correct[new] / counts[new]).tolist()
         if self.config.eval.failure_patterns:
             record.update(self.failure_accuracy())
@@ -436,10 +438,10 @@ class Experiment:
         out: dict[str, Any] = {}
         if alg.has_global_model:
             correct, loss = evaluate_global(alg, self.population["global"], ds, split="val")
-            out.update(summarize("val_global", correct[keep], loss[keep], counts[keep]))
+            out.update(summarize("val_global", correct[keep], loss[keep], counts[keep], alg.task))
         if self.personalizes():
             correct, loss = self._evaluate_personal(self._training_states, split="val")
-        out.update(summarize("val_personal", correct[keep], loss[keep], counts[keep]))
+        out.update(summarize("val_personal", correct[keep], loss[keep], counts[keep], alg.task))
         return out
 
     def personalizes(self) -> bool:

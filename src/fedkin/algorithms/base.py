@@ -27,13 +27,13 @@ from collections import Counter
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from fedkin.core.priors import gaussian_penalty
 from fedkin.core.rng import Stream
+from fedkin.core.tasks import CLASSIFICATION, Task
 from fedkin.core.tree import Tree, tree_map, tree_sub
 from fedkin.optim import Optimizer
 from fedkin.optim.transform import differentially_private_aggregate
@@ -84,6 +84,9 @@ class Algorithm(ABC):
     #: True if every gradient on client data goes through :meth:`local_solve` with ``ctx``, so
     #: example-level DP-SGD (``privacy.dp_sgd``) covers the whole local computation.
     supports_dp_sgd: ClassVar[bool] = False
+    #: What the model's output is scored against: the training loss of :meth:`data_loss` and
+    #: the evaluation metrics (:mod:`fedkin.core.tasks`; reconstruction for ADEPT).
+    task: ClassVar[Task] = CLASSIFICATION
 
     def __init__(
         self, config: BaseModel, model: nn.Module, client_optimizer: Optimizer, local_steps: int
@@ -133,9 +136,10 @@ class Algorithm(ABC):
         return functional_call(model, params, (x,), {"targets": y})
 
     def data_loss(self, params: Tree, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """L_i(θ; batch): mean cross-entropy −log p(y | x, θ), or the model's own loss."""
+        """L_i(θ; batch): the task's loss (mean cross-entropy −log p(y | x, θ) by default), or
+        the model's own loss."""
         own = self.own_loss(self.model, params, x, y)
-        return F.cross_entropy(self.logits(params, x), y) if own is None else own
+        return self.task.loss(self.logits(params, x), x, y) if own is None else own
 
     def logits_loss(
         self,
@@ -146,9 +150,9 @@ class Algorithm(ABC):
         model: nn.Module | None = None,
     ) -> torch.Tensor:
         """:meth:`data_loss` for objectives that already computed ``logits = model(x)`` (for a
-        distillation term): cross-entropy of those logits, or the model's own loss."""
+        distillation term): the task's loss of those logits, or the model's own loss."""
         own = self.own_loss(self.model if model is None else model, params, x, y)
-        return F.cross_entropy(logits, y) if own is None else own
+        return self.task.loss(logits, x, y) if own is None else own
 
     # ----- shared local solver -------------------------------------------------------------
     def local_solve(

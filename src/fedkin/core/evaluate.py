@@ -5,32 +5,40 @@
 * Personalized: client i's own model θ_i = personal_params(Γ, s_i) on its own test split,
   mapped over clients by the engine (padded test batches with a mask).
 
-Per-client accuracies a_i (test sizes n_i) are summarized as mean, weighted mean Σ a_i n_i / Σ n_i,
-std and 10th percentile over clients.
+Per-client scores a_i (test sizes n_i) — accuracy for classification, energy captured for
+reconstruction (the algorithm's :mod:`task <fedkin.core.tasks>`) — are summarized as mean,
+weighted mean Σ a_i n_i / Σ n_i, std and 10th percentile over clients; the task's eval loss
+(cross-entropy, reconstruction MSE) as its mean over all test samples.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from fedkin.algorithms.base import Algorithm
 from fedkin.core.store import ClientStore
+from fedkin.core.tasks import CLASSIFICATION, Task
 from fedkin.core.tree import Tree
 
 
 def summarize(
-    prefix: str, correct: torch.Tensor, loss_sum: torch.Tensor, count: torch.Tensor
+    prefix: str,
+    correct: torch.Tensor,
+    loss_sum: torch.Tensor,
+    count: torch.Tensor,
+    task: Task = CLASSIFICATION,
 ) -> dict:
-    """Summary statistics over clients of per-client accuracy and loss."""
+    """Summary statistics over clients of the per-client score (``correct``: its sum over a
+    client's samples) and loss, named by ``task`` (``acc``/``loss`` for classification)."""
     count = count.to(torch.float64)
     acc = correct.to(torch.float64) / count.clamp(min=1)
+    score = f"{prefix}_{task.score_name}"
     return {
-        f"{prefix}_acc_mean": float(acc.mean()),
-        f"{prefix}_acc_weighted": float(correct.sum() / count.sum()),
-        f"{prefix}_acc_std": float(acc.std(unbiased=False)),
-        f"{prefix}_acc_p10": float(torch.quantile(acc, 0.1)),
-        f"{prefix}_loss": float(loss_sum.sum() / count.sum()),
+        f"{score}_mean": float(acc.mean()),
+        f"{score}_weighted": float(correct.sum() / count.sum()),
+        f"{score}_std": float(acc.std(unbiased=False)),
+        f"{score}_p10": float(torch.quantile(acc, 0.1)),
+        f"{prefix}_{task.loss_name}": float(loss_sum.sum() / count.sum()),
     }
 
 
@@ -38,8 +46,9 @@ def summarize(
 def evaluate_global(
     algorithm: Algorithm, params: Tree, dataset, chunk: int = 8192, split: str = "test"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-client (correct, loss_sum) of the global model on each client's test split
-    (``split="val"``: validation split)."""
+    """Per-client (score sum, loss_sum) of the global model on each client's test split
+    (``split="val"``: validation split); the score is the task's (correct predictions for
+    classification)."""
     table, _ = dataset.eval_split(split)
     mask = table >= 0
     owner = torch.arange(dataset.num_clients).unsqueeze(1).expand_as(table)[mask]
@@ -49,9 +58,9 @@ def evaluate_global(
     for start in range(0, len(index), chunk):
         idx, who = index[start : start + chunk], owner[start : start + chunk]
         logits = algorithm.global_logits(params, dataset.x[idx])
-        y = dataset.y[idx]
-        correct.index_add_(0, who, (logits.argmax(-1) == y).to(torch.float64))
-        loss_sum.index_add_(0, who, F.cross_entropy(logits, y, reduction="none").to(torch.float64))
+        score, loss = algorithm.task.per_sample(logits, dataset.x[idx], dataset.y[idx])
+        correct.index_add_(0, who, score.to(torch.float64))
+        loss_sum.index_add_(0, who, loss.to(torch.float64))
     return correct, loss_sum
 
 
@@ -66,7 +75,7 @@ def evaluate_personal(
     chunk: int = 1024,
     split: str = "test",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-client (correct, loss_sum) of each client's personal model on its test split
+    """Per-client (score sum, loss_sum) of each client's personal model on its test split
     (``split="val"``: validation split).
 
     ``clients[j]`` is the dataset id of the client whose state is row ``j`` of ``store``.
@@ -75,8 +84,7 @@ def evaluate_personal(
     def one_client(pop: Tree, state: Tree, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor):
         logits = algorithm.logits(algorithm.personal_params(pop, state), x)
         m = m.to(logits.dtype)
-        hit = (logits.argmax(-1) == y).to(logits.dtype)
-        loss = F.cross_entropy(logits, y, reduction="none")
+        hit, loss = algorithm.task.per_sample(logits, x, y)
         return (hit * m).sum(), (loss * m).sum()
 
     corrects, losses = [], []

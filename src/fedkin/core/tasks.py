@@ -1,0 +1,71 @@
+"""Tasks: what a model's output is scored against — the training loss and the eval metrics.
+
+An :class:`~fedkin.algorithms.Algorithm` declares its task (``Algorithm.task``); the default
+is :data:`CLASSIFICATION`, so classification numbers are unchanged. A task gives
+
+* ``loss(out, x, y)``        the batch training loss L_i(θ; batch) of the model output ``out``;
+* ``per_sample(out, x, y)``  ``(score [B], loss [B])`` for evaluation, summed per client and
+  summarized over clients as ``<prefix>_<score_name>_{mean,weighted,std,p10}`` and
+  ``<prefix>_<loss_name>`` (see :func:`fedkin.core.evaluate.summarize`).
+
+Tasks:
+
+* classification: ``out`` = logits; loss = mean cross-entropy; score = 1[argmax = y] (``acc``),
+  eval loss = cross-entropy (``loss``).
+* reconstruction (autoencoders, PCA; ``y`` unused): ``out`` = x̂ with ``x``'s shape; training
+  loss = (1/B) Σ_b ‖x_b − x̂_b‖² (squared error summed over features, averaged over the batch,
+  as ADEPT's code does); score = energy captured 1 − ‖x_b − x̂_b‖²/‖x_b‖² (``energy``, averaged
+  over samples as ADEPT's ``evaluate_energy``); eval loss = per-sample MSE ‖x_b − x̂_b‖²/d
+  (``mse``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+PerSample = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A training loss and per-sample evaluation (score, loss) with their metric names."""
+
+    name: str
+    loss: Fn
+    per_sample: PerSample
+    score_name: str
+    loss_name: str
+
+
+def _class_per_sample(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
+    hit = (logits.argmax(-1) == y).to(logits.dtype)
+    return hit, F.cross_entropy(logits, y, reduction="none")
+
+
+def _sq_err(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return (x_hat - x).reshape(x.shape[0], -1).pow(2).sum(1)
+
+
+def _recon_loss(x_hat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return _sq_err(x_hat, x).mean()
+
+
+def _recon_per_sample(x_hat: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
+    err = _sq_err(x_hat, x)
+    energy = x.reshape(x.shape[0], -1).pow(2).sum(1)
+    return 1 - err / energy.clamp(min=1e-12), err / x[0].numel()
+
+
+CLASSIFICATION = Task(
+    "classification",
+    lambda logits, x, y: F.cross_entropy(logits, y),
+    _class_per_sample,
+    "acc",
+    "loss",
+)
+RECONSTRUCTION = Task("reconstruction", _recon_loss, _recon_per_sample, "energy", "mse")
