@@ -7,6 +7,7 @@ pydantic ``Config``); it includes algorithms registered by plugins.
 from collections.abc import Mapping
 
 from fedkin.algorithms.adaped import AdaPeD
+from fedkin.algorithms.adept import AdeptAe, AdeptPca
 from fedkin.algorithms.apfl import Apfl
 from fedkin.algorithms.base import Algorithm, ServerStep
 from fedkin.algorithms.ditto import Ditto
@@ -44,6 +45,8 @@ for _cls in (
     Fml,
     QuPeL,
     QuPeD,
+    AdeptAe,
+    AdeptPca,
 ):
     register_algorithm(_cls)
 

@@ -16,6 +16,27 @@ def gaussian_penalty(theta: Tree, center: Tree, lam: float | torch.Tensor) -> to
     return 0.5 * lam * tree_sqnorm(tree_map(torch.sub, theta, center))
 
 
+def gaussian_inverse_gamma_penalty(
+    theta: Tree, center: Tree, sigma: Tree, alpha: float, beta: float
+) -> torch.Tensor:
+    """Coordinate-wise Gaussian prior θ_k ~ N(μ_k, σ_k²) with hyperprior σ_k² ~ InvGamma(α, β)
+    (ADEPT), as a function of θ and σ (up to constants):
+
+        R(θ, σ; μ) = (2α + 3) Σ_k log σ_k + ½ Σ_k (2β + (θ_k − μ_k)²) / σ_k²
+
+    ``sigma`` has ``theta``'s tree structure. ∂R/∂θ_k = (θ_k − μ_k)/σ_k² and
+    ∂R/∂σ_k = (2α + 3)/σ_k − (2β + (θ_k − μ_k)²)/σ_k³, zero at σ_k² = (2β + (θ_k − μ_k)²)/(2α + 3).
+    """
+    out = 0.0
+    for t, c, s in zip(tree_leaves(theta), tree_leaves(center), tree_leaves(sigma), strict=True):
+        out = (
+            out
+            + (2 * alpha + 3) * torch.log(s).sum()
+            + 0.5 * ((2 * beta + (t - c) ** 2) / s**2).sum()
+        )
+    return out
+
+
 # ----- output-space prior (knowledge distillation) ---------------------------------------------
 
 

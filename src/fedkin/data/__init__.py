@@ -19,6 +19,7 @@ from fedkin.data.config import (
     DirichletPartition,
     FashionMnistConfig,
     IidPartition,
+    LinearGaussianConfig,
     PartitionConfig,
     PathologicalPartition,
     QuantitySkewPartition,
@@ -27,12 +28,14 @@ from fedkin.data.config import (
 from fedkin.data.digits import build_digits
 from fedkin.data.fashion_mnist import build_fashion_mnist
 from fedkin.data.federated import FederatedDataset
+from fedkin.data.linear_gaussian import build_linear_gaussian
 from fedkin.data.synthetic import build_synthetic
 from fedkin.registry import DATASET_REGISTRY, register_dataset
 
 register_dataset(DigitsConfig, build_digits)
 register_dataset(SyntheticConfig, build_synthetic)
 register_dataset(FashionMnistConfig, build_fashion_mnist)
+register_dataset(LinearGaussianConfig, build_linear_gaussian)
 DATASETS = DATASET_REGISTRY
 PARTITIONS: dict[str, type[BaseModel]] = {
     "iid": IidPartition,

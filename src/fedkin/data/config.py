@@ -112,6 +112,36 @@ class SyntheticConfig(_DatasetConfig):
     )
 
 
+class LinearGaussianConfig(_DatasetConfig):
+    """ADEPT's hierarchical linear-Gaussian model: a shared linear decoder perturbed per client
+    (see :mod:`fedkin.data.linear_gaussian`); a reconstruction dataset (all labels 0)."""
+
+    name: Literal["linear-gaussian"] = Field("linear-gaussian", description="Dataset name.")
+    num_clients: int = Field(50, gt=0, description="Number of clients.")
+    dim: int = Field(64, gt=0, description="Data dimension d (ADEPT's code: 64).")
+    latent: int = Field(5, gt=0, description="Latent dimension r of the decoder.")
+    signal_std: float = Field(
+        0.1, gt=0, description="Std dev of the shared decoder's entries (ADEPT: 0.1)."
+    )
+    perturbation_std: float = Field(
+        0.01,
+        ge=0,
+        description="Std dev of each client's perturbation of the decoder (ADEPT's gen_std); "
+        "0 gives identical clients.",
+    )
+    latent_std: float = Field(0.5, gt=0, description="Std dev of the latents z (ADEPT: 0.5).")
+    noise_std: float = Field(
+        0.0,
+        ge=0,
+        description="Std dev of isotropic observation noise added to x (ADEPT's code: none).",
+    )
+    decoder_bias: bool = Field(
+        True, description="Draw a decoder bias (shared plus perturbation) as ADEPT's code does."
+    )
+    train_samples: int = Field(10, gt=0, description="Training samples per client (ADEPT: 10).")
+    test_samples: int = Field(20, gt=0, description="Test samples per client (ADEPT: 20).")
+
+
 class FashionMnistConfig(_DatasetConfig):
     """Fashion-MNIST from the standard IDX files (train + test pooled: 70,000 images)."""
 

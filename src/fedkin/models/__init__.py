@@ -1,5 +1,7 @@
-"""Model zoo (``zoo``) and the MEL multi-level ensemble (``mel``)."""
+"""Model zoo (``zoo``), the MEL multi-level ensemble (``mel``) and linear
+dimensionality-reduction models (``linear``: linear autoencoder, PCA projector)."""
 
+from fedkin.models.linear import LinearAeConfig, PcaConfig
 from fedkin.models.mel import MEL, MelConfig
 from fedkin.models.zoo import (
     CNN,
@@ -12,7 +14,8 @@ from fedkin.models.zoo import (
 )
 from fedkin.registry import MODEL_REGISTRY, register_model
 
-register_model(MelConfig)  # the zoo's models register in fedkin.models.zoo
+for _cfg in (MelConfig, LinearAeConfig, PcaConfig):  # the zoo's register in fedkin.models.zoo
+    register_model(_cfg)
 
 #: A model's config: any registered model (``fedkin.register_model``).
 ModelConfig = MODEL_REGISTRY.field
@@ -25,10 +28,12 @@ __all__ = [
     "MLP",
     "MODELS",
     "CnnConfig",
+    "LinearAeConfig",
     "LogRegConfig",
     "LogisticRegression",
     "MelConfig",
     "MlpConfig",
     "ModelConfig",
+    "PcaConfig",
     "build_model",
 ]
