@@ -122,3 +122,12 @@ def isolated_registries(tmp_path):
     for name, module in list(sys.modules.items()):
         if str(getattr(module, "__file__", None) or "").startswith(root):
             del sys.modules[name]
+
+
+def classification_algorithms() -> list[str]:
+    """Registered algorithms whose task is classification (the tiny digits configs' task);
+    reconstruction algorithms (ADEPT) are tested in test_adept.py."""
+    from fedkin.algorithms import ALGORITHMS
+    from fedkin.core.tasks import CLASSIFICATION
+
+    return sorted(name for name, cls in ALGORITHMS.items() if cls.task is CLASSIFICATION)

@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_config
 from fedkin.algorithms.adept import AdeptAe, polar_retract, qr_retract
 from fedkin.config import load_config
+from fedkin.core.errors import ConfigError
 from fedkin.core.tree import tree_leaves, tree_map
 from fedkin.data.linear_gaussian import client_decoders
 from fedkin.experiment import Experiment
@@ -163,9 +164,11 @@ def test_retractions_land_on_the_stiefel_manifold_and_fix_it(retract):
     assert torch.allclose(retract(q), q)
 
 
-def test_adept_pca_rejects_a_non_basis_model():
-    with pytest.raises(Exception, match="adept-pca"):
+def test_adept_rejects_models_it_cannot_train():
+    with pytest.raises(ConfigError, match="'adept-pca' needs a model whose parameters"):
         experiment("model.name=linear-ae", "algorithm.name=adept-pca")
+    with pytest.raises(ConfigError, match="'adept-ae' learns reconstructions"):
+        experiment("model.name=mlp", "algorithm.name=adept-ae")
 
 
 @pytest.mark.parametrize("name", ["adept-pca", "adept-ae"])

@@ -463,7 +463,7 @@ def test_configs_parse_and_validate():
 
 
 def test_registry_lists_documented_options():
-    assert set(DATASETS) == {"digits", "synthetic", "fashion-mnist"}
+    assert set(DATASETS) == {"digits", "synthetic", "fashion-mnist", "linear-gaussian"}
     assert set(PARTITIONS) == {"iid", "dirichlet", "pathological", "quantity"}
     for cls in [*DATASETS.values(), *PARTITIONS.values()]:
         assert cls.model_config.get("extra") == "forbid"

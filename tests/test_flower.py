@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedkin.algorithms import ALGORITHMS
+from conftest import classification_algorithms
 from fedkin.config import load_config
 from fedkin.core.errors import UserError
 from fedkin.core.tree import tree_leaves
@@ -195,7 +195,7 @@ def test_protocol_reproduces_the_in_process_run(extra):
     assert have == trained
 
 
-@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+@pytest.mark.parametrize("algorithm", classification_algorithms())
 def test_every_algorithm_runs_through_the_protocol(algorithm):
     """Each algorithm as a Flower app: bit-identical to its in-process run (2 rounds, holdout
     clients so new-client evaluation crosses the wire too)."""

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad
 from torch.testing import assert_close
 
-from conftest import TINY, tiny_config
-from fedkin.algorithms import ALGORITHMS
+from conftest import TINY, classification_algorithms, tiny_config
 from fedkin.core.errors import ConfigError
 from fedkin.experiment import Experiment
 from fedkin.models import MEL, CnnConfig, MelConfig, MlpConfig, build_model
@@ -279,7 +278,7 @@ def test_bench_json_rows(cli, capsys):
     assert out["command"].startswith("fedkin bench mel --datasets digits")
 
 
-@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+@pytest.mark.parametrize("algorithm", classification_algorithms())
 def test_every_algorithm_trains_mel_with_its_own_loss(algorithm):
     """One round of every algorithm with MEL as the model: its local objective contains the
     multi-exit loss (3 cross-entropy terms ≈ 3 ln 10 at initialization, where plain

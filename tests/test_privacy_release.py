@@ -28,7 +28,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from conftest import tiny_config
+from conftest import classification_algorithms, tiny_config
 from fedkin.algorithms import ALGORITHMS
 from fedkin.core.errors import ConfigError
 from fedkin.core.tree import tree_leaves
@@ -190,7 +190,7 @@ def check_released_keys(outcome: Outcome, mechanism: str) -> None:
 
 
 @pytest.mark.parametrize("mechanism", sorted(MECHANISMS))
-@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+@pytest.mark.parametrize("algorithm", classification_algorithms())
 def test_neighbouring_datasets_release_the_same(flower_identity, algorithm, mechanism, tmp_path):
     """In-process (records, summary.json, progress line) and through the Flower protocol on an
     in-process grid (every node message, the server's records); the Flower run is the

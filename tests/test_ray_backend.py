@@ -15,8 +15,7 @@ import sys
 import pytest
 import torch
 
-from conftest import drop_timings, tiny, tiny_config
-from fedkin.algorithms import ALGORITHMS
+from conftest import classification_algorithms, drop_timings, tiny, tiny_config
 from fedkin.core.errors import ConfigError
 from fedkin.experiment import Experiment
 
@@ -119,7 +118,7 @@ def test_ray_equals_local_for_a_stateful_algorithm(ray_instance, local_reference
     assert e.engine.workers == 2 and len(set(e.engine.worker_pids())) == 2
 
 
-@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+@pytest.mark.parametrize("algorithm", classification_algorithms())
 def test_every_algorithm_on_ray_equals_local(ray_instance, algorithm):
     """Training and evaluation (held-out clients and ``adapt`` included) through 2 workers."""
     overrides = (f"algorithm.name={algorithm}", "rounds=2", "eval.holdout_clients=0.2")

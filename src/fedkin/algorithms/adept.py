@@ -127,6 +127,14 @@ class AdeptAe(Algorithm):
     Config = AdeptConfig
     task = RECONSTRUCTION
 
+    def __init__(self, config, model, client_optimizer, local_steps) -> None:
+        super().__init__(config, model, client_optimizer, local_steps)
+        if not getattr(model, "reconstructs", False):
+            raise ConfigError(
+                f"algorithm.name: {self.name!r} learns reconstructions x̂ of x; model.name must "
+                "be 'linear-ae' or 'pca' (or a model with reconstructs = True)"
+            )
+
     # ----- manifold hooks (identity for the unconstrained autoencoder) --------------------------
     def project(self, params: Tree, g: Tree) -> Tree:
         return g

@@ -652,13 +652,15 @@ class FlowerServer:
         record: dict[str, Any] = {"round": exp.round, "kind": "eval"}
         train = exp.is_training & got
         if alg.has_global_model:
-            record.update(summarize("global", g_correct[train], g_loss[train], counts[train]))
+            record.update(
+                summarize("global", g_correct[train], g_loss[train], counts[train], alg.task)
+            )
         correct, loss = (p_correct, p_loss) if personal else (g_correct, g_loss)
-        record.update(summarize("personal", correct[train], loss[train], counts[train]))
+        record.update(summarize("personal", correct[train], loss[train], counts[train], alg.task))
         self.client_accuracy = {"personal": (correct[train] / counts[train]).tolist()}
         new = exp.new_clients[got[exp.new_clients]]
         if len(new):
-            record.update(summarize("new", correct[new], loss[new], counts[new]))
+            record.update(summarize("new", correct[new], loss[new], counts[new], alg.task))
             self.client_accuracy["new"] = (correct[new] / counts[new]).tolist()
         if not bool(got.all()):
             record["eval_missing_clients"] = float((~got).sum())

@@ -22,6 +22,9 @@ from torch import nn
 class LinearAutoencoder(nn.Module):
     """x̂ = decoder(encoder(flatten(x))), both linear, reshaped to x's shape."""
 
+    #: maps x to a reconstruction x̂ (what reconstruction algorithms such as ADEPT require)
+    reconstructs = True
+
     def __init__(self, in_features: int, latent: int, bias: bool) -> None:
         super().__init__()
         self.encoder = nn.Linear(in_features, latent, bias=bias)
@@ -33,6 +36,8 @@ class LinearAutoencoder(nn.Module):
 
 class PcaProjector(nn.Module):
     """x̂ = U Uᵀ flatten(x) for the basis parameter ``basis`` = U ``[d, k]``."""
+
+    reconstructs = True
 
     def __init__(self, in_features: int, rank: int) -> None:
         super().__init__()
