@@ -16,8 +16,6 @@ import os
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
-import datetime as dt
-import ipaddress
 import json
 import shutil
 import signal
@@ -46,6 +44,7 @@ from fedkin.backends.flower_app import (  # noqa: E402
     record_to_tree,
     tree_to_record,
 )
+from fedkin.backends.flower_deploy import write_certificates  # noqa: E402
 from flower_fake import FakeGrid, task_identity  # noqa: E402, F401 (autouse fixture)
 
 TINY = ["data.num_clients=4", "cohort.clients_per_round=4", "rounds=2", "model.hidden=[16]"]
@@ -335,92 +334,6 @@ def test_simulation_runtime_runs_ifca_as_in_process():
 # ----- a real deployment on loopback with TLS ----------------------------------------------------
 
 
-def _write_certificates(directory: Path) -> dict[str, Path]:
-    """A throwaway CA and a server certificate for 127.0.0.1 / localhost signed by it."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = dt.datetime.now(dt.UTC)
-    valid = {
-        "not_valid_before": now - dt.timedelta(minutes=5),
-        "not_valid_after": now + dt.timedelta(hours=2),
-    }
-
-    def build(subject, issuer, public_key, signing_key, extensions):
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(issuer)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(valid["not_valid_before"])
-            .not_valid_after(valid["not_valid_after"])
-        )
-        for ext, critical in extensions:
-            builder = builder.add_extension(ext, critical=critical)
-        return builder.sign(signing_key, hashes.SHA256())
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedkin test CA")])
-    ca = build(
-        ca_name,
-        ca_name,
-        ca_key.public_key(),
-        ca_key,
-        [
-            (x509.BasicConstraints(ca=True, path_length=0), True),
-            (
-                x509.KeyUsage(
-                    digital_signature=True,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                True,
-            ),
-        ],
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = build(
-        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]),
-        ca_name,
-        key.public_key(),
-        ca_key,
-        [
-            (
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
-                False,
-            ),
-            (x509.BasicConstraints(ca=False, path_length=None), True),
-            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
-        ],
-    )
-    paths = {
-        "ca": directory / "ca.crt",
-        "cert": directory / "server.pem",
-        "key": directory / "server.key",
-    }
-    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths["key"].write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return paths
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -471,7 +384,7 @@ def test_tls_deployment_with_superlink_and_two_supernodes(tmp_path):
     config = load_config(None, overrides.split())
     _, expected_population = run_in_process(config, eval_every_round=False)
 
-    certs = _write_certificates(tmp_path)
+    certs = write_certificates(tmp_path, ["localhost", "127.0.0.1"])
     tls = [
         "--ssl-ca-certfile",
         str(certs["ca"]),
