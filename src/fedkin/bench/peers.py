@@ -408,6 +408,11 @@ def _label(run: dict) -> str:
     return f"fedkin {run['threads']} thr" + (" compiled" if run["compiled"] else "")
 
 
+def _ratio(x: float) -> str:
+    """A speed ratio, with a decimal below 10 (start-up ratios can be below 1)."""
+    return f"{x:,.0f}" if x >= 10 else f"{x:.1f}"
+
+
 _PEER_NAMES = {"pfl": "pfl-research", "flower": "Flower"}
 
 
@@ -436,7 +441,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
         table.add_column(col, justify="left" if i == 0 else "right")
     for run in results["runs"]:
         speedups = [
-            f"{run[f'steady_speedup_vs_{key}']:,.0f} / {run[f'total_speedup_vs_{key}']:,.0f}"
+            f"{_ratio(run[f'steady_speedup_vs_{key}'])} / {_ratio(run[f'total_speedup_vs_{key}'])}"
             if f"steady_speedup_vs_{key}" in run
             else ""
             for _, key, _, _ in PEERS
