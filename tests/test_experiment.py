@@ -190,6 +190,17 @@ RESUME_CASES = {
         "client.optimizer.name=sgd",
         "client.optimizer.momentum=0.9",
     ],
+    # robust, compressed, attacked: the aggregator's centre, the error-feedback residuals
+    # (a client-state store of the channel) and the byte totals must survive the checkpoint
+    "channel-robust-compressed": [
+        "algorithm.name=fedavg",
+        "channel.aggregator.name=centered_clipping",
+        "channel.aggregator.tau=0.5",
+        "channel.compress.name=top_k",
+        "channel.compress.density=0.1",
+        "attack.name=alie",
+        "attack.fraction=0.2",
+    ],
 }
 ROUNDS = 4
 
@@ -249,8 +260,9 @@ def test_resume_after_interrupt_matches_uninterrupted(cli, tmp_path, reference_r
         ("fedavg-server-momentum", []),
         ("local-client-momentum", []),
         ("local-client-momentum", ["store.backend=disk"]),
+        ("channel-robust-compressed", ["store.backend=disk"]),
     ],
-    ids=["fedavg", "local", "local-disk-store"],
+    ids=["fedavg", "local", "local-disk-store", "channel-disk-store"],
 )
 def test_resume_with_sparse_checkpoints_recomputes_truncated_rounds(
     cli, tmp_path, reference_runs, case, extra

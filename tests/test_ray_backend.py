@@ -118,6 +118,25 @@ def test_ray_equals_local_for_a_stateful_algorithm(ray_instance, local_reference
     assert e.engine.workers == 2 and len(set(e.engine.worker_pids())) == 2
 
 
+def test_robust_compressed_attacked_run_on_ray_equals_local(ray_instance):
+    """The channel (attack, top-k with error feedback, trimmed mean) runs on the server side of
+    the shared round, so a Ray run matches the in-process one."""
+    channel = (
+        "channel.aggregator.name=trimmed_mean",
+        "channel.aggregator.f=1",
+        "channel.compress.name=top_k",
+        "channel.compress.density=0.1",
+        "attack.name=sign_flip",
+        "attack.fraction=0.2",
+    )
+    local = Experiment(tiny_config(*SMALL, *channel))
+    want = run(local, 2)
+    e = Experiment(tiny_config(*SMALL, *channel, *RAY))
+    assert_records_close(run(e, 2), want)
+    assert_same_state(e, local)
+    assert all(r["uplink_bytes"] > 0 for r in want if r["kind"] == "train")
+
+
 @pytest.mark.parametrize("algorithm", classification_algorithms())
 def test_every_algorithm_on_ray_equals_local(ray_instance, algorithm):
     """Training and evaluation (held-out clients and ``adapt`` included) through 2 workers."""

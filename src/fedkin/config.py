@@ -18,6 +18,8 @@ from pydantic.fields import FieldInfo
 
 from fedkin.algorithms import ALGORITHMS
 from fedkin.backends import BackendConfig, LocalBackendConfig
+from fedkin.channel.attacks import AttackConfig
+from fedkin.channel.pipeline import ChannelConfig, central_dp_conflict
 from fedkin.core.errors import ConfigError
 from fedkin.core.store import StoreConfig
 from fedkin.data.config import DataConfig, DigitsConfig
@@ -149,6 +151,12 @@ class ExperimentConfig(_Section):
     store: StoreConfig = Field(default_factory=StoreConfig)
     backend: BackendConfig = Field(default_factory=LocalBackendConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    channel: ChannelConfig = Field(default_factory=ChannelConfig, description=ChannelConfig.__doc__)
+    attack: AttackConfig | None = Field(
+        None,
+        description="simulated Byzantine clients, a fixed seeded fraction of the population "
+        "(fedkin list attacks); none by default",
+    )
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     compare: CompareSection | None = Field(None, description=CompareSection.__doc__)
@@ -219,6 +227,7 @@ class ExperimentConfig(_Section):
                         f"{self.algorithm.name} (its prior compares personal and global "
                         "parameters); give groups other centers, not other architectures"
                     )
+        self._check_channel()
         return self
 
     def _private_cohorts(self, training: int) -> None:
@@ -247,6 +256,33 @@ class ExperimentConfig(_Section):
             )
         if problems:
             raise ValueError(f"privacy.mechanism={privacy.mechanism} needs: " + "; ".join(problems))
+
+    def _check_channel(self) -> None:
+        """A non-default channel (aggregator, compressor, attack) runs where it is supported."""
+        if self.channel == ChannelConfig() and self.attack is None:
+            return
+        if self.backend.name == "flower":
+            raise ValueError(
+                "channel.aggregator/channel.compress/attack run in-process and on Ray; the "
+                "Flower runtime does not apply them yet (use backend.name=local or ray)"
+            )
+        if self.privacy.mechanism == "local" and self.channel != ChannelConfig():
+            raise ValueError(
+                "privacy.mechanism=local noises each message on its client, so the server's "
+                "robust rules and the uplink compressors do not apply; keep channel at its "
+                "defaults (or use privacy.mechanism=central)"
+            )
+        if self.privacy.mechanism == "central":
+            conflict = central_dp_conflict(self.channel)
+            if conflict:
+                raise ValueError(conflict)
+        robust = central_dp_conflict(self.channel) is not None
+        if robust and not ALGORITHMS[self.algorithm.name].robust_delta:
+            raise ValueError(
+                f"channel.aggregator.name={self.channel.aggregator.name}: algorithm.name="
+                f"{self.algorithm.name} sends its model delta masked by cluster, which a robust "
+                "rule would mix across clusters; use channel.aggregator.name=weighted_mean"
+            )
 
 
 def holdout_count(num_clients: int, fraction: float) -> int:

@@ -23,6 +23,7 @@ import torch
 
 from fedkin.algorithms import ALGORITHMS, Algorithm, ServerStep
 from fedkin.algorithms.base import PHASE_DRY_RUN, PHASE_EVAL_ADAPT, PHASE_EVAL_INIT
+from fedkin.channel.runtime import ChannelRuntime, is_default
 from fedkin.config import ClientModelGroup, ExperimentConfig, holdout_count, load_config
 from fedkin.core.channel import Channel, finite_rows, reject_nonfinite
 from fedkin.core.errors import NonFiniteModelError, UserError
@@ -152,6 +153,19 @@ class Experiment:
             self.channel = Channel(
                 [reject_nonfinite, self.privacy.clip_step], self.privacy.aggregate
             )
+        self.channel_runtime: ChannelRuntime | None = None
+        if not is_default(config.channel, config.attack):
+            self.channel_runtime = ChannelRuntime(
+                config.channel,
+                config.attack,
+                seed=config.seed,
+                num_clients=self.dataset.num_clients,
+                num_classes=self.dataset.num_classes,
+                store=config.store,
+                run_dir=run_dir,
+            )
+            if self.privacy is None:
+                self.channel = Channel([reject_nonfinite], self.channel_runtime.aggregate)
         self.participation = torch.zeros(self.dataset.num_clients, dtype=torch.long)
         #: DP-SGD gradients on each batch of one client_update (measured in the first round)
         self.dp_sgd_uses: list[int] = []
@@ -234,6 +248,8 @@ class Experiment:
         if len(cohort) == 0:
             return self.finish_round(r, t0, {"clients": 0})
         batches = self.client_batches(cohort, "batches", r)
+        if self.channel_runtime is not None:
+            batches = self.channel_runtime.poison(batches, cohort)
         n_i = ds.train_sizes[cohort].to(torch.float32)
         ctx = {"client_id": cohort, "num_samples": n_i, "round": torch.full_like(cohort, r)}
         weights = n_i if cfg.cohort.weighting == "samples" else torch.ones(len(cohort))
@@ -265,11 +281,22 @@ class Experiment:
             kept_weights.append(weights[pos] * ok)
             ids.append(cohort[pos])
         ok = torch.cat(oks)
+        sent, weights_ok = _cat(messages), torch.cat(kept_weights)
+        if self.channel_runtime is not None and not phantom:
+            # the clients' half of the channel (attack, compression); what arrives non-finite
+            # is rejected like a failed client
+            sent = self.channel_runtime.client_side(sent, torch.cat(ids), r)
+            ok = ok & finite_rows(sent, len(ok))
+            weights_ok = weights_ok * ok
         if not phantom:
             self.participation[cohort] += 1
         if self.privacy is not None:
             self.privacy.bind_cohort(torch.cat(ids), ok)
-        aggregate, channel_metrics = self.channel(_cat(messages), torch.cat(kept_weights), r)
+        aggregate, channel_metrics = self.channel(sent, weights_ok, r)
+        if self.channel_runtime is not None:
+            channel_metrics.update(
+                self.channel_runtime.round_metrics(self.population, 0 if phantom else len(cohort))
+            )
         if ok.any() or self.privacy is not None:
             self.population = self.algorithm.population_update(
                 self.population, aggregate, self.server
@@ -598,6 +625,7 @@ class Experiment:
             "participation": self.participation,
             "dp_sgd_uses": self.dp_sgd_uses,
             "stores": [g.store.state_dict() for g in self.groups],
+            "channel": self.channel_runtime.state_dict() if self.channel_runtime else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -610,6 +638,8 @@ class Experiment:
         self.dp_sgd_uses = state["dp_sgd_uses"]
         for group, store_state in zip(self.groups, state["stores"], strict=True):
             group.store.load_state_dict(store_state, self.round)
+        if self.channel_runtime is not None:
+            self.channel_runtime.load_state_dict(state["channel"], self.round)
 
     def save_checkpoint(self, run_dir: Path) -> None:
         """Atomic write: a crash mid-write leaves the previous checkpoint intact."""
@@ -618,6 +648,8 @@ class Experiment:
         os.replace(tmp, run_dir / CHECKPOINT)
         for group in self.groups:
             group.store.commit(self.round)
+        if self.channel_runtime is not None:
+            self.channel_runtime.commit(self.round)
 
     def load_checkpoint(self, run_dir: Path) -> None:
         self.load_state_dict(torch.load(run_dir / CHECKPOINT, weights_only=False))

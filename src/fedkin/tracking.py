@@ -112,6 +112,14 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _bytes(n: float) -> str:
+    """A byte count for the progress line: 512 B, 3.4 kB, 12.0 MB, 1.5 GB (powers of 1000)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
 class ConsoleTracker:
     """Live progress bar (round, elapsed, ETA, current metrics) and a final summary table."""
 
@@ -122,6 +130,8 @@ class ConsoleTracker:
         "personal_acc_mean": "personal acc",
         "epsilon": "ε",
         "rejected_updates": "rejected",
+        "uplink_bytes_total": "uplink",
+        "downlink_bytes_total": "downlink",
     }
 
     def __init__(self, console: Console | None = None) -> None:
@@ -152,7 +162,9 @@ class ConsoleTracker:
     def record(self, record: dict[str, Any]) -> None:
         self.latest.update({k: v for k, v in record.items() if k in self.SHOWN})
         text = "  ".join(
-            f"{self.SHOWN[k]} {_fmt(self.latest[k])}" for k in self.SHOWN if k in self.latest
+            f"{self.SHOWN[k]} {_bytes(v) if k.endswith('_bytes_total') else _fmt(v)}"
+            for k in self.SHOWN
+            if (v := self.latest.get(k)) is not None
         )
         self.progress.update(self.task, completed=record["round"], metrics=text)
 

@@ -87,6 +87,10 @@ class Algorithm(ABC):
     #: What the model's output is scored against: the training loss of :meth:`data_loss` and
     #: the evaluation metrics (:mod:`fedkin.core.tasks`; reconstruction for ADEPT).
     task: ClassVar[Task] = CLASSIFICATION
+    #: True if the message's ``"delta"`` is one model delta per client, so a robust rule
+    #: (``channel.aggregator``) may combine clients coordinate by coordinate; False when it is
+    #: masked per cluster (IFCA). Other message keys are always averaged by weight.
+    robust_delta: ClassVar[bool] = True
 
     def __init__(
         self, config: BaseModel, model: nn.Module, client_optimizer: Optimizer, local_steps: int

@@ -53,6 +53,7 @@ class Ifca(Algorithm):
     Config = IfcaConfig
     has_global_model = False  # K models, no single global one; evaluation is per client
     per_client_metrics = ("cluster",)  # the cluster j* each client chose this round
+    robust_delta = False  # the delta is masked by the chosen cluster
 
     # ----- population --------------------------------------------------------------------
     def _cluster_init(self, params: Tree, k: int) -> Tree:
