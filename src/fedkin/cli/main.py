@@ -34,6 +34,7 @@ BENCH_MODULES = (
     "fedkin.bench.mel",
     "fedkin.bench.quantized",
     "fedkin.bench.optim",
+    "fedkin.bench.channel",
 )
 
 
