@@ -22,6 +22,7 @@ def test_list_channel_kind(cli, capsys, monkeypatch, kind, registry, option):
     out = capsys.readouterr().out
     assert all(name in out for name in registry)
     assert option in out
+    assert f"{kind} (config key: {registry.key.split('[')[0].split('.name')[0]}" in out
     assert "algorithms (config key" not in out
 
 

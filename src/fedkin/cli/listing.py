@@ -81,12 +81,8 @@ def _config_key(kind: str) -> str:
         "models": "model.name",
         "algorithms": "algorithm.name",
         "optimizers": "client.optimizer.name / server.optimizer.name",
-        "aggregators": LIBRARY_ONLY,
-        "preaggregators": LIBRARY_ONLY,
-        "compressors": LIBRARY_ONLY,
-        "attacks": LIBRARY_ONLY,
+        "aggregators": "channel.aggregator.name",
+        "preaggregators": "channel.aggregator.pre: [{name: …}]",
+        "compressors": "channel.compress.name",
+        "attacks": "attack.name",
     }[kind]
-
-
-# The channel's entries are a tested library (fedkin.channel) that runs do not use yet.
-LIBRARY_ONLY = "none yet: fedkin.channel library, not wired into runs"
