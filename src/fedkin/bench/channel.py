@@ -3,7 +3,7 @@
 Workload (both): digits (scikit-learn's 8×8, 1,797 images) split among 50 clients with
 Dirichlet(0.5) label skew, an MLP 64-32-10, fixed cohorts of 20 clients per round, 5 local SGD
 steps of batch 16 (lr 0.1), server SGD lr 1, uniform client weights, seed 0; ``--rounds``
-rounds (default 30 robust, 40 compress). Reported: the global model's test accuracy after the
+rounds (default 30 robust, 150 compress). Reported: the global model's test accuracy after the
 last round, weighted by test-set size over the training clients (``global_acc_weighted``).
 ``--data fashion-mnist`` switches to Fashion-MNIST (784 features, MLP 784-64-10, 100 clients).
 One torch intra-op thread by default (``--threads``): the models are tiny and the machine shared.
@@ -74,6 +74,7 @@ COMPRESSORS: dict[str, list[str]] = {
     "int8": ["channel.compress.name=int8"],
     "bf16": ["channel.compress.name=bf16"],
     "fedzip 1% EF": ["channel.compress.name=fedzip", "channel.compress.density=0.01"],
+    "fedzip 2% EF": ["channel.compress.name=fedzip", "channel.compress.density=0.02"],
     "fedzip 10% EF": ["channel.compress.name=fedzip", "channel.compress.density=0.1"],
 }
 
@@ -200,7 +201,8 @@ def robust_heatmap(result: dict[str, Any], path: Path) -> None:
     import numpy as np
 
     fractions = sorted({r["fraction"] for r in result["rows"]})
-    fig, axes = plt.subplots(1, len(fractions), figsize=(7 * len(fractions), 6), squeeze=False)
+    fig, axes = plt.subplots(1, len(fractions), figsize=(8 * len(fractions), 6), squeeze=False)
+    fig.subplots_adjust(wspace=0.45)
     for ax, fraction in zip(axes[0], fractions, strict=True):
         sub = [r for r in result["rows"] if r["fraction"] == fraction]
         aggs = list(dict.fromkeys(r["aggregator"] for r in sub))
@@ -292,7 +294,7 @@ def compress_plot(result: dict[str, Any], path: Path) -> None:
 
 def register_bench(sub: argparse._SubParsersAction) -> None:
     summary = __doc__.split("\n\n")[0]
-    for name, rounds, func in (("robust", 30, cmd_robust), ("compress", 40, cmd_compress)):
+    for name, rounds, func in (("robust", 30, cmd_robust), ("compress", 150, cmd_compress)):
         p = sub.add_parser(name, help=summary.split(": ", 1)[1], description=__doc__)
         p.add_argument("--data", choices=["digits", "fashion-mnist"], default="digits")
         p.add_argument("--rounds", type=int, default=rounds, help=f"rounds (default {rounds})")

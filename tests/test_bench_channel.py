@@ -1,0 +1,41 @@
+"""`fedkin bench compress` / `bench robust`: the JSON they print and the files they write."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_bench_compress_json_and_files(cli, capsys, tmp_path):
+    assert cli(["bench", "compress", "--rounds", "1", "--json", "--out", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    base = result["uncompressed"]
+    assert set(base) == {"accuracy", "uplink_bytes"} and base["uplink_bytes"] > 0
+    by_name = {r["compressor"]: r for r in result["rows"]}
+    # 20 clients × one round: float32 d values vs uint16 index + float32 value per kept one
+    d = base["uplink_bytes"] / (20 * 4)
+    assert by_name["top_k 10% EF"]["uplink_bytes"] == 20 * 6 * -(-d // 10)
+    assert by_name["bf16"]["uplink_bytes"] == base["uplink_bytes"] / 2
+    assert all(0 <= r["accuracy"] <= 1 for r in result["rows"])
+    assert {p.name for p in tmp_path.iterdir()} == {"compress.json", "compress.md", "compress.png"}
+
+
+@pytest.mark.slow
+def test_bench_robust_json_shape(cli, capsys, tmp_path, monkeypatch):
+    from fedkin.bench import channel
+
+    monkeypatch.setattr(channel, "ATTACKS", ["sign_flip", "nonfinite"])
+    monkeypatch.setattr(
+        channel, "_aggregators", lambda f: {"median": ["channel.aggregator.name=median"]}
+    )
+    args = ["bench", "robust", "--rounds", "1", "--fractions", "0.2", "--json"]
+    assert cli([*args, "--out", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0 <= result["clean_fedavg"] <= 1
+    assert [(r["attack"], r["aggregator"], r["fraction"]) for r in result["rows"]] == [
+        ("sign_flip", "median", 0.2),
+        ("nonfinite", "median", 0.2),
+    ]
+    assert (tmp_path / "robust.png").exists() and (tmp_path / "robust.md").exists()
