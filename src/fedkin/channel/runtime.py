@@ -80,14 +80,15 @@ class ChannelRuntime:
             )
 
     # ----- client side --------------------------------------------------------------------------
-    def poison(self, batches: tuple[torch.Tensor, torch.Tensor], cohort: torch.Tensor):
-        """Batches ``(x [S, K, B, …], y [S, K, B])`` with the Byzantine clients' labels flipped
-        when the attack poisons data (label flipping); otherwise unchanged."""
+    def poison(self, batches: tuple[torch.Tensor, ...], cohort: torch.Tensor):
+        """Batches ``(x [S, K, B, …], y [S, K, B], …)`` (DP-SGD's Poisson batches add a mask)
+        with the Byzantine clients' labels flipped when the attack poisons data (label
+        flipping); otherwise unchanged."""
         if self.attack is None or not self.attack.poisons_labels:
             return batches
-        x, y = batches
+        x, y, *rest = batches
         bad = self.byzantine[cohort][None, :, None]
-        return x, torch.where(bad, flip_labels(y, self.num_classes), y)
+        return (x, torch.where(bad, flip_labels(y, self.num_classes), y), *rest)
 
     def client_side(self, messages: Tree, cohort: torch.Tensor, round_: int) -> Tree:
         """Attack and compress the cohort's messages (rows in ``cohort`` order); the residuals
