@@ -81,6 +81,9 @@ def test_label_flip_poisons_only_the_byzantine_clients_batches():
     assert bad.any() and (~bad).any()
     assert torch.equal(flipped[:, bad], 9 - y[:, bad])
     assert torch.equal(flipped[:, ~bad], y[:, ~bad])
+    mask = torch.ones(2, 8, 3, dtype=torch.bool)  # DP-SGD's Poisson batches carry a mask
+    poisoned = exp.channel_runtime.poison((x, y, mask), cohort)
+    assert len(poisoned) == 3 and poisoned[2] is mask and torch.equal(poisoned[1], flipped)
 
 
 def test_nonfinite_attack_is_rejected_and_counted():
