@@ -234,3 +234,14 @@ def test_classification_keeps_its_metric_names():
     record = exp.evaluate()
     assert "personal_acc_mean" in record and "personal_loss" in record
     assert not any("energy" in k or "mse" in k for k in record)
+
+
+@pytest.mark.parametrize("name", ["local", "fedavg"])
+def test_a_reconstruction_model_makes_any_algorithm_reconstruct(name):
+    adam = ["client.optimizer.name=adam", "client.optimizer.lr=0.01"]
+    exp = experiment("model.name=pca", f"model.rank={RANK}", f"algorithm.name={name}", *adam)
+    first = exp.evaluate()
+    train(exp, 3)
+    record = exp.evaluate()
+    assert record["personal_mse"] < first["personal_mse"]
+    assert 0 < record["personal_energy_mean"] <= 1

@@ -33,7 +33,7 @@ from torch.func import functional_call, grad, vmap
 
 from fedkin.core.priors import gaussian_penalty
 from fedkin.core.rng import Stream
-from fedkin.core.tasks import CLASSIFICATION, Task
+from fedkin.core.tasks import CLASSIFICATION, RECONSTRUCTION, Task
 from fedkin.core.tree import Tree, tree_map, tree_sub
 from fedkin.optim import Optimizer
 from fedkin.optim.transform import differentially_private_aggregate
@@ -85,8 +85,10 @@ class Algorithm(ABC):
     #: example-level DP-SGD (``privacy.dp_sgd``) covers the whole local computation.
     supports_dp_sgd: ClassVar[bool] = False
     #: What the model's output is scored against: the training loss of :meth:`data_loss` and
-    #: the evaluation metrics (:mod:`fedkin.core.tasks`; reconstruction for ADEPT).
-    task: ClassVar[Task] = CLASSIFICATION
+    #: the evaluation metrics (:mod:`fedkin.core.tasks`; reconstruction for ADEPT). A model
+    #: with ``reconstructs = True`` (linear AE, PCA) makes any algorithm's instance use
+    #: reconstruction, so Local and FedAvg train and evaluate it too.
+    task: Task = CLASSIFICATION
     #: True if the message's ``"delta"`` is one model delta per client, so a robust rule
     #: (``channel.aggregator``) may combine clients coordinate by coordinate; False when it is
     #: masked per cluster (IFCA). Other message keys are always averaged by weight.
@@ -106,6 +108,8 @@ class Algorithm(ABC):
         #: DP-SGD gradients computed on each batch index since the caller last cleared it
         #: (the experiment's dry run of ``client_update``, for accounting)
         self.dp_uses: Counter[int] = Counter()
+        if getattr(model, "reconstructs", False):
+            self.task = RECONSTRUCTION
 
     def enable_dp_sgd(self, config: DpSgdConfig, seed: int, batch_size: int) -> None:
         """Make every :meth:`local_solve` step an example-level DP-SGD step on Poisson batches
