@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -785,6 +786,10 @@ def run_simulation(
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     server_app, client_app = make_apps(config, run_dir, dataset=dataset, mods=mods)
+    # A Ray backend pool of this process holds its CPUs while idle and Ray never preempts
+    # actors, so Flower's node actors would wait for them forever: stop the pool first.
+    if "fedkin.backends.ray_backend" in sys.modules:
+        sys.modules["fedkin.backends.ray_backend"].shutdown()
     flwr_run_simulation(
         server_app,
         client_app,
