@@ -29,7 +29,6 @@ from fedkin.registry import ALGORITHM_REGISTRY, register_algorithm
 
 for _cls in (
     FedAvg,
-    FedKSeed,
     FedProx,
     Local,
     FedAvgFt,
@@ -43,6 +42,7 @@ for _cls in (
     FedRep,
     FedPer,
     Fml,
+    FedKSeed,
     QuPeL,
     QuPeD,
     AdeptAe,
