@@ -1,5 +1,6 @@
 """diffGrad and SGD-SaI against pytorch-optimizer 4.x (50 steps, 1e-5) and the official
-SGD-SaI formulas; both vmap."""
+SGD-SaI formulas; SWAN's GradNorm/GradWhitening against their closed forms; FRUGAL's split
+against an explicit SVD computation; all vmap."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import torch
 from torch.func import vmap
 from torch.testing import assert_close
 
-from fedkin.optim import DiffGradConfig, SgdSaiConfig
+from fedkin.optim import DiffGradConfig, FrugalConfig, SgdSaiConfig, SwanConfig
+from fedkin.optim.memlight import frugal_rank, grad_norm, grad_whitening
+from fedkin.optim.optimizer import state_bytes_per_param
 
 pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
 STEPS = 50
@@ -80,7 +83,81 @@ def test_sgd_sai_follows_the_official_update():
     assert_close(got, p, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("cfg", [DiffGradConfig(lr=0.01), SgdSaiConfig(lr=0.05)])
+def test_swan_grad_norm_standardizes_rows():
+    g = torch.randn(6, 9, generator=torch.Generator().manual_seed(3)) * 5 + 2
+    out = grad_norm(g, eps=0.0)
+    assert_close(out.mean(1), torch.zeros(6), atol=1e-6, rtol=0)
+    assert_close(out.pow(2).mean(1), torch.ones(6))
+    assert_close(out, (g - g.mean(1, keepdim=True)) / g.std(1, unbiased=False, keepdim=True))
+
+
+@pytest.mark.parametrize("shape", [(4, 16), (16, 4)])
+def test_swan_whitening_is_the_polar_factor_rescaled(shape):
+    """(GGᵀ)^{-1/2}G = UVᵀ for G = UΣVᵀ of full rank, rescaled to ‖G‖_F."""
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    polar = u @ vh
+    expected = polar * g.norm() / polar.norm()
+    assert_close(grad_whitening(g, steps=40, eps=0.0), expected, rtol=1e-6, atol=1e-8)
+    w = grad_whitening(g, steps=40, eps=0.0)
+    small = w @ w.T if shape[0] < shape[1] else w.T @ w
+    assert_close(small, torch.eye(min(shape), dtype=g.dtype) * small[0, 0])  # whitened
+
+
+def test_swan_update_is_stateless_on_matrices_and_adam_elsewhere():
+    params, grads = _params_and_grads(steps=3)
+    cfg = SwanConfig(lr=0.01)
+    opt = cfg.build()
+    state = opt.init(params)
+    new, _ = opt.step(grads[0], state, params)
+    expected_w = params["w"] - 0.01 * grad_whitening(grad_norm(grads[0]["w"]), cfg.ns_steps)
+    assert_close(new["w"], expected_w)
+    # the bias takes AdamW's first step: −η_other·sign(g) (up to ε)
+    assert_close(new["b"], params["b"] - cfg.other_lr * grads[0]["b"].sign(), rtol=0, atol=1e-7)
+    # state: nothing for the 24 matrix entries, Adam's 2 moments for the 4 bias entries
+    assert state_bytes_per_param(opt, params) == pytest.approx((8 * 4 + 4) / 28)
+
+
+def _frugal_reference(params, grads, rho, period, kappa, lr, b1=0.9, b2=0.999, eps=1e-8):
+    w = params["w"].clone()  # 6 × 4: m > n, so the projector acts from the right
+    r = frugal_rank(tuple(w.shape), rho)
+    for t, g in enumerate(grads):
+        g = g["w"]
+        if t % period == 0:
+            p = torch.linalg.svd(g, full_matrices=False)[2][:r].T
+            m, v, k = torch.zeros(6, r), torch.zeros(6, r), 0
+        k += 1
+        low = g @ p
+        m = b1 * m + (1 - b1) * low
+        v = b2 * v + (1 - b2) * low**2
+        full = ((m / (1 - b1**k)) / ((v / (1 - b2**k)).sqrt() + eps)) @ p.T
+        w = w - lr * (full + kappa * (g - low @ p.T).sign())
+    return w
+
+
+def test_frugal_follows_the_split_adam_plus_sign_update():
+    params, grads = _params_and_grads(steps=12)
+    cfg = FrugalConfig(lr=0.01, density=0.5, period=5, free_lr_ratio=0.3)
+    got = _run(cfg.build(), params, grads)
+    expected = _frugal_reference(params, grads, 0.5, 5, 0.3, 0.01)
+    assert_close(got["w"], expected, rtol=1e-5, atol=1e-6)
+    # all coordinates move (full-rank update) although Adam's state covers rank 2 of 4
+    assert ((got["w"] - params["w"]).abs() > 0).all()
+    opt = cfg.build()
+    state = opt.init(params)
+    frugal = state["matrix"]["0"]
+    assert frugal["P"]["w"].shape == (4, 2) and frugal["m"]["w"].shape == (6, 2)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        DiffGradConfig(lr=0.01),
+        SgdSaiConfig(lr=0.05),
+        SwanConfig(lr=0.01),
+        FrugalConfig(lr=0.01, density=0.5, period=2),
+    ],
+)
 def test_memory_light_optimizers_vmap(cfg):
     opt = cfg.build()
     gen = torch.Generator().manual_seed(2)

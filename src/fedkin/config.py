@@ -191,6 +191,20 @@ class ExperimentConfig(_Section):
                 f"privacy.dp_sgd: algorithm.name={self.algorithm.name} computes gradients "
                 f"outside the shared local solver; DP-SGD works with: {allowed}"
             )
+        if self.server.optimizer.sharpness_aware:
+            raise ValueError(
+                f"server.optimizer.name={self.server.optimizer.name} needs a loss (two gradient "
+                "evaluations per step); allowed for the server: any optimizer but sam, asam"
+            )
+        if self.client.optimizer.sharpness_aware and not ALGORITHMS[
+            self.algorithm.name
+        ].supports_dp_sgd:
+            allowed = ", ".join(n for n, a in ALGORITHMS.items() if a.supports_dp_sgd)
+            raise ValueError(
+                f"client.optimizer.name={self.client.optimizer.name}: algorithm.name="
+                f"{self.algorithm.name} computes gradients outside the shared local solver, "
+                f"which takes SAM's second gradient; sam and asam work with: {allowed}"
+            )
         if self.eval.failure_patterns and (
             self.model.name != "mel" or self.client_models or self.backend.name != "local"
         ):

@@ -36,7 +36,7 @@ from fedkin.core.rng import Stream
 from fedkin.core.tasks import CLASSIFICATION, RECONSTRUCTION, Task
 from fedkin.core.tree import Tree, tree_map, tree_sub
 from fedkin.optim import Optimizer
-from fedkin.optim.transform import differentially_private_aggregate
+from fedkin.optim.transform import apply_updates, differentially_private_aggregate
 from fedkin.privacy.config import DpSgdConfig
 
 #: ``ctx["phase"]`` of local solves other than training (which passes none: phase 0): at
@@ -180,6 +180,8 @@ class Algorithm(ABC):
         ``batches`` are ``(xs [S, B, …], ys [S, B])``; step s uses batch ``s mod S`` (every
         step uses batch ``batch`` if given).
         Returns the new parameters, the optimizer state and the mean data loss over steps.
+        A sharpness-aware optimizer (``optimizer.perturbation``, :mod:`fedkin.optim.sam`) steps
+        with a second gradient on the same batch, at θ + ε(g, θ).
         With DP-SGD on, ``batches`` are Poisson batches ``(xs, ys, masks)`` (see
         :meth:`~fedkin.data.federated.FederatedDataset.sample_poisson_batches`) and each step's
         gradient is the clipped, noised per-example gradient (:meth:`private_grad`); ``ctx``
@@ -187,6 +189,8 @@ class Algorithm(ABC):
         ``client_update`` or ``adapt``) key the noise.
         """
         optimizer = optimizer or self.client_optimizer
+        if self.dp_sgd is not None and optimizer.perturbation is not None:
+            raise RuntimeError("DP-SGD with a sharpness-aware optimizer (sam, asam): unsupported")
         state = optimizer.init(params) if opt_state is None else opt_state
         steps = self.local_steps if steps is None else steps
         grad_fn = grad(objective, has_aux=True)
@@ -197,6 +201,9 @@ class Algorithm(ABC):
             b = s % batches[0].shape[0] if batch is None else batch
             if self.dp_sgd is None:
                 g, data_loss = grad_fn(params, batches[0][b], batches[1][b])
+                if optimizer.perturbation is not None:  # SAM: the gradient at θ + ε(g, θ)
+                    at = apply_updates(params, optimizer.perturbation(g, params))
+                    g, _ = grad_fn(at, batches[0][b], batches[1][b])
             else:
                 x, y, mask = (t[b] for t in batches)
                 self.dp_uses[b] += 1

@@ -9,16 +9,18 @@
 * :mod:`~fedkin.optim.configs` — the registered configs (``fedkin list optimizers``).
 * :mod:`~fedkin.optim.muon` — Muon and MuonBP (block-periodic orthogonalization).
 * :mod:`~fedkin.optim.mada` — AVGrad and MADA (coefficients learned by hyper-gradient).
-* :mod:`~fedkin.optim.memlight` — diffGrad, SGD-SaI.
+* :mod:`~fedkin.optim.memlight` — diffGrad, SGD-SaI, SWAN, FRUGAL.
+* :mod:`~fedkin.optim.sam` — SAM and ASAM (two gradient evaluations per local step).
 * :mod:`~fedkin.optim.precision` — bf16 weights and state, stochastic rounding.
 """
 
 from fedkin.optim.alias import adam, adam_transform, adamw, projected_sgd, sgd, sgd_transform
 from fedkin.optim.configs import AdamConfig, AdamWConfig, BaseOptimizerConfig, SgdConfig
 from fedkin.optim.mada import AvgradConfig, MadaConfig
-from fedkin.optim.memlight import DiffGradConfig, SgdSaiConfig
+from fedkin.optim.memlight import DiffGradConfig, FrugalConfig, SgdSaiConfig, SwanConfig
 from fedkin.optim.muon import MuonBPConfig, MuonConfig
 from fedkin.optim.optimizer import Optimizer, from_transform, projected, routed
+from fedkin.optim.sam import AsamConfig, SamConfig
 from fedkin.optim.schedules import Schedule, ScheduleConfig
 from fedkin.optim.transform import (
     GradientTransformation,
@@ -40,6 +42,10 @@ for _config in (
     MuonBPConfig,
     DiffGradConfig,
     SgdSaiConfig,
+    SwanConfig,
+    FrugalConfig,
+    SamConfig,
+    AsamConfig,
 ):
     register_optimizer(_config)
 
@@ -52,19 +58,23 @@ __all__ = [
     "OPTIMIZERS",
     "AdamConfig",
     "AdamWConfig",
+    "AsamConfig",
     "AvgradConfig",
     "BaseOptimizerConfig",
     "DiffGradConfig",
+    "FrugalConfig",
     "GradientTransformation",
     "MadaConfig",
     "MuonBPConfig",
     "MuonConfig",
     "Optimizer",
     "OptimizerConfig",
+    "SamConfig",
     "Schedule",
     "ScheduleConfig",
     "SgdConfig",
     "SgdSaiConfig",
+    "SwanConfig",
     "adam",
     "adam_transform",
     "adamw",

@@ -8,10 +8,11 @@ optimizer. ``fedkin list optimizers`` shows them with their options.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedkin.optim.alias import adam_transform
 from fedkin.optim.optimizer import Optimizer, from_transform
 from fedkin.optim.precision import low_precision
 from fedkin.optim.schedules import ScheduleConfig
@@ -20,6 +21,8 @@ from fedkin.optim.transform import (
     add_decayed_weights,
     chain,
     clip_by_global_norm,
+    label_by_ndim,
+    partition,
     scale_by_adam,
     scale_by_learning_rate,
     trace,
@@ -30,6 +33,9 @@ class BaseOptimizerConfig(BaseModel):
     """Options shared by every optimizer: g → clip → direction → −η_t·(…)."""
 
     model_config = ConfigDict(extra="forbid")
+    #: True if the optimizer needs the loss, not only a gradient: its ``Optimizer`` has a
+    #: ``perturbation`` (SAM), so it works only where the local solver takes every step
+    sharpness_aware: ClassVar[bool] = False
     lr: float = Field(0.1, gt=0, description="learning rate η (peak value under a schedule)")
     schedule: ScheduleConfig = Field(
         default_factory=ScheduleConfig, description="how η changes with the step count"
@@ -95,3 +101,34 @@ class AdamWConfig(AdamConfig):
 
     def direction(self) -> GradientTransformation | None:
         return chain(super().direction(), add_decayed_weights(self.weight_decay))
+
+
+class MatrixOptimizerConfig(BaseOptimizerConfig):
+    """Base of optimizers for 2-D weights (Muon, SWAN, FRUGAL): their direction on the
+    matrices, AdamW on every other parameter (biases, conv kernels), routed by
+    :func:`~fedkin.optim.transform.partition`:
+
+        matrices:  u = −η_t·(direction(g) + λθ);    the rest:  AdamW(η_other, λ_other).
+    """
+
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay λ (2-D weights)")
+    other_lr: float = Field(1e-3, gt=0, description="AdamW learning rate of non-2-D parameters")
+    other_weight_decay: float = Field(0.0, ge=0, description="AdamW decay of non-2-D parameters")
+
+    def matrix_direction(self) -> GradientTransformation:
+        """The direction on 2-D weights (before decay and the learning rate)."""
+        raise NotImplementedError
+
+    def transform(self) -> GradientTransformation:
+        matrix = chain(
+            self.matrix_direction(),
+            add_decayed_weights(self.weight_decay),
+            scale_by_learning_rate(self.schedule.build(self.lr)),
+        )
+        other = adam_transform(
+            self.schedule.build(self.other_lr), weight_decay=self.other_weight_decay
+        )
+        return chain(
+            clip_by_global_norm(self.clip_norm) if self.clip_norm else None,
+            partition({"matrix": matrix, "other": other}, label_by_ndim()),
+        )

@@ -38,17 +38,8 @@ from pydantic import Field
 from torch._C._functorch import is_batchedtensor
 
 from fedkin.core.tree import Tree, tree_map, tree_zeros_like
-from fedkin.optim.alias import adam_transform
-from fedkin.optim.configs import BaseOptimizerConfig
-from fedkin.optim.transform import (
-    GradientTransformation,
-    add_decayed_weights,
-    chain,
-    clip_by_global_norm,
-    label_by_ndim,
-    partition,
-    scale_by_learning_rate,
-)
+from fedkin.optim.configs import MatrixOptimizerConfig
+from fedkin.optim.transform import GradientTransformation
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 AdjustLr = Literal["original", "match_rms_adamw"]
@@ -189,7 +180,7 @@ def muonbp_costs(shape: tuple[int, int], blocks: int, period: int, ns_steps: int
     }
 
 
-class MuonConfig(BaseOptimizerConfig):
+class MuonConfig(MatrixOptimizerConfig):
     """Muon on 2-D weights (torch.optim.Muon), AdamW on the other parameters."""
 
     name: Literal["muon"] = "muon"
@@ -203,25 +194,9 @@ class MuonConfig(BaseOptimizerConfig):
         "original",
         description="shape factor s: 'original' √max(1, m/n); 'match_rms_adamw' 0.2·√max(m, n)",
     )
-    other_lr: float = Field(1e-3, gt=0, description="AdamW learning rate of non-2-D parameters")
-    other_weight_decay: float = Field(0.0, ge=0, description="AdamW decay of non-2-D parameters")
 
     def matrix_direction(self) -> GradientTransformation:
         return scale_by_muon(self.momentum, self.nesterov, self.ns_steps, self.eps, self.adjust_lr)
-
-    def transform(self) -> GradientTransformation:
-        matrix = chain(
-            self.matrix_direction(),
-            add_decayed_weights(self.weight_decay),
-            scale_by_learning_rate(self.schedule.build(self.lr)),
-        )
-        other = adam_transform(
-            self.schedule.build(self.other_lr), weight_decay=self.other_weight_decay
-        )
-        return chain(
-            clip_by_global_norm(self.clip_norm) if self.clip_norm else None,
-            partition({"matrix": matrix, "other": other}, label_by_ndim()),
-        )
 
 
 class MuonBPConfig(MuonConfig):

@@ -29,6 +29,9 @@ class Optimizer(NamedTuple):
     #: peak step size η (None if the optimizer has no single one); proximal steps taken after
     #: the optimizer's step use it as their η (e.g. ``core.quantize.prox_optimizer``)
     lr: float | None = None
+    #: sharpness-aware steps (:mod:`fedkin.optim.sam`): ε(g, θ); the local solver then steps
+    #: with the gradient taken at θ + ε instead of g (None: an ordinary gradient step)
+    perturbation: Callable[[Tree, Tree], Tree] | None = None
 
 
 def from_transform(transform: GradientTransformation, lr: float | None = None) -> Optimizer:
