@@ -24,6 +24,7 @@ import torch
 from fedkin.algorithms import ALGORITHMS, Algorithm, ServerStep
 from fedkin.algorithms.base import PHASE_DRY_RUN, PHASE_EVAL_ADAPT, PHASE_EVAL_INIT
 from fedkin.channel.runtime import ChannelRuntime, is_default
+from fedkin.channel.trusted import trusted_updates
 from fedkin.config import ClientModelGroup, ExperimentConfig, holdout_count, load_config
 from fedkin.core.channel import Channel, finite_rows, reject_nonfinite
 from fedkin.core.errors import NonFiniteModelError, UserError
@@ -163,6 +164,16 @@ class Experiment:
                 num_classes=self.dataset.num_classes,
                 store=config.store,
                 run_dir=run_dir,
+                trusted_updates=trusted_updates(
+                    config.channel,
+                    self.dataset,
+                    self.training_clients,
+                    self.algorithm,
+                    lambda: self.population,
+                    steps=config.client.local_steps,
+                    batch_size=config.client.batch_size,
+                    seed=config.seed,
+                ),
             )
             if self.privacy is None:
                 self.channel = Channel([reject_nonfinite], self.channel_runtime.aggregate)

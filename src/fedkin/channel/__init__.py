@@ -12,6 +12,7 @@ from fedkin.channel.aggregators import (
 )
 from fedkin.channel.attacks import ATTACKS, Attack, AttackConfig, byzantine_clients
 from fedkin.channel.compressors import COMPRESSORS, Compressor, CompressorConfig
+from fedkin.channel.trusted import TrustedDirectionConfig
 
 __all__ = [
     "AGGREGATORS",
@@ -24,5 +25,6 @@ __all__ = [
     "AttackConfig",
     "Compressor",
     "CompressorConfig",
+    "TrustedDirectionConfig",
     "byzantine_clients",
 ]

@@ -7,8 +7,10 @@ checkpointed. ``f`` is the declared number of Byzantine messages among the ``n``
 
 Rows with zero weight (e.g. rejected as non-finite) are dropped before any rule runs; robust
 rules then ignore the weights (every accepted message counts once), as in the literature.
-Pre-aggregations (NNM, bucketing) map ``n`` messages to ``n'`` messages and compose with any
-rule through the ``pre`` option.
+Pre-aggregations (NNM, bucketing, trusted-direction projection) map ``n`` messages to ``n'``
+messages and compose with any rule through the ``pre`` option; a stateful one (trusted-direction
+projection, ``channel/trusted.py``) returns a :class:`StatefulPre`, whose state lives in the
+rule's state under ``pre<i>/`` keys.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedkin.core.rng import Stream
 from fedkin.registry import (
@@ -265,6 +267,21 @@ def pseudo_gradient_penalty(
 PreAggregation = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
+class StatefulPre(NamedTuple):
+    """A pre-aggregation with state: ``init(d)``, and ``apply(x, w, state, round)`` returning
+    ``(x', w', new state, metrics)``."""
+
+    init: Callable[[int], AggState]
+    apply: Callable[
+        [torch.Tensor, torch.Tensor, AggState, int],
+        tuple[torch.Tensor, torch.Tensor, AggState, dict[str, float]],
+    ]
+
+
+#: The server's trusted updates of a round, ``round -> [m, d]`` (``channel/trusted.py``).
+TrustedUpdates = Callable[[int], torch.Tensor]
+
+
 class NnmConfig(BaseModel):
     """Nearest-neighbour mixing: each message becomes the mean of its n − f nearest."""
 
@@ -314,6 +331,14 @@ class _AggregatorBase(BaseModel):
         "[{name: nnm, f: 1}] or [{name: bucketing, s: 2}]",
     )
 
+    @model_validator(mode="after")
+    def _check_pre(self) -> _AggregatorBase:
+        for i, p in enumerate(self.pre):
+            problem = p.problem(f"channel.aggregator.pre.{i}") if hasattr(p, "problem") else None
+            if problem:
+                raise ValueError(problem)
+        return self
+
     def _stateless(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -323,19 +348,43 @@ class _AggregatorBase(BaseModel):
     def _rule(self, x: torch.Tensor, w: torch.Tensor, state: AggState, round_: int):
         return self._stateless(x, w), state, {}
 
-    def build(self, seed: int = 0) -> Aggregator:
-        pres = [p.build(seed) for p in self.pre]
+    def build(self, seed: int = 0, trusted_updates: TrustedUpdates | None = None) -> Aggregator:
+        """The rule after its pre-aggregations; ``trusted_updates`` feeds a trusted-direction
+        step whose source is the server's trusted data."""
+        pres = [
+            p.build(seed, trusted_updates)
+            if getattr(p, "reads_trusted_updates", False)
+            else p.build(seed)
+            for p in self.pre
+        ]
+
+        def init(d: int) -> AggState:
+            state = self._init(d)
+            for i, pre in enumerate(pres):
+                if isinstance(pre, StatefulPre):
+                    state.update({f"pre{i}/{k}": v for k, v in pre.init(d).items()})
+            return state
 
         def apply(x: torch.Tensor, w: torch.Tensor, state: AggState, round_: int):
             keep = w > 0
             if not keep.any():
                 return torch.zeros(x.shape[1], dtype=x.dtype), state, {}
             x, w = x[keep], w[keep]
-            for pre in pres:
-                x, w = pre(x, w, round_)
-            return self._rule(x, w, state, round_)
+            rule_state = {k: v for k, v in state.items() if "/" not in k}
+            pre_state, metrics = {}, {}
+            for i, pre in enumerate(pres):
+                if isinstance(pre, StatefulPre):
+                    prefix = f"pre{i}/"
+                    own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+                    x, w, own, m = pre.apply(x, w, own, round_)
+                    pre_state.update({prefix + k: v for k, v in own.items()})
+                    metrics.update(m)
+                else:
+                    x, w = pre(x, w, round_)
+            agg, rule_state, m = self._rule(x, w, rule_state, round_)
+            return agg, {**rule_state, **pre_state}, {**metrics, **m}
 
-        return Aggregator(self._init, apply)
+        return Aggregator(init, apply)
 
 
 class MeanConfig(_AggregatorBase):

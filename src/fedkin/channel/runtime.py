@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from fedkin.channel.aggregators import AggState
+from fedkin.channel.aggregators import AggState, TrustedUpdates
 from fedkin.channel.attacks import byzantine_clients, flip_labels
 from fedkin.channel.flat import flatten
 from fedkin.channel.pipeline import MODEL_KEY, ChannelConfig, client_half, server_half
@@ -41,8 +41,10 @@ class ChannelRuntime:
         num_classes: int,
         store: StoreConfig,
         run_dir: Path | None,
+        trusted_updates: TrustedUpdates | None = None,
     ) -> None:
-        self.aggregator = channel.aggregator.build(seed)
+        self.trusted_updates = trusted_updates  # the server's trusted data (trusted_direction)
+        self.aggregator = channel.aggregator.build(seed, trusted_updates)
         self.compressor = channel.compress.build(seed)
         self.attack = attack.build(seed) if attack is not None else None
         self.byzantine = (
