@@ -26,7 +26,8 @@ def test_bench_compress_json_and_files(cli, capsys, tmp_path):
 def test_bench_robust_json_shape(cli, capsys, tmp_path, monkeypatch):
     from fedkin.bench import channel
 
-    monkeypatch.setattr(channel, "ATTACKS", ["sign_flip", "nonfinite"])
+    attacks = {"sign_flip": ["attack.name=sign_flip"], "nonfinite": ["attack.name=nonfinite"]}
+    monkeypatch.setattr(channel, "ATTACKS", attacks)
     monkeypatch.setattr(
         channel, "_aggregators", lambda f: {"median": ["channel.aggregator.name=median"]}
     )
@@ -39,3 +40,4 @@ def test_bench_robust_json_shape(cli, capsys, tmp_path, monkeypatch):
         ("nonfinite", "median", 0.2),
     ]
     assert (tmp_path / "robust.png").exists() and (tmp_path / "robust.md").exists()
+    assert "Bar: best rule within 5 points of clean FedAvg" in (tmp_path / "robust.md").read_text()

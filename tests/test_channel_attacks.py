@@ -63,6 +63,8 @@ def test_non_omniscient_attacks_use_the_own_update():
     torch.testing.assert_close(out[BYZ], -3.0 * x[BYZ])
     out = A.SignFlipConfig(reference="own").build().apply(x, BYZ, 0, IDS)
     torch.testing.assert_close(out[BYZ], -x[BYZ])
+    out = A.SignFlipConfig(scale=5.0).build().apply(x, BYZ, 0, IDS)
+    torch.testing.assert_close(out[BYZ], (-5.0 * x[~BYZ].mean(0)).expand_as(out[BYZ]))
     lf = A.LabelFlipConfig().build()
     assert lf.poisons_labels and torch.equal(lf.apply(x, BYZ, 0, IDS), x)
     assert not A.IpmConfig().build().poisons_labels

@@ -121,18 +121,24 @@ class _AttackBase(BaseModel):
 
 
 class SignFlipConfig(_AttackBase):
-    """Sign flip: send −mean of the honest messages (or −own message)."""
+    """Sign flip: send −s × the mean of the honest messages (or × the own message).
+
+    s = 1 is ByzFL's ``SignFlipping`` and the bit flipping of Karimireddy et al. (2021). Under
+    the plain mean with f of n messages flipped the aggregate is (1 − f(1 + s)/n)·μ: for s = 1
+    and f < n/2 still a descent direction (training slows), reversed only for s > n/f − 1."""
 
     name: Literal["sign_flip"] = "sign_flip"
     reference: Literal["honest_mean", "own"] = Field(
         "honest_mean", description="flip the round's honest mean (omniscient) or the own update"
     )
+    scale: float = Field(1.0, gt=0, description="magnitude s of the flipped message")
 
     def _sees_honest(self) -> bool:
         return self.reference == "honest_mean"
 
     def _message(self, seen, stream):
-        return sign_flip(seen.honest) if self.reference == "honest_mean" else -seen.own
+        flipped = sign_flip(seen.honest) if self.reference == "honest_mean" else -seen.own
+        return self.scale * flipped
 
 
 class ScaledConfig(_AttackBase):
