@@ -201,6 +201,14 @@ RESUME_CASES = {
         "attack.name=alie",
         "attack.fraction=0.2",
     ],
+    # trusted-direction step refreshed every 3 rounds: its basis and refresh round must survive
+    # the checkpoint of round 2 (a fresh basis in round 2 would change rounds 3 and 4)
+    "channel-trusted-direction": [
+        "algorithm.name=fedavg",
+        "channel.aggregator.name=mean",
+        "channel.aggregator.pre=[{name: trusted_direction, k: 2, updates: 3, refresh: 3}]",
+        "attack.name=gaussian",
+    ],
 }
 ROUNDS = 4
 
