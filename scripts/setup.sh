@@ -10,3 +10,4 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install --quiet -e ".[test,ray,flower]"
 # ByzFL, the robust-aggregation test oracle: its aggregators need only numpy/scipy/torch.
 .venv/bin/python -m pip install --quiet --no-deps "byzfl==0.0.11"
+.venv/bin/python -m pip install --quiet --no-deps "torchao==0.18.0"
