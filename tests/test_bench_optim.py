@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fedkin.bench.optim import GRIDS, run_one
 
 
@@ -19,3 +21,21 @@ def test_bench_optim_rows_measure_the_configured_run():
     assert 0 <= sgd["accuracy"] <= 1 and sgd["val"] is not None
     assert set(GRIDS) >= {"muon", "mada", "fedkseed", "adamw-bf16-stochastic"}
     json.dumps(sgd)
+
+
+@pytest.mark.slow
+def test_bench_optim_cnn_workload_diloco_and_plot(tmp_path):
+    from fedkin.bench.optim import WORKLOADS, plot, run_diloco
+
+    cnn = run_one("swan", 1e-3, rounds=1, seed=0, workload="fmnist-cnn")
+    assert cnn["uplink_bytes_per_round"] == 4 * cnn["params"] > 4 * 100_000
+    assert 0 < cnn["state_bytes_per_param"] < 8  # AdamW on conv kernels and biases only
+    assert set(WORKLOADS) == {"digits-mlp", "fmnist-cnn"}
+    curves = run_diloco(rounds=2, seed=0, every=1)
+    assert set(curves["diloco"]) == set(curves["fedavg"]) == {1, 2}
+    assert curves["diloco"] != curves["fedavg"]  # the outer optimizer changes the model
+    rows = [
+        {"workload": "fmnist-cnn", "optimizer": "swan", "accuracy": 0.5, "state_bytes_per_param": 1}
+    ]
+    plot({"rows": rows, "rounds": {"fmnist-cnn": 1}}, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,18 +1,24 @@
-"""fedkin bench optim: every optimizer as FedAvg's client optimizer on the digits MLP.
+"""fedkin bench optim: every optimizer as FedAvg's client optimizer on two workloads.
 
-For each optimizer (and FedKSeed's zeroth-order clients) the learning rate is chosen from a
-small grid on the validation split (``data.validation_fraction``), then the test accuracy of
+Workloads: the digits MLP (64-128-10) and a Fashion-MNIST CNN (16-32 channels, 128 hidden). For
+each optimizer (and FedKSeed's zeroth-order clients) the learning rate is chosen from the small
+grid ``GRIDS`` on the validation split (``data.validation_fraction``), then the test accuracy of
 the global model after the same number of rounds is reported with the optimizer's state bytes
-per parameter (measured from its stored state) and the uplink bytes per client and round
-(4·d for an fp32 delta; 8 per local step for FedKSeed's (index, scalar) pairs). Peak memory is
-not measured (``null``). Digits workload only.
+per parameter (measured from its stored state) and the uplink bytes per client and round (4·d
+for an fp32 delta; 8 per local step for FedKSeed's (index, scalar) pairs). Rows ``…@1e-4`` use
+one fixed small learning rate instead of a grid (the regime where bf16 round-to-nearest loses
+Adam's steps). Peak memory is not measured (``null``). DiLoCo (``configs/diloco.yaml``) is
+compared with FedAvg (its outer optimizer replaced by w ← w + Δ̄) at equal rounds, and
+``--plot`` draws accuracy against state memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 GRIDS = {
@@ -25,39 +31,72 @@ GRIDS = {
     "sgd-sai": [0.01, 0.03, 0.1],
     "muon": [0.01, 0.02, 0.05],
     "muonbp": [0.01, 0.02, 0.05],
+    "swan": [1e-3, 3e-3, 1e-2],
+    "frugal": [1e-3, 3e-3, 1e-2],
+    "sam": [0.03, 0.1, 0.3],
+    "asam": [0.03, 0.1, 0.3],
     "adamw-bf16-nearest": [1e-3, 3e-3, 1e-2],
     "adamw-bf16-stochastic": [1e-3, 3e-3, 1e-2],
+    "adamw@1e-4": [1e-4],
+    "adamw-bf16-nearest@1e-4": [1e-4],
+    "adamw-bf16-stochastic@1e-4": [1e-4],
     "fedkseed": [1e-3, 3e-3],
 }
-BASE = [
-    "data.name=digits",
-    "data.num_clients=50",
-    "data.partition.name=iid",
-    "data.validation_fraction=0.2",
-    "model.name=mlp",
-    "model.hidden=[128]",
-    "cohort.clients_per_round=10",
-    "client.local_steps=10",
-    "client.batch_size=16",
-    "eval.holdout_clients=0",
+WORKLOADS = {
+    "digits-mlp": [
+        "data.name=digits",
+        "data.num_clients=50",
+        "data.partition.name=iid",
+        "data.validation_fraction=0.2",
+        "model.name=mlp",
+        "model.hidden=[128]",
+        "cohort.clients_per_round=10",
+        "client.local_steps=10",
+        "client.batch_size=16",
+        "eval.holdout_clients=0",
+    ],
+    "fmnist-cnn": [
+        "data.name=fashion-mnist",
+        "data.max_samples=8000",
+        "data.num_clients=20",
+        "data.partition.name=iid",
+        "data.validation_fraction=0.2",
+        "model.name=cnn",
+        "model.channels=[16,32]",
+        "model.hidden=128",
+        "cohort.clients_per_round=5",
+        "client.local_steps=10",
+        "client.batch_size=32",
+        "eval.holdout_clients=0",
+    ],
+}
+DILOCO = Path(__file__).parents[3] / "configs" / "diloco.yaml"
+#: the outer optimizer that makes DiLoCo FedAvg: w ← w + Δ̄
+FEDAVG_OUTER = [
+    "server.optimizer.lr=1.0",
+    "server.optimizer.momentum=0.0",
+    "server.optimizer.nesterov=false",
 ]
 
 
 def _overrides(name: str, lr: float) -> list[str]:
     if name == "fedkseed":
         return ["algorithm.name=fedkseed", f"algorithm.lr={lr}"]
-    opt, _, precision = name.partition("-bf16-")
+    opt, _, precision = name.split("@")[0].partition("-bf16-")
     out = ["algorithm.name=fedavg", f"client.optimizer.name={opt}", f"client.optimizer.lr={lr}"]
     return out + ([f"client.optimizer.precision=bf16-{precision}"] if precision else [])
 
 
-def run_one(name: str, lr: float, rounds: int, seed: int) -> dict[str, Any]:
+def run_one(
+    name: str, lr: float, rounds: int, seed: int, workload: str = "digits-mlp"
+) -> dict[str, Any]:
     from fedkin.config import load_config
     from fedkin.core.tree import tree_leaves
     from fedkin.experiment import Experiment
     from fedkin.optim.optimizer import state_bytes_per_param
 
-    cfg = load_config(None, [*BASE, *_overrides(name, lr), f"rounds={rounds}", f"seed={seed}"])
+    overrides = [*WORKLOADS[workload], *_overrides(name, lr), f"rounds={rounds}", f"seed={seed}"]
+    cfg = load_config(None, overrides)
     exp = Experiment(cfg)
     for _ in range(rounds):
         exp.run_round()
@@ -74,48 +113,116 @@ def run_one(name: str, lr: float, rounds: int, seed: int) -> dict[str, Any]:
         "accuracy": record.get("global_acc_mean"),
         "state_bytes_per_param": state,
         "uplink_bytes_per_round": uplink,
+        "params": d,
     }
 
 
-def run(names: list[str], rounds: int, seed: int) -> dict[str, Any]:
+def run_diloco(rounds: int, seed: int, every: int) -> dict[str, Any]:
+    """Global test accuracy of DiLoCo (``configs/diloco.yaml``: inner AdamW, outer Nesterov SGD)
+    and of FedAvg (the same clients, outer w ← w + Δ̄) after every ``every`` rounds."""
+    from fedkin.config import load_config
+    from fedkin.experiment import Experiment
+
+    curves: dict[str, dict[int, float]] = {}
+    for variant, extra in (("diloco", []), ("fedavg", FEDAVG_OUTER)):
+        cfg = load_config(DILOCO, [*extra, f"rounds={rounds}", f"seed={seed}"])
+        exp = Experiment(cfg)
+        curves[variant] = {}
+        for r in range(1, rounds + 1):
+            exp.run_round()
+            if r % every == 0 or r == rounds:
+                curves[variant][r] = exp.evaluate_clients()["global_acc_mean"]
+    return {"config": "configs/diloco.yaml", "rounds": rounds, **curves}
+
+
+def run(
+    names: list[str], workloads: list[str], rounds: dict[str, int], seed: int
+) -> dict[str, Any]:
     rows = []
-    for name in names:
-        t0 = time.perf_counter()
-        tried = {lr: run_one(name, lr, rounds, seed) for lr in GRIDS[name]}
-        lr = max(tried, key=lambda k: tried[k]["val"] or 0.0)
-        best = tried[lr]
-        rows.append(
-            {
-                "workload": "digits-mlp",
-                "optimizer": name,
-                "lr": lr,
-                "val_accuracy": best["val"],
-                "accuracy": best["accuracy"],
-                "state_bytes_per_param": round(best["state_bytes_per_param"], 3),
-                "peak_mem_mb": None,
-                "uplink_bytes_per_round": best["uplink_bytes_per_round"],
-                "seconds": round(time.perf_counter() - t0, 1),
-            }
-        )
-    return {"rows": rows, "inference_peak_mem_mb": {"digits-mlp": None}, "rounds": rounds}
+    for workload in workloads:
+        for name in names:
+            t0 = time.perf_counter()
+            tried = {lr: run_one(name, lr, rounds[workload], seed, workload) for lr in GRIDS[name]}
+            lr = max(tried, key=lambda k: tried[k]["val"] or 0.0)
+            best = tried[lr]
+            rows.append(
+                {
+                    "workload": workload,
+                    "optimizer": name,
+                    "lr": lr,
+                    "val_accuracy": best["val"],
+                    "accuracy": best["accuracy"],
+                    "state_bytes_per_param": round(best["state_bytes_per_param"], 3),
+                    "peak_mem_mb": None,
+                    "uplink_bytes_per_round": best["uplink_bytes_per_round"],
+                    "params": best["params"],
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
+            )
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return {
+        "rows": rows,
+        "inference_peak_mem_mb": {w: None for w in workloads},
+        "rounds": rounds,
+    }
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    """Test accuracy against optimizer-state bytes per parameter, one panel per workload."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(dict.fromkeys(r["workload"] for r in result["rows"]))
+    fig, axes = plt.subplots(1, len(workloads), figsize=(6.5 * len(workloads), 5), squeeze=False)
+    for ax, workload in zip(axes[0], workloads, strict=True):
+        rows = [r for r in result["rows"] if r["workload"] == workload]
+        for r in rows:
+            ax.scatter(r["state_bytes_per_param"], r["accuracy"], s=18)
+            ax.annotate(r["optimizer"], (r["state_bytes_per_param"], r["accuracy"]), fontsize=7)
+        ax.set_xlabel("optimizer state, bytes per parameter (measured)")
+        ax.set_ylabel("global test accuracy")
+        ax.set_title(f"{workload}, {result['rounds'][workload]} rounds")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def cmd_optim(args: argparse.Namespace) -> int:
     names = args.optimizers or list(GRIDS)
-    result = run(names, args.rounds, args.seed)
+    workloads = args.workloads or list(WORKLOADS)
+    rounds = {"digits-mlp": args.rounds, "fmnist-cnn": args.cnn_rounds}
+    result = run(names, workloads, rounds, args.seed)
+    if args.diloco_rounds:
+        result["diloco"] = run_diloco(args.diloco_rounds, args.seed, every=10)
     result["command"] = "fedkin bench optim " + " ".join(
-        [f"--rounds {args.rounds}", f"--seed {args.seed}"]
+        [f"--rounds {args.rounds}", f"--cnn-rounds {args.cnn_rounds}", f"--seed {args.seed}"]
+        + [f"--diloco-rounds {args.diloco_rounds}"]
+        + (["--workloads", *args.workloads] if args.workloads else [])
         + (["--optimizers", *args.optimizers] if args.optimizers else [])
+        + (["--plot", args.plot] if args.plot else [])
+        + (["--json"] if args.json else [])
     )
+    if args.plot:
+        plot(result, args.plot)
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
-    print(f"{'optimizer':24} {'lr':>7} {'val':>6} {'test':>6} {'state B/p':>9} {'uplink B':>9}")
+    print(
+        f"{'workload':11} {'optimizer':27} {'lr':>7} {'val':>6} {'test':>6} {'state B/p':>9} "
+        f"{'uplink B':>9}"
+    )
     for r in result["rows"]:
         print(
-            f"{r['optimizer']:24} {r['lr']:>7} {r['val_accuracy']:6.3f} {r['accuracy']:6.3f} "
-            f"{r['state_bytes_per_param']:9.2f} {r['uplink_bytes_per_round']:9d}"
+            f"{r['workload']:11} {r['optimizer']:27} {r['lr']:>7} {r['val_accuracy']:6.3f} "
+            f"{r['accuracy']:6.3f} {r['state_bytes_per_param']:9.2f} "
+            f"{r['uplink_bytes_per_round']:9d}"
         )
+    if "diloco" in result:
+        for variant in ("diloco", "fedavg"):
+            curve = ", ".join(f"r{k}: {v:.3f}" for k, v in result["diloco"][variant].items())
+            print(f"{variant}: {curve}")
     print(result["command"])
     return 0
 
@@ -123,11 +230,21 @@ def cmd_optim(args: argparse.Namespace) -> int:
 def register_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "optim",
-        help="every optimizer as the client optimizer (digits MLP): accuracy, state, uplink",
+        help="every optimizer as the client optimizer (digits MLP, Fashion-MNIST CNN): "
+        "accuracy, state, uplink; DiLoCo vs FedAvg",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("--rounds", type=int, default=20, help="rounds per run")
+    p.add_argument("--rounds", type=int, default=10, help="rounds per digits-MLP run")
+    p.add_argument("--cnn-rounds", type=int, default=6, help="rounds per Fashion-MNIST CNN run")
+    p.add_argument(
+        "--diloco-rounds",
+        type=int,
+        default=50,
+        help="rounds of DiLoCo and of FedAvg on configs/diloco.yaml (0: skip)",
+    )
     p.add_argument("--seed", type=int, default=0, help="experiment seed")
-    p.add_argument("--optimizers", nargs="+", choices=sorted(GRIDS), help="subset (default: all)")
+    p.add_argument("--optimizers", nargs="+", choices=list(GRIDS), help="subset (default: all)")
+    p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), help="subset (default: all)")
+    p.add_argument("--plot", help="write a PNG of accuracy against state memory here")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_optim)
