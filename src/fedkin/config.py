@@ -196,9 +196,10 @@ class ExperimentConfig(_Section):
                 f"server.optimizer.name={self.server.optimizer.name} needs a loss (two gradient "
                 "evaluations per step); allowed for the server: any optimizer but sam, asam"
             )
-        if self.client.optimizer.sharpness_aware and not ALGORITHMS[
-            self.algorithm.name
-        ].supports_dp_sgd:
+        if (
+            self.client.optimizer.sharpness_aware
+            and not ALGORITHMS[self.algorithm.name].supports_dp_sgd
+        ):
             allowed = ", ".join(n for n, a in ALGORITHMS.items() if a.supports_dp_sgd)
             raise ValueError(
                 f"client.optimizer.name={self.client.optimizer.name}: algorithm.name="
