@@ -137,6 +137,33 @@ def test_muonbp_costs_count_ns_flops_and_gathered_bytes():
     assert muonbp_costs((64, 32), 1, 1)["flops_saved_fraction"] == 0
 
 
+@pytest.mark.parametrize(("shape", "blocks"), [((12, 20), 3), ((24, 8), 4)])
+def test_sharded_muonbp_equals_the_optimizer_and_its_measured_costs(shape, blocks):
+    """Shards on simulated devices: same directions as scale_by_muonbp on the whole matrix;
+    the bytes moved and the FLOPs counted by torch's FlopCounterMode equal muonbp_costs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fedkin.optim.muon import ShardedMuonBP, scale_by_muonbp
+
+    period, steps = 3, 9
+    gen = torch.Generator().manual_seed(5)
+    grads = [torch.randn(*shape, generator=gen) for _ in range(steps)]
+    tx = scale_by_muonbp(blocks, period, block_lr_ratio=0.7)
+    state = tx.init({"w": grads[0]})
+    rows = [len(r) for r in torch.arange(shape[0]).chunk(blocks)]
+    sharded = ShardedMuonBP([(r, shape[1]) for r in rows], period, block_lr_ratio=0.7)
+    flops = 0
+    for g in grads:
+        expected, state = tx.update({"w": g}, state, {"w": g})
+        with FlopCounterMode(display=False) as counter:
+            got = sharded.step(list(g.split(rows)))
+        flops += counter.get_total_flops()
+        assert_close(torch.cat(got), expected["w"], rtol=0, atol=0)
+    costs = muonbp_costs(shape, blocks, period)
+    assert sharded.gathered_bytes == costs["muonbp_gather_bytes"] * steps > 0
+    assert flops == costs["muonbp_ns_flops"] * steps
+
+
 @pytest.mark.parametrize("cfg", [MuonConfig(lr=0.02), MuonBPConfig(lr=0.02, blocks=2, period=2)])
 def test_muon_vmaps_over_clients(cfg):
     opt = cfg.build()

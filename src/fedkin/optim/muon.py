@@ -18,8 +18,11 @@ blocks (tensor/FSDP dim-0 sharding), each block's momentum is orthogonalized on 
 
 with the RMS-matching factor s of the full matrix on full steps and of the block shape on block
 steps. P = 1 is Muon; P = ∞ is block-only Muon. Here the blocks are simulated on one machine
-(the orthogonalization is a function of the block alone, so the numbers equal a sharded run's),
-and :func:`muonbp_costs` counts the Newton–Schulz FLOPs and the bytes a sharded run would gather.
+(the orthogonalization is a function of the block alone, so the numbers equal a sharded run's):
+:func:`scale_by_muonbp` is the vmappable client optimizer, :class:`ShardedMuonBP` keeps each
+shard's momentum on its own simulated device and counts the bytes it gathers, and
+:func:`muonbp_costs` counts the Newton–Schulz FLOPs and gathered bytes (equal to the measured
+ones, tested).
 Under ``vmap`` both branches are computed and one is selected by ``torch.where`` (the step
 count is a tensor), so the simulation saves no compute; the saving is what :func:`muonbp_costs`
 reports.
@@ -178,6 +181,59 @@ def muonbp_costs(shape: tuple[int, int], blocks: int, period: int, ns_steps: int
         "muon_gather_bytes": gathered,
         "muonbp_gather_bytes": gathered / period,
     }
+
+
+class ShardedMuonBP:
+    """MuonBP on one m × n matrix sharded by rows over ``len(rows)`` simulated devices, each
+    holding its own gradient and momentum shard; the only communication is the gather of the
+    other devices' bf16 (Nesterov) momentum on full steps, whose bytes are counted as they are
+    moved (``gathered_bytes``: received by one device, averaged over devices).
+
+    The updates equal :func:`scale_by_muonbp`'s on the whole matrix (the same block and full
+    directions); ``torch.utils.flop_counter`` on :meth:`step` measures the Newton–Schulz FLOPs
+    that :func:`muonbp_costs` counts. Not vmapped (it is the per-matrix view of a sharded run).
+    """
+
+    def __init__(
+        self,
+        shapes: list[tuple[int, int]],
+        period: int,
+        block_lr_ratio: float = 1.0,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        eps: float = 1e-7,
+        adjust: AdjustLr = "original",
+    ) -> None:
+        self.period, self.ratio, self.mu, self.nesterov = period, block_lr_ratio, momentum, nesterov
+        self.ns_steps, self.eps, self.adjust = ns_steps, eps, adjust
+        self.momenta = [torch.zeros(shape) for shape in shapes]
+        self.count = 0
+        self.gathered_bytes = 0.0
+
+    def _ns(self, x: torch.Tensor) -> torch.Tensor:
+        factor = shape_factor(tuple(x.shape), self.adjust)
+        return factor * newton_schulz(x, self.ns_steps, self.eps).to(x.dtype)
+
+    def step(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each device's direction (before −η and decay) from its gradient shard."""
+        self.momenta = [b.lerp(g, 1 - self.mu) for b, g in zip(self.momenta, grads, strict=True)]
+        local = [
+            g.lerp(b, self.mu) if self.nesterov else b
+            for g, b in zip(grads, self.momenta, strict=True)
+        ]
+        full = self.count % self.period == 0
+        self.count += 1
+        if not full:
+            return [self.ratio * self._ns(u) for u in local]
+        sent = [u.bfloat16() for u in local]  # what goes over the wire
+        received = [
+            sum(t.numel() * t.element_size() for j, t in enumerate(sent) if j != k)
+            for k in range(len(sent))
+        ]
+        self.gathered_bytes += sum(received) / len(received)
+        whole = self._ns(torch.cat(local))  # every device orthogonalizes the gathered matrix
+        return list(whole.split([u.size(0) for u in local]))
 
 
 class MuonConfig(MatrixOptimizerConfig):
