@@ -463,11 +463,17 @@ def test_configs_parse_and_validate():
 
 
 def test_registry_lists_documented_options():
-    assert set(DATASETS) == {"digits", "synthetic", "fashion-mnist", "linear-gaussian"}
+    assert set(DATASETS) == {
+        "digits",
+        "synthetic",
+        "fashion-mnist",
+        "linear-gaussian",
+        "local-files",
+    }
     assert set(PARTITIONS) == {"iid", "dirichlet", "pathological", "quantity"}
     for cls in [*DATASETS.values(), *PARTITIONS.values()]:
         assert cls.model_config.get("extra") == "forbid"
         for field_name, field in cls.model_fields.items():
             assert field.description, f"{cls.__name__}.{field_name} has no description"
     for name, cls in DATASETS.items():
-        assert cls().name == name
+        assert cls.model_fields["name"].default == name

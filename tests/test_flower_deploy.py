@@ -1,11 +1,12 @@
-"""`fedkin flower deploy|run`: certificates, files and commands; (slow) the printed commands
-run on loopback with 2 SuperNodes and TLS."""
+"""`fedkin flower deploy|run`: certificates, files and commands, and the helpers that run the
+printed commands (``tests/test_readme_deploy.py`` runs the README's deployment with them: TLS,
+a SuperLink and 2 SuperNodes on loopback, each with its own data file)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
-import json
 import os
 import shlex
 import signal
@@ -86,6 +87,34 @@ def test_deploy_refuses_a_bad_config_or_a_used_directory(cli, capsys, tmp_path):
     assert "is not empty" in capsys.readouterr().err
 
 
+LOCAL = ["data.name=local-files", "data.input_shape=[6]", "data.num_classes=3", *SMALL]
+
+
+def test_deploy_gives_each_supernode_its_own_data_file(cli, capsys, tmp_path, monkeypatch):
+    """--node-data puts node i's file into its --node-config as Flower parses it (absolute);
+    local-files needs one per node, and other datasets refuse it."""
+    pytest.importorskip("flwr")
+    from flwr.common.config import parse_config_args
+
+    monkeypatch.chdir(tmp_path)
+    directory = tmp_path / "d"
+    files = ["--node-data", "data/node 0.npz", "--node-data", "/srv/node1.csv"]
+    assert cli(["flower", "deploy", str(directory), *LOCAL, *files]) == 0
+    nodes = [shlex.split(c.removesuffix(" &")) for c in capsys.readouterr().out.splitlines()
+             if "flower-supernode" in c]  # fmt: skip
+    configs = [parse_config_args([n[n.index("--node-config") + 1]]) for n in nodes]
+    assert configs == [
+        {"partition-id": 0, "num-partitions": 2, "data-file": str(tmp_path / "data/node 0.npz")},
+        {"partition-id": 1, "num-partitions": 2, "data-file": "/srv/node1.csv"},
+    ]
+    app = tomllib.loads((directory / "app" / "pyproject.toml").read_text())
+    assert "data.files" not in app["tool"]["flwr"]["app"]["config"]["fedkin-overrides"]
+    assert cli(["flower", "deploy", str(tmp_path / "e"), *LOCAL, *files[:2]]) == 2
+    assert "--node-data PATH once per client id 0..1 in order (got 1)" in capsys.readouterr().err
+    assert cli(["flower", "deploy", str(tmp_path / "f"), *SMALL, *files]) == 2
+    assert "--node-data needs data.name=local-files" in capsys.readouterr().err
+
+
 def test_run_fails_when_no_summary_is_written(cli, capsys, tmp_path, monkeypatch):
     """`flwr run` exiting 0 without the run finishing (e.g. a missing SuperNode) is exit 1."""
     directory = tmp_path / "d"
@@ -100,59 +129,53 @@ def test_run_fails_when_no_summary_is_written(cli, capsys, tmp_path, monkeypatch
     with pytest.raises(RunFailure, match="exited with code 3"):
         fake.write_text("#!/bin/sh\nexit 3\n")
         flower_deploy.submit(directory)
+    # a ServerApp that failed left its error in the run directory: that is the message
+    failed = directory / "run" / "failed.txt"
+    fake.write_text(f"#!/bin/sh\nmkdir -p {failed.parent}\necho 'UserError: 1 of 2' > {failed}\n")
+    capsys.readouterr()
+    assert cli(["flower", "run", str(directory)]) == 1
+    assert "the run failed: UserError: 1 of 2" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_the_printed_commands_deploy_on_loopback_with_tls(cli, capsys, tmp_path):
-    """Run `fedkin flower deploy`'s output as printed: a SuperLink and 2 SuperNodes with TLS,
-    then its submit command; the summary equals the in-process run's."""
-    from fedkin.config import load_config
-    from fedkin.runs import run
-    from test_flower import _free_port, _processes_mentioning, _wait_for_port
-
-    link_port = _free_port()
-    node_port = _free_port()
-    directory = tmp_path / "d"
-    args = ["flower", "deploy", str(directory), *SMALL, "eval.every=1"]
-    assert cli([*args, "--port", str(link_port), "--node-port", str(node_port)]) == 0
-    lines = [c for c in capsys.readouterr().out.splitlines() if c and c[0] != "#"]
-    env = {
+def deployment_env(home: Path) -> dict[str, str]:
+    """The environment the printed commands run in: this checkout's fedkin, no telemetry."""
+    return {
         **os.environ,
-        "FLWR_HOME": str(tmp_path / "home"),
+        "FLWR_HOME": str(home),
         "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),  # this checkout's fedkin
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
     }
+
+
+@contextlib.contextmanager
+def printed_deployment(printed: str, logs: Path, env: dict[str, str], link_port: int):
+    """Start the SuperLink and SuperNode lines of ``fedkin flower deploy``'s output as a user's
+    shell runs them (after its ``export PATH=…`` line); yields the export line. On exit every
+    process started (and Flower's helpers, found by the deployment's ports) is stopped."""
+    from test_flower import _processes_mentioning, _wait_for_port
+
+    export, *commands = [c for c in printed.splitlines() if c and c[0] != "#"]
+    assert export.startswith("export PATH=")
+    servers = [c for c in commands if c.endswith(" &")]  # the SuperLink, then the SuperNodes
+    assert len(servers) >= 2 and "flower-superlink" in servers[0]
+    ports = [int(shlex.split(c)[shlex.split(c).index("--port") + 1]) for c in servers]
     started = []
     try:
-        export, *commands = lines  # each command as a user's shell runs it after the export
-        assert export.startswith("export PATH=")
-        for line in commands[:3]:  # the SuperLink and the 2 SuperNodes, each ending in " &"
-            log = (tmp_path / f"p{len(started)}.log").open("w")
+        for line in servers:
+            log = (logs / f"p{len(started)}.log").open("w")
             shell = ["bash", "-c", f"{export}; exec {line.removesuffix(' &')}"]
             started.append(subprocess.Popen(shell, env=env, stdout=log, stderr=log,
                                             start_new_session=True))  # fmt: skip
             if len(started) == 1:
-                _wait_for_port(link_port, started[0], tmp_path / "p0.log")
-        submit = subprocess.run(
-            ["bash", "-c", f"{export}; {commands[3]}"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert submit.returncode == 0, submit.stdout[-2000:] + submit.stderr[-2000:]
+                _wait_for_port(link_port, started[0], logs / "p0.log")
+        yield export
     finally:
         for proc in started:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
         for proc in started:
             proc.wait(timeout=30)
-        for port in (link_port, node_port, node_port + 1):
-            marker = f"127.0.0.1:{port}"
-            for pid in _processes_mentioning(marker):
+        for port in ports:
+            for pid in _processes_mentioning(f"127.0.0.1:{port}"):
                 os.kill(pid, signal.SIGKILL)
-    summary = json.loads((directory / "run" / "summary.json").read_text())
-    expected = run(load_config(None, [*SMALL, "eval.every=1"]), tmp_path / "local")
-    for key in ("personal_acc_mean", "global_acc_mean", "rounds"):
-        assert summary[key] == pytest.approx(expected[key], rel=1e-6), key

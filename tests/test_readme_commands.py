@@ -13,7 +13,8 @@ the repository. Only what bounds the runtime is changed:
   except with ``--resume``), ``--seeds`` capped at 1, ``--quiet`` added;
 * ``fedkin bench NAME``: its documented options are replaced by :data:`BENCH_SMALL` ``[NAME]``,
   or the command is skipped for the reason :data:`BENCH_SKIPPED` ``[NAME]`` gives;
-* ``fedkin flower run`` is skipped (it needs running Flower processes).
+* ``fedkin flower …`` is skipped: ``tests/test_readme_deploy.py`` runs the deployment section
+  with the Flower processes it needs.
 
 A ``$ command`` followed by output lines is checked against them: a documented error
 (``fedkin: error: …``) must exit 2 with that message (``...`` stands for any text); other
@@ -195,10 +196,10 @@ def _capped(argv: list[str]) -> list[str] | str:
                 "reason to BENCH_SKIPPED in tests/test_readme_commands.py"
             )
         return ["bench", name, *BENCH_SMALL[name]]
-    if argv[:2] == ["flower", "run"]:
+    if sub == "flower":
         return (
-            "fedkin flower run: needs the SuperLink and SuperNodes that fedkin flower deploy "
-            "prints; tests/test_flower_deploy.py runs them"
+            f"fedkin flower {argv[1]}: the deployment section (with the SuperLink and "
+            "SuperNodes it prints) is run by tests/test_readme_deploy.py"
         )
     if sub not in ("run", "compare"):
         return argv

@@ -1,9 +1,9 @@
 r"""Flower adapter: any fedkin algorithm as a Flower ``ServerApp`` + ``ClientApp``.
 
 Each Flower SuperNode is one fedkin client: its ``node_config["partition-id"]`` is the client
-id, and it builds the same :class:`~fedkin.data.federated.FederatedDataset` from the same
-config and seed, so its data and its per-round batches (counter-based in (seed, round,
-client)) are exactly those the in-process run uses.
+id. It builds the same :class:`~fedkin.data.federated.FederatedDataset` from the same config
+and seed (or reads its own ``data-file``, see below), so its data and its per-round batches
+(counter-based in (seed, round, client)) are exactly those the in-process run uses.
 
 What crosses the wire, per round (everything else stays where it is):
 
@@ -37,22 +37,23 @@ Use it in Python (``flwr.simulation.run_simulation``)::
     server_app, client_app = make_apps(config)
     run_simulation(server_app, client_app, num_supernodes=config.data.num_clients)
 
-or deploy it (``fedkin flower deploy`` in :mod:`fedkin.backends.flower_deploy` writes the
-app, certificates and the exact commands) with ``flwr run`` and a Flower app directory
-whose ``pyproject.toml`` (see :func:`write_flower_project`) names
-``fedkin.backends.flower_app:server_app`` and ``:client_app``; those read the experiment
-from the run config (``fedkin-config``: a YAML path, ``fedkin-overrides``: ``key=value``
-overrides) and each SuperNode is started with ``--node-config "partition-id=<client id>"``.
-With Flower 1.41 (every SuperLink API is HTTP
-on one ``--port``; ``tests/test_flower.py`` runs exactly this on loopback)::
+or deploy it: ``fedkin flower deploy`` (:mod:`fedkin.backends.flower_deploy`) writes a Flower
+app directory (:func:`write_flower_project`: a ``pyproject.toml`` naming
+``fedkin.backends.flower_app:server_app`` and ``:client_app``, whose run config carries the
+experiment — ``fedkin-config``: a YAML path, ``fedkin-overrides``: ``key=value`` overrides —
+and ``fedkin-run-dir``, where the ServerApp writes its results; default
+``~/.fedkin/flower-runs/<run id>``, named in its log), TLS certificates and the ``flwr``
+connection, and prints the exact SuperLink, SuperNode and ``flwr run`` commands (absolute
+paths, one ``--port`` per SuperNode); ``tests/test_readme_deploy.py`` runs the README's copy
+of them on loopback.
 
-    flower-superlink --ssl-ca-certfile ca.crt --ssl-certfile server.pem \
-        --ssl-keyfile server.key --port 9093 --disable-runtime-dependency-installation
-    flower-supernode --superlink 127.0.0.1:9093 --root-certificates ca.crt \
-        --node-config "partition-id=0" --port 9094      # one per client id 0..N-1
-    # $FLWR_HOME/config.toml: [superlink.mine] address = "127.0.0.1:9093",
-    #                          root-certificates = "ca.crt"
-    flwr run <app dir> mine --stream --run-config 'fedkin-overrides="rounds=10"'
+Each SuperNode is started with ``--node-config "partition-id=<client id> …"``. With
+``data.name=local-files`` it also names its own data, ``data-file="<path>"`` (CSV, NPZ or
+image folder, :mod:`fedkin.data.local_files`): the node trains and evaluates on that file only
+(its held-out split made as in-process), the server reads no data at all — the model's shape
+comes from ``data.input_shape`` and ``data.num_classes`` — and a node whose file is invalid
+fails discovery with the loader's error. Without ``data-file`` (simulation, and deployments of
+the built-in datasets) a node builds the config's dataset and takes client ``partition-id``.
 
 Every node needs fedkin and torch installed (the app directory holds only the pyproject).
 Flower starts a fresh ``flwr-clientapp`` process per message in deployment, so each message
@@ -61,11 +62,13 @@ re-imports torch and rebuilds the client's dataset view; the simulation keeps th
 
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -95,12 +98,16 @@ __all__ = [
 
 INSTALL_HINT = "pip install 'fedkin[flower]'"
 STATE_KEY = "fedkin-state"
+#: written to the run directory when a deployed run fails (the error, one line)
+FAILURE_FILE = "failed.txt"
+#: ``node_config`` key of a SuperNode's own data file (:mod:`fedkin.data.local_files`)
+DATA_FILE_KEY = "data-file"
 ROUND_KEY = "fedkin-round"
 #: Run-config keys the importable ``server_app`` / ``client_app`` read, with their defaults.
 RUN_CONFIG_DEFAULTS: dict[str, str | float] = {
     "fedkin-config": "",  # path to a fedkin YAML config ("" = defaults)
     "fedkin-overrides": "",  # whitespace-separated key=value overrides (shell quoting allowed)
-    "fedkin-run-dir": "",  # server: write config.yaml, metrics.jsonl, summary.json here
+    "fedkin-run-dir": "",  # server: results dir ("" = ~/.fedkin/flower-runs/<run id>)
     "fedkin-node-timeout": 120.0,  # server: seconds to wait for every client's SuperNode
     "fedkin-round-timeout": 600.0,  # server: seconds to wait for a round's replies
 }
@@ -233,6 +240,19 @@ def _client_id(context, config: ExperimentConfig) -> int:
     return cid
 
 
+def _node_dataset(config: ExperimentConfig, cid: int, path: str) -> FederatedDataset:
+    """Client ``cid``'s own data from ``path`` (a SuperNode's ``data-file``)."""
+    from fedkin.data.local_files import LocalFilesConfig, node_dataset
+
+    if not isinstance(config.data, LocalFilesConfig):
+        raise UserError(
+            f"node_config {DATA_FILE_KEY}={path!r} needs data.name=local-files (whose "
+            "data.input_shape and data.num_classes give the model's shape); the experiment has "
+            f"data.name={config.data.name}"
+        )
+    return node_dataset(config.data, config.seed, cid, path)
+
+
 class _ClientRuntime:
     """What one node process needs, built once per config: the dataset, the client groups'
     algorithms, the initial population (for the state template) and the engine."""
@@ -244,13 +264,17 @@ class _ClientRuntime:
 
     @classmethod
     def of(
-        cls, config: ExperimentConfig, dataset: FederatedDataset | None = None, token: str = ""
+        cls,
+        config: ExperimentConfig,
+        dataset: FederatedDataset | Callable[[], FederatedDataset] | None = None,
+        token: str = "",
     ) -> _ClientRuntime:
-        """The runtime of ``config`` (and of ``dataset``, identified by ``token``)."""
+        """The runtime of ``config`` (and of ``dataset``, or of the dataset the callable
+        builds, identified by ``token``)."""
         key = config.model_dump_json() + token
         if key not in _RUNTIMES:
             _RUNTIMES.clear()  # one experiment per process at a time
-            _RUNTIMES[key] = cls(config, dataset)
+            _RUNTIMES[key] = cls(config, dataset() if callable(dataset) else dataset)
         return _RUNTIMES[key]
 
     def client_id(self, context) -> int:
@@ -297,12 +321,21 @@ class _ClientHandlers:
         return self.config or config_from_run_config(context.run_config)
 
     def _runtime(self, context) -> _ClientRuntime:
-        return _ClientRuntime.of(self._config(context), self.dataset, self.token)
+        config = self._config(context)
+        path = context.node_config.get(DATA_FILE_KEY)
+        if path is None:  # the config's dataset; this node's client is its partition-id
+            return _ClientRuntime.of(config, self.dataset, self.token)
+        cid = _client_id(context, config)
+        build = functools.partial(_node_dataset, config, cid, str(path))
+        return _ClientRuntime.of(config, build, f"{DATA_FILE_KEY}={path} client={cid}")
 
     def query(self, message, context):
-        """Which client this node is (answered without loading any data)."""
+        """Which client this node is; a node with its own data file loads (and so validates)
+        it first, so a bad file stops the run at discovery with the node's error."""
         from flwr.app import Message, MetricRecord, RecordDict
 
+        if DATA_FILE_KEY in context.node_config:
+            self._runtime(context)
         info = {"partition-id": _client_id(context, self._config(context))}
         return Message(RecordDict({"info": MetricRecord(info)}), reply_to=message)
 
@@ -744,8 +777,28 @@ def _server_app(main):
     return app
 
 
+def default_run_dir(run_id: int) -> Path:
+    """Where a ServerApp whose run config names no ``fedkin-run-dir`` writes its results."""
+    return Path.home() / ".fedkin" / "flower-runs" / str(run_id)
+
+
 def _server_from_context(grid, context) -> None:
-    FlowerServer.from_run_config(context.run_config).run(grid)
+    """The deployed ServerApp: results go to ``fedkin-run-dir`` (default
+    :func:`default_run_dir`), which the log names; a run that fails leaves the error in
+    ``FAILURE_FILE`` there (``flwr run`` exits 0 anyway: ``fedkin flower run`` reads it)."""
+    from flwr.common import log
+
+    server = FlowerServer.from_run_config(context.run_config)
+    if server.run_dir is None:
+        server.run_dir = default_run_dir(context.run_id)
+    log(20, "fedkin: results go to %s", server.run_dir)
+    try:
+        server.run(grid)
+    except BaseException as err:
+        server.run_dir.mkdir(parents=True, exist_ok=True)
+        (server.run_dir / FAILURE_FILE).write_text(f"{type(err).__name__}: {err}\n")
+        raise
+    log(20, "fedkin: results written to %s", server.run_dir)
 
 
 # ----- public entry points ---------------------------------------------------------------------

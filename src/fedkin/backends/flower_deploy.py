@@ -25,10 +25,10 @@ import ipaddress
 import shlex
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedkin.backends.flower_app import DATA_FILE_KEY, FAILURE_FILE
 from fedkin.core.errors import RunFailure, UserError
 
 #: Name of the SuperLink connection in ``flwr-home/config.toml``.
@@ -139,6 +139,7 @@ class Deployment:
     port: int  # the SuperLink's port
     node_port: int  # the first SuperNode's runtime API port (node i uses node_port + i)
     insecure: bool
+    node_data: list[str] = field(default_factory=list)  # node i's own data file (local-files)
 
     @property
     def app(self) -> Path:
@@ -181,10 +182,18 @@ class Deployment:
             executable("flower-supernode"),
             "--superlink", f"{self.host}:{self.port}",
             *security,
-            "--node-config", f"partition-id={client} num-partitions={self.nodes}",
+            "--node-config", self.node_config(client),
             "--host", "127.0.0.1",
             "--port", str(self.node_port + client),
         ]  # fmt: skip
+
+    def node_config(self, client: int) -> str:
+        """SuperNode ``client``'s ``--node-config``: its client id and, with node-local data,
+        its data file."""
+        config = f"partition-id={client} num-partitions={self.nodes}"
+        if self.node_data:
+            config += f' {DATA_FILE_KEY}="{self.node_data[client]}"'
+        return config
 
     def flwr_run(self) -> list[str]:
         return [executable("flwr"), "run", str(self.app), CONNECTION, "--stream"]
@@ -206,22 +215,27 @@ class Deployment:
         """The commands, in order, ready to paste."""
         nodes = "\n".join(shlex.join(self.supernode(i)) + " &" for i in range(self.nodes))
         mode = "insecure (no TLS: loopback or a trusted network only)" if self.insecure else "TLS"
+        data = (
+            "its own data file, read on its host; the server reads none"
+            if self.node_data
+            else "its client of the config's dataset"
+        )
         return (
             f"# fedkin Flower deployment in {self.directory} ({mode})\n"
             "# 0. in every shell below: Flower starts its helpers (flower-superexec, "
             "flwr-clientapp) by name,\n#    so this environment's executables go first on PATH\n"
             f'export PATH={shlex.quote(str(bin_dir()))}:"$PATH"\n'
             f"# 1. the SuperLink (on {self.host}):\n{shlex.join(self.superlink())} &\n"
-            f"# 2. one SuperNode per client id 0..{self.nodes - 1} (each its own --port; on "
-            "other hosts,\n#    with fedkin installed and this directory copied to the same "
-            "path):\n"
+            f"# 2. one SuperNode per client id 0..{self.nodes - 1}, each with {data} (each its "
+            "own --port;\n#    on other hosts, with fedkin installed and this directory copied "
+            "to the same path):\n"
             f"{nodes}\n"
             "# 3. submit the run (stops non-zero unless summary.json was written):\n"
             f"{shlex.join([executable('fedkin'), 'flower', 'run', str(self.directory)])}\n"
             f"#    or with Flower's CLI directly:\n"
             f"FLWR_HOME={shlex.quote(str(self.flwr_home))} {shlex.join(self.flwr_run())}\n"
             f"# results: {self.run_dir}/ (config.yaml, metrics.jsonl, summary.json, "
-            "population.pt)\n"
+            f"population.pt; {FAILURE_FILE} if the run failed)\n"
         )
 
 
@@ -247,16 +261,37 @@ def deploy(
     port: int,
     node_port: int,
     insecure: bool,
+    node_data: list[str] | None = None,
 ) -> Deployment:
-    """Validate the experiment and write the deployment directory (see the module doc)."""
+    """Validate the experiment and write the deployment directory (see the module doc).
+    ``node_data``: with ``data.name=local-files``, SuperNode i's own data file (one per client;
+    made absolute, not read here: the paths are on the nodes' hosts)."""
     from fedkin.backends.flower_app import write_flower_project
     from fedkin.config import load_config
 
     directory = directory.resolve()
     config = load_config(config_path, overrides)
+    n = config.data.num_clients
+    node_data = [str(Path(p).expanduser().absolute()) for p in node_data or []]
+    if config.data.name == "local-files" and len(node_data) != n:
+        raise UserError(
+            f"data.name=local-files: give each of the {n} SuperNodes its data file, "
+            f"--node-data PATH once per client id 0..{n - 1} in order (got {len(node_data)})"
+        )
+    if node_data and config.data.name != "local-files":
+        raise UserError(
+            "--node-data needs data.name=local-files (with data.input_shape and "
+            f"data.num_classes); the experiment has data.name={config.data.name}"
+        )
+    bad = [p for p in node_data if any(c in p for c in '"\\\n')]
+    if bad:
+        raise UserError(
+            f"--node-data {bad[0]!r}: a path with quotes or backslashes cannot be passed in "
+            "Flower's --node-config"
+        )
     if directory.exists() and any(directory.iterdir()):
         raise UserError(f"{directory} is not empty; choose a new deployment directory")
-    deployment = Deployment(directory, config.data.num_clients, hosts[0], port, node_port, insecure)
+    deployment = Deployment(directory, n, hosts[0], port, node_port, insecure, node_data)
     write_flower_project(
         deployment.app,
         overrides=shlex.join(overrides),
@@ -273,16 +308,17 @@ def deploy(
 
 
 def submit(directory: Path) -> None:
-    """``flwr run`` the deployment's app; :class:`RunFailure` unless it wrote a fresh
-    ``summary.json``."""
+    """``flwr run`` the deployment's app; :class:`RunFailure` with the ServerApp's error if it
+    left one, and unless it wrote a new ``summary.json``."""
     import os
 
     directory = directory.resolve()
     home = directory / "flwr-home"
     if not (home / "config.toml").exists():
         raise UserError(f"{directory} is not a deployment directory (fedkin flower deploy)")
-    summary = directory / "run" / "summary.json"
-    started = time.time()
+    summary, failure = directory / "run" / "summary.json", directory / "run" / FAILURE_FILE
+    failure.unlink(missing_ok=True)  # a failure of an earlier submission
+    before = _version(summary)
     env = {
         **os.environ,
         "FLWR_HOME": str(home),
@@ -290,11 +326,22 @@ def submit(directory: Path) -> None:
     }
     command = [executable("flwr"), "run", str(directory / "app"), CONNECTION, "--stream"]
     code = subprocess.run(command, env=env).returncode
+    if failure.exists():
+        raise RunFailure(f"the run failed: {failure.read_text().strip()} (also in {failure})")
     if code != 0:
         raise RunFailure(f"`flwr run` exited with code {code}.")
-    if not summary.exists() or summary.stat().st_mtime < started:
+    if not summary.exists() or _version(summary) == before:
         raise RunFailure(
             f"the run ended without writing {summary} (a SuperNode missing or failing? see "
             "the SuperLink's and SuperNodes' output)."
         )
     print(f"written: {directory / 'run'}/ (config.yaml, metrics.jsonl, summary.json)")
+
+
+def _version(path: Path) -> tuple[int, int] | None:
+    """``path``'s (inode, mtime in ns), or None if it does not exist: a rewrite changes it."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns

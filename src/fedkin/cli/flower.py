@@ -9,8 +9,10 @@ from pathlib import Path
 
 from fedkin.core.errors import RunFailure
 
-EPILOG = """example (two SuperNodes on loopback, TLS):
-  fedkin flower deploy deploy/ data.num_clients=2 cohort.clients_per_round=2 rounds=3
+EPILOG = """example (two SuperNodes on loopback, TLS, each with its own data file):
+  fedkin flower deploy deploy/ data.name=local-files data.num_clients=2 \\
+      data.input_shape=[6] data.num_classes=3 cohort.clients_per_round=2 rounds=3 \\
+      --node-data node0.npz --node-data node1.csv
   # run the printed SuperLink and SuperNode commands (or deploy/commands.sh), then:
   fedkin flower run deploy/"""
 
@@ -50,6 +52,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument(
         "--insecure", action="store_true", help="no TLS (loopback or a trusted network only)"
     )
+    d.add_argument(
+        "--node-data",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="with data.name=local-files: the data file (CSV, NPZ or image folder) of SuperNode "
+        "0, 1, … in order, one per client, as a path on that node's host",
+    )
     d.set_defaults(func=cmd_deploy)
     r = what.add_parser("run", help="submit the deployment's run; non-zero unless it finished")
     r.add_argument("directory", type=Path, metavar="DIR", help="a `fedkin flower deploy` directory")
@@ -69,6 +79,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         args.port,
         args.node_port,
         args.insecure,
+        args.node_data,
     )
     print(deployment.instructions(), end="")
     return 0

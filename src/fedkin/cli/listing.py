@@ -7,6 +7,7 @@ import argparse
 
 from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -35,6 +36,9 @@ def options(config_cls: type[BaseModel]) -> list[tuple[str, str, str]]:
     rows = []
     for key, field in config_cls.model_fields.items():
         if key == "name":
+            continue
+        if field.is_required():
+            rows.append((key, "(required)", field.description or ""))
             continue
         default = field.get_default(call_default_factory=True)
         if isinstance(default, BaseModel):
@@ -69,7 +73,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
             lines = [doc] if doc else []
             lines += [f"{k} = {d}: {desc}" for k, d, desc in options(cls)]
-            table.add_row(name, "\n".join(lines) or "(no options)")
+            table.add_row(name, escape("\n".join(lines)) or "(no options)")
         console.print(table)
     return 0
 

@@ -29,6 +29,7 @@ from fedkin.data.digits import build_digits
 from fedkin.data.fashion_mnist import build_fashion_mnist
 from fedkin.data.federated import FederatedDataset
 from fedkin.data.linear_gaussian import build_linear_gaussian
+from fedkin.data.local_files import LocalFilesConfig, build_local_files
 from fedkin.data.synthetic import build_synthetic
 from fedkin.registry import DATASET_REGISTRY, register_dataset
 
@@ -36,6 +37,7 @@ register_dataset(DigitsConfig, build_digits)
 register_dataset(SyntheticConfig, build_synthetic)
 register_dataset(FashionMnistConfig, build_fashion_mnist)
 register_dataset(LinearGaussianConfig, build_linear_gaussian)
+register_dataset(LocalFilesConfig, build_local_files)
 DATASETS = DATASET_REGISTRY
 PARTITIONS: dict[str, type[BaseModel]] = {
     "iid": IidPartition,

@@ -7,6 +7,11 @@ the tables are padded with ``-1``. An optional validation split (``val_index`` /
 validation samples are never trained on. Because the tables are rectangular, a whole cohort's
 batches are produced by one gather (``x[index_table[clients, …]]``) with no Python loop
 over clients.
+
+A process may hold the data of only some clients (``local_clients``): a Flower deployment's
+server holds none (the shapes come from the config), each SuperNode only its own
+(:mod:`fedkin.data.local_files`). The other clients' splits are empty, and asking for their
+samples raises :class:`~fedkin.core.errors.DataError` instead of returning nothing.
 """
 
 from __future__ import annotations
@@ -39,8 +44,13 @@ def pad_index(parts: Sequence[np.ndarray | torch.Tensor]) -> tuple[torch.Tensor,
     return table, sizes
 
 
-def check_splits(train_sizes: torch.Tensor, test_sizes: torch.Tensor) -> None:
-    """Raise :class:`DataError` unless every client has ≥1 train and ≥1 test sample."""
+def check_splits(
+    train_sizes: torch.Tensor, test_sizes: torch.Tensor, clients: torch.Tensor | None = None
+) -> None:
+    """Raise :class:`DataError` unless every client (of ``clients``, default all) has ≥1 train
+    and ≥1 test sample."""
+    if clients is not None:
+        train_sizes, test_sizes = train_sizes[clients], test_sizes[clients]
     bad_train = int((train_sizes < 1).sum())
     bad_test = int((test_sizes < 1).sum())
     if bad_train or bad_test:
@@ -74,7 +84,8 @@ class FederatedDataset:
     ``train_index`` / ``test_index``: int64 ``[num_clients, max_size]`` padded with ``-1``;
     ``train_sizes`` / ``test_sizes``: int64 ``[num_clients]``; ``image_shape``: ``(C, H, W)``
     view of one sample for CNNs (``None`` for tabular data); ``val_index`` / ``val_sizes``:
-    the optional per-client validation split (``None``: none).
+    the optional per-client validation split (``None``: none); ``local_clients``: the sorted
+    ids of the clients whose samples this process holds (``None``: all of them).
     """
 
     name: str
@@ -88,6 +99,7 @@ class FederatedDataset:
     image_shape: tuple[int, int, int] | None = None
     val_index: torch.Tensor | None = None
     val_sizes: torch.Tensor | None = None
+    local_clients: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.x.dtype != torch.float32 or self.y.dtype != torch.int64:
@@ -100,7 +112,22 @@ class FederatedDataset:
             raise ValueError(
                 f"image_shape {self.image_shape} does not match feature shape {self.feature_shape}"
             )
-        check_splits(self.train_sizes, self.test_sizes)
+        check_splits(self.train_sizes, self.test_sizes, self.local_clients)
+
+    def require_local(self, clients: torch.Tensor | int) -> None:
+        """Raise :class:`DataError` if a client's samples are not in this process."""
+        if self.local_clients is None:
+            return
+        ids = torch.as_tensor(clients, dtype=torch.int64).reshape(-1)
+        missing = ids[~torch.isin(ids, self.local_clients)]
+        if len(missing):
+            here = self.local_clients[:10].tolist()
+            raise DataError(
+                f"the data of client(s) {missing[:10].tolist()} is not in this process (it "
+                f"holds {f'clients {here}' if here else 'no client data'}); with "
+                "data.name=local-files list one file per client in data.files, or run a Flower "
+                "deployment whose SuperNodes name their own (--node-config data-file=…)"
+            )
 
     @classmethod
     def from_parts(
@@ -112,12 +139,22 @@ class FederatedDataset:
         train_parts: Sequence[np.ndarray | torch.Tensor],
         test_parts: Sequence[np.ndarray | torch.Tensor],
         image_shape: tuple[int, int, int] | None = None,
+        local_clients: torch.Tensor | None = None,
     ) -> FederatedDataset:
         """Build from per-client lists of row indices into ``x`` / ``y``."""
         train_index, train_sizes = pad_index(train_parts)
         test_index, test_sizes = pad_index(test_parts)
         return cls(
-            name, x, y, num_classes, train_index, train_sizes, test_index, test_sizes, image_shape
+            name,
+            x,
+            y,
+            num_classes,
+            train_index,
+            train_sizes,
+            test_index,
+            test_sizes,
+            image_shape,
+            local_clients=local_clients,
         )
 
     @property
@@ -132,11 +169,13 @@ class FederatedDataset:
 
     def client_train(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All train samples ``(x, y)`` of client ``i``."""
+        self.require_local(i)
         idx = self.train_index[i, : int(self.train_sizes[i])]
         return self.x[idx], self.y[idx]
 
     def client_test(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All test samples ``(x, y)`` of client ``i``."""
+        self.require_local(i)
         idx = self.test_index[i, : int(self.test_sizes[i])]
         return self.x[idx], self.y[idx]
 
@@ -155,6 +194,7 @@ class FederatedDataset:
         Returns ``x [steps, K, B, *feature_shape]`` and ``y [steps, K, B]``.
         """
         clients = torch.as_tensor(clients, dtype=torch.int64, device=self.train_index.device)
+        self.require_local(clients)
         sizes = self.train_sizes[clients]  # [K]
         width = int(sizes.max()) if len(clients) else 0
         table = self.train_index[clients, :width]  # [K, M]
@@ -180,7 +220,8 @@ class FederatedDataset:
         keys = stream.keys(torch.arange(self.num_clients)[:, None], positions[None, :])
         keys = torch.where(positions[None, :] < sizes[:, None], keys, _PAD_KEY)
         shuffled = torch.gather(table, 1, torch.argsort(keys, dim=1, stable=True))
-        n_val = torch.minimum(torch.round(fraction * sizes.to(torch.float64)).long(), sizes - 1)
+        n_val = torch.round(fraction * sizes.to(torch.float64)).long()
+        n_val = torch.minimum(n_val, (sizes - 1).clamp(min=0))  # clients without data: none
         val = [shuffled[i, : int(k)] for i, k in enumerate(n_val)]
         train = [
             shuffled[i, int(k) : int(n)] for i, (k, n) in enumerate(zip(n_val, sizes, strict=True))
@@ -219,6 +260,7 @@ class FederatedDataset:
         Returns ``x [steps, K, W, *feature_shape]``, ``y [steps, K, W]``, ``mask [steps, K, W]``.
         """
         clients = torch.as_tensor(clients, dtype=torch.int64, device=self.train_index.device)
+        self.require_local(clients)
         sizes = self.train_sizes[clients]  # [K]
         width = int(sizes.max()) if len(clients) else 0
         table = self.train_index[clients, :width]  # [K, M]
@@ -252,6 +294,7 @@ class FederatedDataset:
         ``mask [K, T]`` (bool; padded slots hold x = 0, y = 0, mask = False)."""
         index, sizes = self.eval_split(split)
         clients = torch.as_tensor(clients, dtype=torch.int64, device=index.device)
+        self.require_local(clients)
         return _gather_padded(self.x, self.y, index[clients], sizes[clients])
 
     def train_batches(
@@ -259,6 +302,7 @@ class FederatedDataset:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every train sample of a cohort, padded like :meth:`test_batches`."""
         clients = torch.as_tensor(clients, dtype=torch.int64, device=self.train_index.device)
+        self.require_local(clients)
         return _gather_padded(self.x, self.y, self.train_index[clients], self.train_sizes[clients])
 
     def label_counts(self, split: str = "train") -> torch.Tensor:
@@ -276,10 +320,14 @@ class FederatedDataset:
         return counts
 
     def summary(self) -> dict[str, object]:
-        """Sizes and heterogeneity at a glance (plain Python values, JSON-serializable)."""
+        """Sizes and heterogeneity at a glance (plain Python values, JSON-serializable); the
+        statistics cover the clients whose data is here (``local_clients``)."""
+        here = slice(None) if self.local_clients is None else self.local_clients
 
-        def stats(sizes: torch.Tensor) -> dict[str, float]:
-            s = sizes.to(torch.float64)
+        def stats(sizes: torch.Tensor) -> dict[str, float] | None:
+            s = sizes[here].to(torch.float64)
+            if not len(s):
+                return None
             return {
                 "min": int(s.min()),
                 "median": float(torch.quantile(s, 0.5)),
@@ -287,7 +335,8 @@ class FederatedDataset:
                 "mean": float(s.mean()),
             }
 
-        classes_per_client = (self.label_counts("all") > 0).sum(dim=1).to(torch.float64)
+        classes_per_client = (self.label_counts("all") > 0)[here].sum(dim=1).to(torch.float64)
+        local = {} if self.local_clients is None else {"local_clients": len(self.local_clients)}
         return {
             "name": self.name,
             "num_clients": self.num_clients,
@@ -299,5 +348,8 @@ class FederatedDataset:
             "image_shape": list(self.image_shape) if self.image_shape else None,
             "train_size": stats(self.train_sizes),
             "test_size": stats(self.test_sizes),
-            "mean_classes_per_client": float(classes_per_client.mean()),
+            "mean_classes_per_client": (
+                float(classes_per_client.mean()) if len(classes_per_client) else None
+            ),
+            **local,
         }
