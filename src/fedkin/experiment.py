@@ -340,12 +340,17 @@ class Experiment:
     def client_batches(self, clients: torch.Tensor, name: str, round_: int):
         """Local batches of ``clients`` in a round, from the stream ``name``: fixed-size slices
         of a shuffle, or under DP-SGD Poisson batches ``(xs, ys, masks)`` (what the example-level
-        accountant assumes)."""
+        accountant assumes). A task that draws randomness for its loss (diffusion noise) puts it
+        in place of the labels, from the stream ``name + "-noise"``."""
         cfg, ds = self.config, self.dataset
         poisson = cfg.privacy.dp_sgd is not None
         sample = ds.sample_poisson_batches if poisson else ds.sample_train_batches
         steps, size = cfg.client.local_steps, cfg.client.batch_size
-        return sample(clients, self.stream.child(name), round_, steps, size)
+        batches = sample(clients, self.stream.child(name), round_, steps, size)
+        draw = self.algorithm.task.draw
+        if draw is None:
+            return batches
+        return draw(batches, self.stream.child(name + "-noise"), clients, round_)
 
     @staticmethod
     def _dp_sgd_uses(algorithm: Algorithm, args: tuple[Any, ...]) -> list[int]:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 from fedkin.algorithms.adaped import AdaPeD
 from fedkin.algorithms.adept import AdeptAe, AdeptPca
+from fedkin.algorithms.adept_dgm import AdeptDgm
 from fedkin.algorithms.apfl import Apfl
 from fedkin.algorithms.base import Algorithm, ServerStep
 from fedkin.algorithms.ditto import Ditto
@@ -25,6 +26,7 @@ from fedkin.algorithms.perfedavg import PerFedAvg
 from fedkin.algorithms.pfedme import PFedMe
 from fedkin.algorithms.quped import QuPeD
 from fedkin.algorithms.qupel import QuPeL
+from fedkin.algorithms.spire import Spire
 from fedkin.registry import ALGORITHM_REGISTRY, register_algorithm
 
 for _cls in (
@@ -47,6 +49,8 @@ for _cls in (
     QuPeD,
     AdeptAe,
     AdeptPca,
+    AdeptDgm,
+    Spire,
 ):
     register_algorithm(_cls)
 

@@ -129,6 +129,10 @@ class AdeptAe(Algorithm):
 
     def __init__(self, config, model, client_optimizer, local_steps) -> None:
         super().__init__(config, model, client_optimizer, local_steps)
+        self.check_model(model)
+
+    def check_model(self, model) -> None:
+        """Refuse a model this variant cannot train (AE/PCA: a reconstruction model)."""
         if not getattr(model, "reconstructs", False):
             raise ConfigError(
                 f"algorithm.name: {self.name!r} learns reconstructions x̂ of x; model.name must "

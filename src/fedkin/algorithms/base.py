@@ -33,7 +33,7 @@ from torch.func import functional_call, grad, vmap
 
 from fedkin.core.priors import gaussian_penalty
 from fedkin.core.rng import Stream
-from fedkin.core.tasks import CLASSIFICATION, RECONSTRUCTION, Task
+from fedkin.core.tasks import CLASSIFICATION, DIFFUSION, RECONSTRUCTION, Task
 from fedkin.core.tree import Tree, tree_map, tree_sub
 from fedkin.optim import Optimizer
 from fedkin.optim.transform import apply_updates, differentially_private_aggregate
@@ -87,7 +87,8 @@ class Algorithm(ABC):
     #: What the model's output is scored against: the training loss of :meth:`data_loss` and
     #: the evaluation metrics (:mod:`fedkin.core.tasks`; reconstruction for ADEPT). A model
     #: with ``reconstructs = True`` (linear AE, PCA) makes any algorithm's instance use
-    #: reconstruction, so Local and FedAvg train and evaluate it too.
+    #: reconstruction, so Local and FedAvg train and evaluate it too; one with ``denoises =
+    #: True`` (the DDPM) makes it use the diffusion task.
     task: Task = CLASSIFICATION
     #: True if the message's ``"delta"`` is one model delta per client, so a robust rule
     #: (``channel.aggregator``) may combine clients coordinate by coordinate; False when it is
@@ -110,6 +111,8 @@ class Algorithm(ABC):
         self.dp_uses: Counter[int] = Counter()
         if getattr(model, "reconstructs", False):
             self.task = RECONSTRUCTION
+        if getattr(model, "denoises", False):
+            self.task = DIFFUSION
 
     def enable_dp_sgd(self, config: DpSgdConfig, seed: int, batch_size: int) -> None:
         """Make every :meth:`local_solve` step an example-level DP-SGD step on Poisson batches

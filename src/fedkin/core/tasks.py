@@ -17,6 +17,15 @@ Tasks:
   as ADEPT's code does); score = energy captured 1 − ‖x_b − x̂_b‖²/‖x_b‖² (``energy``, averaged
   over samples as ADEPT's ``evaluate_energy``); eval loss = per-sample MSE ‖x_b − x̂_b‖²/d
   (``mse``).
+* diffusion (denoising models, ``denoises = True``: :mod:`fedkin.models.diffusion`; ``y`` is
+  replaced by drawn noise): training batches carry per sample a uniform u (the timestep
+  t = ⌊u·T⌋) and ε ~ N(0, I), drawn by ``draw`` counter-based in (stream, round, client, step,
+  slot, pixel), so engines, backends and resumed runs see the same noise; the model owns its
+  loss E‖ε − ε_φ(x_t, t)‖²/D. For evaluation ``out`` = the residual ε_φ(x_t, t) − ε ``[B, D]``
+  under the model's fixed evaluation noise; score = 1 − ‖r‖²/D (``denoise``: the fraction of
+  the unit noise variance explained), eval loss = ‖r‖²/D (``eps_mse``). Sample quality (KID,
+  FID) is a property of a client's generator, not of a test sample:
+  :mod:`fedkin.bench.diffusion` computes it.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Draw = Callable[..., tuple[torch.Tensor, ...]]
 PerSample = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -40,6 +50,9 @@ class Task:
     per_sample: PerSample
     score_name: str
     loss_name: str
+    #: ``draw(batches, stream, clients, round)``: the training batches with randomness the loss
+    #: needs (diffusion noise) put in place of ``y``; None: batches are used as sampled
+    draw: Draw | None = None
 
 
 def _class_per_sample(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
@@ -69,3 +82,42 @@ CLASSIFICATION = Task(
     "loss",
 )
 RECONSTRUCTION = Task("reconstruction", _recon_loss, _recon_per_sample, "energy", "mse")
+
+
+def _residual_loss(r: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return r.pow(2).mean()
+
+
+def _residual_per_sample(r: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
+    mse = r.pow(2).mean(1)
+    return 1 - mse, mse
+
+
+def draw_diffusion_noise(
+    batches: tuple[torch.Tensor, ...], stream, clients: torch.Tensor, round_: int
+) -> tuple[torch.Tensor, ...]:
+    """``(xs, noise, …)``: ``ys`` ``[S, C, B]`` (steps, clients, batch) replaced by
+    ``[S, C, B, 1 + D]`` holding per sample u ~ U[0, 1) and ε ~ N(0, I_D), D = the features of
+    ``xs`` ``[S, C, B, …]``."""
+    xs, rest = batches[0], batches[2:]
+    s, c, b = xs.shape[:3]
+    d = xs[0, 0, 0].numel()
+    keys = (
+        round_,
+        clients.reshape(1, c, 1, 1),
+        torch.arange(s).reshape(s, 1, 1, 1),
+        torch.arange(b).reshape(1, 1, b, 1),
+    )
+    u = stream.uniform(*keys, -1)
+    eps = stream.normal(*keys, torch.arange(d))
+    return (xs, torch.cat([u, eps], -1).to(xs.dtype), *rest)
+
+
+DIFFUSION = Task(
+    "diffusion",
+    _residual_loss,
+    _residual_per_sample,
+    "denoise",
+    "eps_mse",
+    draw_diffusion_noise,
+)

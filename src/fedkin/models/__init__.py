@@ -1,6 +1,8 @@
-"""Model zoo (``zoo``), the MEL multi-level ensemble (``mel``) and linear
-dimensionality-reduction models (``linear``: linear autoencoder, PCA projector)."""
+"""Model zoo (``zoo``), the MEL multi-level ensemble (``mel``), linear
+dimensionality-reduction models (``linear``: linear autoencoder, PCA projector) and the
+conditional DDPM (``diffusion``)."""
 
+from fedkin.models.diffusion import DdpmConfig
 from fedkin.models.linear import LinearAeConfig, PcaConfig
 from fedkin.models.mel import MEL, MelConfig
 from fedkin.models.zoo import (
@@ -14,7 +16,7 @@ from fedkin.models.zoo import (
 )
 from fedkin.registry import MODEL_REGISTRY, register_model
 
-for _cfg in (MelConfig, LinearAeConfig, PcaConfig):  # the zoo's register in fedkin.models.zoo
+for _cfg in (MelConfig, LinearAeConfig, PcaConfig, DdpmConfig):  # zoo: in models.zoo
     register_model(_cfg)
 
 #: A model's config: any registered model (``fedkin.register_model``).
@@ -28,6 +30,7 @@ __all__ = [
     "MLP",
     "MODELS",
     "CnnConfig",
+    "DdpmConfig",
     "LinearAeConfig",
     "LogRegConfig",
     "LogisticRegression",
