@@ -44,7 +44,6 @@ def experiment(*extra: str) -> Experiment:
 def train(exp: Experiment, rounds: int) -> None:
     for _ in range(rounds):
         exp.run_round()
-        exp.round += 1
 
 
 def snapshot(tree) -> list[torch.Tensor]:
@@ -62,6 +61,22 @@ def test_vmap_group_norm_equals_group_norm():
     torch.testing.assert_close(mine(x), ref(x))
     batched = torch.func.vmap(mine)(x.unsqueeze(1).expand(3, 2, 8, 5, 5))
     torch.testing.assert_close(batched[:, 0], ref(x))
+
+
+def test_ddpm_noising_matches_diffusers_add_noise():
+    exp = experiment("algorithm.name=fedavg")
+    model = exp.model
+    x = torch.rand(5, 64)
+    u = torch.tensor([0.0, 0.1, 0.5, 0.9, 0.9999])
+    eps = torch.randn(5, 64)
+    t = (u * model.timesteps).long()
+    x0 = 2 * x.reshape(5, 1, 8, 8) - 1
+    x_t = model.scheduler.add_noise(x0, eps.reshape(5, 1, 8, 8), t)
+    expected = model.epsilon(x_t, t).reshape(5, -1) - eps
+    torch.testing.assert_close(model.residual(x, u, eps), expected)
+    # and β is linear from beta_start to beta_end
+    betas = model.scheduler.betas
+    torch.testing.assert_close(betas, torch.linspace(1e-4, 0.02, 1000))
 
 
 def test_diffusion_noise_is_keyed_by_client_not_cohort_position():
@@ -125,7 +140,7 @@ def test_spire_adaptation_fits_the_new_client():
     def fit(e) -> float:
         return sum(float(alg.data_loss({**phi, **e}, x, y)) for x, y in zip(xs, ys, strict=True))
 
-    adapted, _ = alg.adapt_embedding(exp.population, start, (xs, ys), steps=100)
+    adapted, _ = alg.adapt_embedding(exp.population, start, (xs, ys), steps=30)
     assert fit(adapted) < fit(start)
 
 

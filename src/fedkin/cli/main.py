@@ -35,6 +35,7 @@ BENCH_MODULES = (
     "fedkin.bench.quantized",
     "fedkin.bench.optim",
     "fedkin.bench.channel",
+    "fedkin.bench.diffusion",
 )
 
 

@@ -120,6 +120,9 @@ class ConditionalDDPM(nn.Module):
             beta_end=beta_end,
             prediction_type="epsilon",
         )
+        # ᾱ_t as a buffer: diffusers' add_noise reassigns scheduler state, which must not
+        # happen inside vmap/grad (the scheduler would keep a transformed tensor)
+        self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone(), False)
         self.timesteps = timesteps
         self.pixels = math.prod(image_shape)
 
@@ -133,7 +136,8 @@ class ConditionalDDPM(nn.Module):
         x0 = 2 * x.reshape(-1, *self.image_shape) - 1
         eps = eps.reshape(x0.shape).to(x0.dtype)
         t = (u * self.timesteps).long().clamp(max=self.timesteps - 1)
-        x_t = self.scheduler.add_noise(x0, eps, t)
+        abar = self.alphas_cumprod[t].to(x0.dtype).reshape(-1, 1, 1, 1)
+        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps  # = DDPMScheduler.add_noise
         return (self.epsilon(x_t, t) - eps).reshape(x0.shape[0], -1)
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
