@@ -185,6 +185,7 @@ class ExperimentConfig(_Section):
                 "its cluster means divide noisy sums by noisy member counts near 0 (unbounded "
                 "steps); use privacy.mechanism=none or another algorithm.name"
             )
+        self._zeroth_order_fits()
         if self.privacy.dp_sgd is not None and not ALGORITHMS[self.algorithm.name].supports_dp_sgd:
             allowed = ", ".join(n for n, a in ALGORITHMS.items() if a.supports_dp_sgd)
             raise ValueError(
@@ -244,6 +245,30 @@ class ExperimentConfig(_Section):
                     )
         self._check_channel()
         return self
+
+    def _zeroth_order_fits(self) -> None:
+        """A zeroth-order client optimizer needs every client gradient to come from the shared
+        local solver (the algorithms that support DP-SGD), without DP-SGD; none serves FedOpt."""
+        if getattr(self.server.optimizer, "zeroth_order", False):
+            raise ValueError(
+                f"server.optimizer.name={self.server.optimizer.name} is zeroth-order: it needs "
+                "a loss, and the server has a pseudo-gradient; use a first-order optimizer"
+            )
+        if not getattr(self.client.optimizer, "zeroth_order", False):
+            return
+        name = self.client.optimizer.name
+        if not ALGORITHMS[self.algorithm.name].supports_dp_sgd:
+            allowed = ", ".join(n for n, a in ALGORITHMS.items() if a.supports_dp_sgd)
+            raise ValueError(
+                f"client.optimizer.name={name} is zeroth-order, but algorithm.name="
+                f"{self.algorithm.name} computes gradients outside the shared local solver; "
+                f"zeroth-order client optimizers work with: {allowed}"
+            )
+        if self.privacy.dp_sgd is not None:
+            raise ValueError(
+                f"client.optimizer.name={name} is zeroth-order and privacy.dp_sgd clips "
+                "per-example gradients; use a first-order client.optimizer or privacy.dp_sgd=null"
+            )
 
     def _private_cohorts(self, training: int) -> None:
         """Under user-level DP, default ``cohort.weighting`` to uniform and ``cohort.sampling``

@@ -37,6 +37,7 @@ from fedkin.core.tasks import CLASSIFICATION, DIFFUSION, RECONSTRUCTION, Task
 from fedkin.core.tree import Tree, tree_map, tree_sub
 from fedkin.optim import Optimizer
 from fedkin.optim.transform import apply_updates, differentially_private_aggregate
+from fedkin.optim.zeroth import mutable
 from fedkin.privacy.config import DpSgdConfig
 
 #: ``ctx["phase"]`` of local solves other than training (which passes none: phase 0): at
@@ -185,6 +186,11 @@ class Algorithm(ABC):
         Returns the new parameters, the optimizer state and the mean data loss over steps.
         A sharpness-aware optimizer (``optimizer.perturbation``, :mod:`fedkin.optim.sam`) steps
         with a second gradient on the same batch, at θ + ε(g, θ).
+        With a zeroth-order optimizer (``optimizer.estimator``) each step's "gradient" is its
+        SPSA estimate of the objective's total from forward passes
+        (:class:`~fedkin.optim.zeroth.ZerothOrder`; directions keyed by ``ctx``, ``noise_tag``
+        and the step); outside ``vmap`` the solve works on its own copy of ``params``, which
+        the estimator perturbs in place.
         With DP-SGD on, ``batches`` are Poisson batches ``(xs, ys, masks)`` (see
         :meth:`~fedkin.data.federated.FederatedDataset.sample_poisson_batches`) and each step's
         gradient is the clipped, noised per-example gradient (:meth:`private_grad`); ``ctx``
@@ -199,10 +205,18 @@ class Algorithm(ABC):
         grad_fn = grad(objective, has_aux=True)
         if self.dp_sgd is not None and len(batches) != 3:
             raise RuntimeError("DP-SGD needs Poisson batches (xs, ys, masks)")
+        zo = optimizer.estimator
+        if zo is not None and mutable():
+            params = tree_map(lambda t: t.clone(memory_format=torch.contiguous_format), params)
         loss_sum = torch.zeros(())
         for s in range(steps):
             b = s % batches[0].shape[0] if batch is None else batch
-            if self.dp_sgd is None:
+            if zo is not None:
+                x, y = batches[0][b], batches[1][b]
+                where = () if ctx is None else (ctx["round"], ctx["client_id"], ctx.get("phase", 0))
+                key = zo.key(*where, noise_tag, s)
+                g, data_loss = zo.estimate(lambda p, x=x, y=y: objective(p, x, y), params, key)
+            elif self.dp_sgd is None:
                 g, data_loss = grad_fn(params, batches[0][b], batches[1][b])
                 if optimizer.perturbation is not None:  # SAM: the gradient at θ + ε(g, θ)
                     at = apply_updates(params, optimizer.perturbation(g, params))

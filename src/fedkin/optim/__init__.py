@@ -12,6 +12,8 @@
 * :mod:`~fedkin.optim.memlight` — diffGrad, SGD-SaI, SWAN, FRUGAL.
 * :mod:`~fedkin.optim.sam` — SAM and ASAM (two gradient evaluations per local step).
 * :mod:`~fedkin.optim.precision` — bf16 weights and state, stochastic rounding.
+* :mod:`~fedkin.optim.zeroth` — zeroth-order (SPSA) optimizers: MeZO, ZO-SGD, ZO-Adam,
+  Sparse MeZO; FedKSeed's seed pool.
 """
 
 from fedkin.optim.alias import adam, adam_transform, adamw, projected_sgd, sgd, sgd_transform
@@ -30,6 +32,7 @@ from fedkin.optim.transform import (
     label_by_ndim,
     partition,
 )
+from fedkin.optim.zeroth import MezoConfig, SparseMezoConfig, ZoAdamConfig, ZoSgdConfig
 from fedkin.registry import OPTIMIZER_REGISTRY, register_optimizer
 
 for _config in (
@@ -46,6 +49,10 @@ for _config in (
     FrugalConfig,
     SamConfig,
     AsamConfig,
+    MezoConfig,
+    ZoSgdConfig,
+    ZoAdamConfig,
+    SparseMezoConfig,
 ):
     register_optimizer(_config)
 
@@ -65,6 +72,7 @@ __all__ = [
     "FrugalConfig",
     "GradientTransformation",
     "MadaConfig",
+    "MezoConfig",
     "MuonBPConfig",
     "MuonConfig",
     "Optimizer",
@@ -75,6 +83,9 @@ __all__ = [
     "SgdConfig",
     "SgdSaiConfig",
     "SwanConfig",
+    "SparseMezoConfig",
+    "ZoAdamConfig",
+    "ZoSgdConfig",
     "adam",
     "adam_transform",
     "adamw",

@@ -13,7 +13,7 @@ transformation's and returns *updates*, ``step`` returns *new parameters*.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -32,6 +32,10 @@ class Optimizer(NamedTuple):
     #: sharpness-aware steps (:mod:`fedkin.optim.sam`): ε(g, θ); the local solver then steps
     #: with the gradient taken at θ + ε instead of g (None: an ordinary gradient step)
     perturbation: Callable[[Tree, Tree], Tree] | None = None
+    #: None for first-order optimizers; a zeroth-order one's gradient estimator
+    #: (:class:`~fedkin.optim.zeroth.ZerothOrder`): the local solver then passes ``step`` its
+    #: estimate from forward passes instead of a gradient
+    estimator: Any = None
 
 
 def from_transform(transform: GradientTransformation, lr: float | None = None) -> Optimizer:
