@@ -77,6 +77,8 @@ class SgdConfig(BaseOptimizerConfig):
     weight_decay: float = Field(0.0, ge=0, description="L2 weight decay λ (added to g)")
 
     def direction(self) -> GradientTransformation | None:
+        if not (self.weight_decay or self.momentum):
+            return None
         return chain(add_decayed_weights(self.weight_decay), trace(self.momentum, self.nesterov))
 
 

@@ -25,7 +25,7 @@ later replay rebuilds the same z. On the sequential engine the local solve owns 
 θ, so (as MeZO's ``zo_perturb_parameters``/``zo_update``) θ is perturbed in place
 (θ += εz; θ −= 2εz; θ += εz — restored up to float rounding) and a plain ZO-SGD step
 θ −= η Σ_j (p_j/q) m⊙z_j is applied in place too, regenerating z in chunks of
-:data:`CHUNK` elements: the memory of a step is the weights, one forward's activations, and
+d/64 elements: the memory of a step is the weights, one forward's activations, and
 a chunk of z (plus Sparse MeZO's masks) — that of inference. Under ``vmap`` (the vectorized
 engine) tensors are batched views that cannot be mutated in place, so θ ± εz are
 temporaries. Chains with state (momentum, Adam), clipping, schedules or bf16 materialize ĝ
@@ -50,9 +50,10 @@ from fedkin.core.tree import Tree, tree_add, tree_leaves, tree_map
 from fedkin.optim.configs import AdamConfig, BaseOptimizerConfig, SgdConfig
 from fedkin.optim.optimizer import Optimizer
 
-#: elements of z regenerated at a time by the in-place path (bounds the temporaries of the
-#: counter-based normal, ~40 bytes per element, to a few MB)
-CHUNK = 1 << 16
+#: z is regenerated in place in chunks of d/CHUNK_FRACTION elements (d parameters), clamped to
+#: [MIN_CHUNK, MAX_CHUNK]: the counter-based normal's temporaries (~40 bytes per element: int64
+#: hashes, float64 Box–Muller) then stay under a sixth of the fp32 weights' bytes
+CHUNK_FRACTION, MIN_CHUNK, MAX_CHUNK = 64, 256, 1 << 16
 
 
 def seed_direction(params: Tree, seed: int, *index: torch.Tensor | int) -> Tree:
@@ -117,8 +118,11 @@ def add_directions(
 ) -> Tree:
     """θ + Σ_{(j, c)} c·(m ⊙ z_j): in place (chunk by chunk, returning ``params`` itself) or as
     a new tree."""
-    leaf = iter(range(len(tree_leaves(params))))
+    leaves = tree_leaves(params)
+    leaf = iter(range(len(leaves)))
     mask_leaves = iter(tree_leaves(masks) if masks is not None else [])
+    d = sum(t.numel() for t in leaves)
+    chunk = min(max(d // CHUNK_FRACTION, MIN_CHUNK), MAX_CHUNK)
 
     def one(p: torch.Tensor) -> torch.Tensor:
         i, m = next(leaf), next(mask_leaves, None)
@@ -128,8 +132,8 @@ def add_directions(
             step = step.reshape(p.shape).to(p.dtype)
             return p + (step * m if m is not None else step)
         flat, mflat = p.view(-1), (m.view(-1) if m is not None else None)
-        for start in range(0, p.numel(), CHUNK):
-            end = min(start + CHUNK, p.numel())
+        for start in range(0, p.numel(), chunk):
+            end = min(start + chunk, p.numel())
             idx = torch.arange(start, end)
             for j, c in coefs:
                 z = normal(seed, key, j, i, idx).to(p.dtype).mul_(c)
@@ -150,13 +154,32 @@ def densify(params: Tree, seed: int, g: SeedGradient) -> Tree:
 
 
 def magnitude_masks(params: Tree, density: float) -> Tree:
-    """Sparse MeZO's masks m_l = 1[|θ_l| ≤ h_l], h_l the ⌈ρ·n_l⌉-th smallest |θ_l|."""
+    """Sparse MeZO's masks m_l = 1[|θ_l| ≤ h_l], h_l the ⌈ρ·n_l⌉-th smallest |θ_l|.
+
+    h_l is found by bisection on the bit patterns of |θ_l| in fp32 (non-negative floats order
+    as their int32 bits): 31 halvings of [0, +inf) pin it exactly. Each count runs over
+    eighths of the tensor, so besides the kept bool mask only an eighth-sized temporary is
+    alive (a sort or ``kthvalue`` would copy the tensor several times over); it vmaps.
+    """
+
+    def bits(p: torch.Tensor) -> torch.Tensor:
+        return p.detach().abs().float().view(torch.int32)
 
     def mask(p: torch.Tensor) -> torch.Tensor:
-        a = p.detach().abs()
-        k = min(max(1, math.ceil(density * p.numel() - 1e-9)), p.numel())  # ⌈ρn⌉
-        h = a.reshape(-1).kthvalue(k).values
-        return a <= h
+        flat = p.reshape(-1)
+        n = flat.shape[0]
+        k = min(max(1, math.ceil(density * n - 1e-9)), n)  # ⌈ρn⌉
+        step = max(-(-n // 8), MIN_CHUNK)
+        lo = torch.zeros((), dtype=torch.int32)
+        hi = torch.full((), 0x7F800000, dtype=torch.int32)  # +inf: count(≤ hi) ≥ k
+        for _ in range(31):
+            mid = lo + (hi - lo) // 2
+            count = sum(
+                torch.count_nonzero(bits(flat[i : i + step]) <= mid) for i in range(0, n, step)
+            )
+            enough = count >= k
+            hi, lo = torch.where(enough, mid, hi), torch.where(enough, lo, mid + 1)
+        return torch.cat([bits(flat[i : i + step]) <= hi for i in range(0, n, step)]).view(p.shape)
 
     return tree_map(mask, params)
 
