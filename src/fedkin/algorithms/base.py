@@ -202,25 +202,21 @@ class Algorithm(ABC):
             raise RuntimeError("DP-SGD with a sharpness-aware optimizer (sam, asam): unsupported")
         state = optimizer.init(params) if opt_state is None else opt_state
         steps = self.local_steps if steps is None else steps
-        grad_fn = grad(objective, has_aux=True)
         if self.dp_sgd is not None and len(batches) != 3:
             raise RuntimeError("DP-SGD needs Poisson batches (xs, ys, masks)")
         zo = optimizer.estimator
+        if zo is not None and self.dp_sgd is not None:
+            raise RuntimeError("DP-SGD with a zeroth-order optimizer: unsupported")
         if zo is not None and mutable():
             params = tree_map(lambda t: t.clone(memory_format=torch.contiguous_format), params)
+        where = () if ctx is None else (ctx["round"], ctx["client_id"], ctx.get("phase", 0))
         loss_sum = torch.zeros(())
         for s in range(steps):
             b = s % batches[0].shape[0] if batch is None else batch
-            if zo is not None:
+            if self.dp_sgd is None:
+                key = None if zo is None else zo.key(*where, noise_tag, s)
                 x, y = batches[0][b], batches[1][b]
-                where = () if ctx is None else (ctx["round"], ctx["client_id"], ctx.get("phase", 0))
-                key = zo.key(*where, noise_tag, s)
-                g, data_loss = zo.estimate(lambda p, x=x, y=y: objective(p, x, y), params, key)
-            elif self.dp_sgd is None:
-                g, data_loss = grad_fn(params, batches[0][b], batches[1][b])
-                if optimizer.perturbation is not None:  # SAM: the gradient at θ + ε(g, θ)
-                    at = apply_updates(params, optimizer.perturbation(g, params))
-                    g, _ = grad_fn(at, batches[0][b], batches[1][b])
+                g, data_loss = self.local_gradient(objective, params, optimizer, x, y, key)
             else:
                 x, y, mask = (t[b] for t in batches)
                 self.dp_uses[b] += 1
@@ -228,6 +224,27 @@ class Algorithm(ABC):
             params, state = optimizer.step(g, state, params)
             loss_sum = loss_sum + data_loss.detach()
         return params, state, loss_sum / max(steps, 1)
+
+    @staticmethod
+    def local_gradient(
+        objective: Any,
+        params: Tree,
+        optimizer: Optimizer,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        key: torch.Tensor | None = None,
+    ) -> tuple[Any, torch.Tensor]:
+        """What one :meth:`local_solve` step (without DP-SGD) hands ``optimizer.step``, and the
+        data loss: the gradient of ``objective`` at θ (sharpness-aware optimizers: at
+        θ + ε(g, θ), a second gradient on the same batch), or for a zeroth-order optimizer its
+        SPSA estimate with directions named by ``key``."""
+        if optimizer.estimator is not None:
+            return optimizer.estimator.estimate(lambda p: objective(p, x, y), params, key)
+        grad_fn = grad(objective, has_aux=True)
+        g, data_loss = grad_fn(params, x, y)
+        if optimizer.perturbation is not None:  # SAM: the gradient at θ + ε(g, θ)
+            g, _ = grad_fn(apply_updates(params, optimizer.perturbation(g, params)), x, y)
+        return g, data_loss
 
     def private_grad(
         self,

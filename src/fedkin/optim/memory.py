@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 from torch._C._autograd import DeviceType
-from torch.func import grad
 from torch.profiler import ProfilerActivity, profile
 
 from fedkin.core.tree import Tree, tree_leaves, tree_map
@@ -80,18 +79,18 @@ def inference_bytes(forward: Callable[[Tree, torch.Tensor], Any], params: Tree, 
 def step_bytes(
     objective: Objective, optimizer: Optimizer, params: Tree, x: torch.Tensor, y: torch.Tensor
 ) -> int:
-    """|θ| + |state| + |x, y| + the peak of one step of ``optimizer`` on ``objective`` at θ
-    (its SPSA estimate if zeroth-order, else its gradient by backprop), on a private copy of
-    θ that the step may update in place."""
+    """|θ| + |state| + |x, y| + the peak of one local step of ``optimizer`` on ``objective`` at
+    θ — exactly what :meth:`~fedkin.algorithms.base.Algorithm.local_solve` does per step
+    (``local_gradient``: backprop, SAM's two gradients or the SPSA estimate; then
+    ``optimizer.step``) — on a private copy of θ that the step may update in place."""
+    from fedkin.algorithms.base import Algorithm  # the local solver's step (algorithms → optim)
+
     params = tree_map(lambda t: t.clone(memory_format=torch.contiguous_format), params)
     state = optimizer.init(params)
-    zo = optimizer.estimator
+    key = None if optimizer.estimator is None else optimizer.estimator.key(0)
 
     def run() -> None:
-        if zo is not None:
-            g, _ = zo.estimate(lambda p: objective(p, x, y), params, zo.key(0))
-        else:
-            g, _ = grad(objective, has_aux=True)(params, x, y)
+        g, _ = Algorithm.local_gradient(objective, params, optimizer, x, y, key)
         optimizer.step(g, state, params)
 
     return tree_bytes(params) + tree_bytes(state) + tree_bytes((x, y)) + peak_bytes(run)
