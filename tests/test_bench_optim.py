@@ -19,7 +19,12 @@ def test_bench_optim_rows_measure_the_configured_run():
     assert zo["uplink_bytes_per_round"] == 8 * 10  # 10 local steps
     assert sgd["state_bytes_per_param"] == 0 and adam["state_bytes_per_param"] > 8
     assert 0 <= sgd["accuracy"] <= 1 and sgd["val"] is not None
-    assert set(GRIDS) >= {"muon", "mada", "fedkseed", "adamw-bf16-stochastic"}
+    mezo = run_one("mezo", 1e-3, rounds=1, seed=0)
+    inference = sgd["inference_peak_mem_mb"]
+    assert inference == mezo["inference_peak_mem_mb"] > 4 * d / 1e6  # same model and batch
+    assert sgd["peak_mem_mb"] > 2 * inference and adam["peak_mem_mb"] > sgd["peak_mem_mb"]
+    assert mezo["peak_mem_mb"] <= 1.3 * inference and zo["peak_mem_mb"] is None
+    assert set(GRIDS) >= {"muon", "mada", "fedkseed", "adamw-bf16-stochastic", "sparse-mezo"}
     json.dumps(sgd)
 
 

@@ -7,7 +7,11 @@ the global model after the same number of rounds is reported with the optimizer'
 per parameter (measured from its stored state) and the uplink bytes per client and round (4·d
 for an fp32 delta; 8 per local step for FedKSeed's (index, scalar) pairs). Rows ``…@1e-4`` use
 one fixed small learning rate instead of a grid (the regime where bf16 round-to-nearest loses
-Adam's steps). Peak memory is not measured (``null``). DiLoCo (``configs/diloco.yaml``) is
+Adam's steps). ``peak_mem_mb`` is one client's measured peak for one local step on one batch
+(weights, optimizer state and batch held, plus the peak of live tensor allocations while the
+step runs; :mod:`fedkin.optim.memory`), and ``inference_peak_mem_mb`` the same model's forward
+pass on the same batch; FedKSeed's steps are its algorithm's, not an optimizer's (``null``).
+DiLoCo (``configs/diloco.yaml``) is
 compared with FedAvg (its outer optimizer replaced by w ← w + Δ̄) at equal rounds, and
 ``--plot`` draws accuracy against state memory.
 """
@@ -41,6 +45,10 @@ GRIDS = {
     "adamw-bf16-nearest@1e-4": [1e-4],
     "adamw-bf16-stochastic@1e-4": [1e-4],
     "fedkseed": [1e-3, 3e-3],
+    "mezo": [1e-3, 3e-3, 1e-2],
+    "zo-sgd": [3e-3, 1e-2, 3e-2],
+    "zo-adam": [3e-4, 1e-3, 3e-3],
+    "sparse-mezo": [3e-3, 1e-2, 3e-2],
 }
 WORKLOADS = {
     "digits-mlp": [
@@ -104,17 +112,38 @@ def run_one(
     params = exp.population["global"]
     d = sum(t.numel() for t in tree_leaves(params))
     alg = exp.groups[0].algorithm
+    step_mb, inference_mb = memory_mb(exp)
     if name == "fedkseed":
-        state, uplink = 0.0, 8 * cfg.client.local_steps
+        state, uplink, step_mb = 0.0, 8 * cfg.client.local_steps, None
     else:
         state, uplink = state_bytes_per_param(alg.client_optimizer, params), 4 * d
     return {
         "val": record.get("val_global_acc_mean"),
         "accuracy": record.get("global_acc_mean"),
         "state_bytes_per_param": state,
+        "peak_mem_mb": step_mb,
+        "inference_peak_mem_mb": inference_mb,
         "uplink_bytes_per_round": uplink,
         "params": d,
     }
+
+
+def memory_mb(exp) -> tuple[float, float]:
+    """(one local step's peak, the forward pass's peak) in MB for one client batch of ``exp``'s
+    global model and client optimizer (:mod:`fedkin.optim.memory`)."""
+    import torch
+
+    from fedkin.optim.memory import MB, inference_bytes, step_bytes
+
+    alg = exp.groups[0].algorithm
+    size = exp.config.client.batch_size
+    xs, ys = exp.dataset.sample_train_batches(
+        torch.tensor([0]), exp.stream.child("mem"), 0, 1, size
+    )
+    x, y = xs[0, 0], ys[0, 0]
+    params = exp.population["global"]
+    step = step_bytes(alg.plain_objective, alg.client_optimizer, params, x, y)
+    return round(step / MB, 4), round(inference_bytes(alg.logits, params, x) / MB, 4)
 
 
 def run_diloco(rounds: int, seed: int, every: int) -> dict[str, Any]:
@@ -138,7 +167,7 @@ def run_diloco(rounds: int, seed: int, every: int) -> dict[str, Any]:
 def run(
     names: list[str], workloads: list[str], rounds: dict[str, int], seed: int
 ) -> dict[str, Any]:
-    rows = []
+    rows, inference = [], {}
     for workload in workloads:
         for name in names:
             t0 = time.perf_counter()
@@ -153,16 +182,17 @@ def run(
                     "val_accuracy": best["val"],
                     "accuracy": best["accuracy"],
                     "state_bytes_per_param": round(best["state_bytes_per_param"], 3),
-                    "peak_mem_mb": None,
+                    "peak_mem_mb": best["peak_mem_mb"],
                     "uplink_bytes_per_round": best["uplink_bytes_per_round"],
                     "params": best["params"],
                     "seconds": round(time.perf_counter() - t0, 1),
                 }
             )
+            inference[workload] = best["inference_peak_mem_mb"]
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return {
         "rows": rows,
-        "inference_peak_mem_mb": {w: None for w in workloads},
+        "inference_peak_mem_mb": inference,
         "rounds": rounds,
     }
 
@@ -211,14 +241,16 @@ def cmd_optim(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{'workload':11} {'optimizer':27} {'lr':>7} {'val':>6} {'test':>6} {'state B/p':>9} "
-        f"{'uplink B':>9}"
+        f"{'peak MB':>8} {'uplink B':>9}"
     )
     for r in result["rows"]:
         print(
             f"{r['workload']:11} {r['optimizer']:27} {r['lr']:>7} {r['val_accuracy']:6.3f} "
             f"{r['accuracy']:6.3f} {r['state_bytes_per_param']:9.2f} "
+            f"{r['peak_mem_mb'] if r['peak_mem_mb'] is not None else '-':>8} "
             f"{r['uplink_bytes_per_round']:9d}"
         )
+    print(f"inference peak MB: {result['inference_peak_mem_mb']}")
     if "diloco" in result:
         for variant in ("diloco", "fedavg"):
             curve = ", ".join(f"r{k}: {v:.3f}" for k, v in result["diloco"][variant].items())
