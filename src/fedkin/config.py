@@ -192,13 +192,13 @@ class ExperimentConfig(_Section):
                 f"privacy.dp_sgd: algorithm.name={self.algorithm.name} computes gradients "
                 f"outside the shared local solver; DP-SGD works with: {allowed}"
             )
-        if self.server.optimizer.sharpness_aware:
+        if getattr(self.server.optimizer, "sharpness_aware", False):
             raise ValueError(
                 f"server.optimizer.name={self.server.optimizer.name} needs a loss (two gradient "
                 "evaluations per step); allowed for the server: any optimizer but sam, asam"
             )
         if (
-            self.client.optimizer.sharpness_aware
+            getattr(self.client.optimizer, "sharpness_aware", False)
             and not ALGORITHMS[self.algorithm.name].supports_dp_sgd
         ):
             allowed = ", ".join(n for n, a in ALGORITHMS.items() if a.supports_dp_sgd)
