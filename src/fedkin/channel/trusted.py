@@ -80,8 +80,10 @@ def drift(x: torch.Tensor, basis: torch.Tensor) -> float:
 
 
 class TrustedDirectionConfig(BaseModel):
-    """Trusted-direction projection: project each message onto the top-k singular directions
-    of trusted updates (or clip its orthogonal part); reports ``trusted_drift``."""
+    """Trusted-direction projection onto the top-k singular directions of trusted updates.
+
+    Each message is projected onto the subspace (or its orthogonal part clipped); the round's
+    mean relative distance to the subspace is recorded as ``trusted_drift``."""
 
     model_config = ConfigDict(extra="forbid")
     name: Literal["trusted_direction"] = "trusted_direction"
