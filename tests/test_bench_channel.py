@@ -41,3 +41,10 @@ def test_bench_robust_json_shape(cli, capsys, tmp_path, monkeypatch):
     ]
     assert (tmp_path / "robust.png").exists() and (tmp_path / "robust.md").exists()
     assert "Bar: best rule within 5 points of clean FedAvg" in (tmp_path / "robust.md").read_text()
+
+
+def test_bench_robust_filters_name_the_allowed_labels(cli, capsys):
+    with pytest.raises(SystemExit):
+        cli(["bench", "robust", "--rules", "mean,medain"])
+    err = capsys.readouterr().err
+    assert "unknown ['medain']" in err and "trusted_direction+mean" in err

@@ -156,16 +156,27 @@ class Trainer:
 # ----- robust ----------------------------------------------------------------------------------
 
 
-def robust(data: str, rounds: int, fractions: list[float], log=print) -> dict[str, Any]:
+def robust(
+    data: str,
+    rounds: int,
+    fractions: list[float],
+    log=print,
+    rules: list[str] | None = None,
+    attacks: list[str] | None = None,
+) -> dict[str, Any]:
+    """Every attack × every rule (or the labels in ``rules`` / ``attacks``)."""
     train = Trainer(workload(data, rounds))
+    chosen = {a: o for a, o in ATTACKS.items() if attacks is None or a in attacks}
     t0 = time.perf_counter()
     clean_fedavg = train([])["accuracy"]
     rows = []
     for fraction in fractions:
         f = round(fraction * COHORT)
         for label, agg in _aggregators(f).items():
+            if rules is not None and label not in rules:
+                continue
             clean = train(agg)["accuracy"]
-            for attack, overrides in ATTACKS.items():
+            for attack, overrides in chosen.items():
                 out = train([*agg, *overrides, f"attack.fraction={fraction}"])
                 rows.append(
                     {
@@ -192,21 +203,22 @@ def robust_markdown(result: dict[str, Any], command: str) -> str:
         f"Clean FedAvg (weighted mean, no attack): **{clean:.3f}**. Cells: final global test "
         "accuracy; `div` = the population model became NaN/Inf and the run stopped.",
     ]
+    attacks = list(dict.fromkeys(r["attack"] for r in rows))
     for fraction in sorted({r["fraction"] for r in rows}):
         sub = [r for r in rows if r["fraction"] == fraction]
         aggs = list(dict.fromkeys(r["aggregator"] for r in sub))
         lines += ["", f"## {fraction:.0%} Byzantine", ""]
-        lines.append("| rule | clean | " + " | ".join(ATTACKS) + " |")
-        lines.append("|---" * (len(ATTACKS) + 2) + "|")
+        lines.append("| rule | clean | " + " | ".join(attacks) + " |")
+        lines.append("|---" * (len(attacks) + 2) + "|")
         for agg in aggs:
             cells = {r["attack"]: r for r in sub if r["aggregator"] == agg}
             clean_acc = next(iter(cells.values()))["clean_accuracy"]
             vals = [
-                "div" if cells[a]["diverged"] else f"{cells[a]['accuracy']:.3f}" for a in ATTACKS
+                "div" if cells[a]["diverged"] else f"{cells[a]['accuracy']:.3f}" for a in attacks
             ]
             lines.append(f"| {agg} | {clean_acc:.3f} | " + " | ".join(vals) + " |")
         lines += ["", "Best rule per attack (gap to clean FedAvg):", ""]
-        for attack in ATTACKS:
+        for attack in attacks:
             ok = [r for r in sub if r["attack"] == attack and not r["diverged"]]
             if not ok:
                 lines.append(f"- {attack}: every rule diverged")
@@ -225,7 +237,7 @@ def _bar(rows: list[dict[str, Any]], clean: float) -> list[str]:
     """The issue's bar, read off the measured rows: every attack's best rule within 5 points of
     clean FedAvg, and how far the plain mean falls under each attack."""
     gaps = {}
-    for attack in ATTACKS:
+    for attack in dict.fromkeys(r["attack"] for r in rows):
         ok = [r["accuracy"] for r in rows if r["attack"] == attack and not r["diverged"]]
         gaps[attack] = 100 * (clean - max(ok)) if ok else float("inf")
     missed = [f"{a} ({g:.1f})" for a, g in gaps.items() if g > 5]
@@ -255,7 +267,7 @@ def robust_heatmap(result: dict[str, Any], path: Path) -> None:
     for ax, fraction in zip(axes[0], fractions, strict=True):
         sub = [r for r in result["rows"] if r["fraction"] == fraction]
         aggs = list(dict.fromkeys(r["aggregator"] for r in sub))
-        attacks = list(ATTACKS)
+        attacks = list(dict.fromkeys(r["attack"] for r in sub))
         grid = np.full((len(aggs), len(attacks)), np.nan)
         for r in sub:
             grid[aggs.index(r["aggregator"]), attacks.index(r["attack"])] = r["accuracy"]
@@ -350,14 +362,35 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--rounds", type=int, default=rounds, help=f"rounds (default {rounds})")
         p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
         p.add_argument("--json", action="store_true", help="print JSON instead of a summary")
-        p.add_argument(
-            "--threads", type=int, default=1, help="torch intra-op threads (default 1)"
-        )
+        p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
         if name == "robust":
             p.add_argument(
                 "--fractions", default="0.1,0.2", help="Byzantine fractions (default 0.1,0.2)"
             )
+            p.add_argument(
+                "--rules",
+                type=_labels(list(_aggregators(1))),
+                help="comma-separated rule labels (default: all)",
+            )
+            p.add_argument(
+                "--attacks",
+                type=_labels(list(ATTACKS)),
+                help="comma-separated attacks (default: all)",
+            )
         p.set_defaults(func=func)
+
+
+def _labels(allowed: list[str]):
+    """An argparse type: a comma-separated subset of ``allowed``."""
+
+    def parse(text: str) -> list[str]:
+        labels = [x.strip() for x in text.split(",")]
+        unknown = [x for x in labels if x not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown}; allowed: {', '.join(allowed)}")
+        return labels
+
+    return parse
 
 
 def _threads(args: argparse.Namespace) -> None:
@@ -384,10 +417,13 @@ def cmd_robust(args: argparse.Namespace) -> int:
     fractions = [float(x) for x in args.fractions.split(",")]
     command = f"fedkin bench robust --data {args.data} --rounds {args.rounds}"
     command += f" --fractions {args.fractions}"
+    for flag in ("rules", "attacks"):
+        if getattr(args, flag) is not None:
+            command += f" --{flag} '{','.join(getattr(args, flag))}'"
     _threads(args)
     t0 = time.perf_counter()
     log = (lambda *_: None) if args.json else print
-    result = robust(args.data, args.rounds, fractions, log)
+    result = robust(args.data, args.rounds, fractions, log, args.rules, args.attacks)
     result["seconds"] = time.perf_counter() - t0
     return _finish(args, "robust", result, robust_markdown, robust_heatmap, command)
 
