@@ -39,8 +39,7 @@ def test_bench_optim_cnn_workload_diloco_and_plot(tmp_path):
     curves = run_diloco(rounds=2, seed=0, every=1)
     assert set(curves["diloco"]) == set(curves["fedavg"]) == {1, 2}
     assert curves["diloco"] != curves["fedavg"]  # the outer optimizer changes the model
-    rows = [
-        {"workload": "fmnist-cnn", "optimizer": "swan", "accuracy": 0.5, "state_bytes_per_param": 1}
-    ]
-    plot({"rows": rows, "rounds": {"fmnist-cnn": 1}}, str(tmp_path / "p.png"))
+    rows = [{"workload": "fmnist-cnn", "optimizer": "swan", "accuracy": 0.5, "peak_mem_mb": 2.0}]
+    result = {"rows": rows, "rounds": {"fmnist-cnn": 1}, "inference_peak_mem_mb": {"fmnist-cnn": 1}}
+    plot(result, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
