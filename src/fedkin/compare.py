@@ -56,9 +56,31 @@ COLUMNS = [
 ]
 
 
+#: The same for reconstruction runs (``fedkin.core.tasks.RECONSTRUCTION``: ADEPT, or any
+#: algorithm on a ``pca``/``linear-ae`` model): energy captured and test MSE, both × 100.
+RECONSTRUCTION_COLUMNS = [
+    ("personal_energy_mean", "personal energy captured (mean)"),
+    ("personal_energy_p10", "personal energy captured (p10)"),
+    ("personal_energy_std", "std over clients"),
+    ("personal_mse", "personal test MSE × 100"),
+    ("global_energy_mean", "global model energy captured"),
+    ("new_energy_mean", "new-client energy captured"),
+]
+
 #: Final-evaluation keys averaged over seeds for a tuning grid point: the selection metric
 #: (higher wins) and the tie-breaker (lower wins).
 TUNE_KEYS = ("val_personal_acc_mean", "val_personal_loss")
+RECONSTRUCTION_TUNE_KEYS = ("val_personal_energy_mean", "val_personal_mse")
+
+
+def _reconstruction(summary: dict[str, Any]) -> bool:
+    """Whether a run's summary (or final record) holds reconstruction metrics."""
+    return any(k.endswith("personal_energy_mean") for k in summary)
+
+
+def columns_for(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The table columns for a run's task: classification's, or reconstruction's."""
+    return RECONSTRUCTION_COLUMNS if _reconstruction(summary) else COLUMNS
 
 
 def plan(
@@ -168,20 +190,18 @@ def tune_all(
                 )
                 for seed in range(section.seeds)
             ]
+            keys = RECONSTRUCTION_TUNE_KEYS if _reconstruction(runs[0]) else TUNE_KEYS
             points.append(
-                {
-                    "options": options,
-                    **{k: statistics.fmean(r[k] for r in runs) for k in TUNE_KEYS},
-                }
+                {"options": options, **{k: statistics.fmean(r[k] for r in runs) for k in keys}}
             )
-        best = max(points, key=lambda p: (p[TUNE_KEYS[0]], -p[TUNE_KEYS[1]]))
+        best = max(points, key=lambda p: (p[keys[0]], -p[keys[1]]))
         section.algorithm_options[algorithm] = {
             **section.algorithm_options.get(algorithm, {}),
             **best["options"],
         }
         tuning[algorithm] = {
             "chosen": best["options"],
-            "metric": TUNE_KEYS[0],
+            "metric": keys[0],
             "validation_fraction": section.validation_fraction,
             "grid": points,
         }
@@ -202,11 +222,13 @@ def run_all(
 
 
 def aggregate(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Mean and std over seeds of every table column, sorted by personal accuracy."""
+    """Mean and std over seeds of every table column, sorted by the personal score (accuracy;
+    energy captured for reconstruction)."""
+    columns = columns_for(next(iter(results.values()))[0])
     rows = []
     for algorithm, runs in results.items():
         row: dict[str, Any] = {"algorithm": algorithm, "seeds": len(runs)}
-        for key, _ in COLUMNS:
+        for key, _ in columns:
             values = [r[key] for r in runs if key in r]
             if values:
                 row[key] = {
@@ -214,17 +236,18 @@ def aggregate(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
                     "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                 }
         rows.append(row)
-    rows.sort(key=lambda r: -r.get("personal_acc_mean", {"mean": 0})["mean"])
+    rows.sort(key=lambda r: -r.get(columns[0][0], {"mean": 0})["mean"])
     return rows
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    header = "| algorithm | " + " | ".join(title for _, title in COLUMNS) + " |"
-    lines = [header, "|---" * (len(COLUMNS) + 1) + "|"]
+    columns = columns_for(rows[0])
+    header = "| algorithm | " + " | ".join(title for _, title in columns) + " |"
+    lines = [header, "|---" * (len(columns) + 1) + "|"]
     for row in rows:
         cells = [
             f"{100 * row[k]['mean']:.2f} ± {100 * row[k]['std']:.2f}" if k in row else "–"
-            for k, _ in COLUMNS
+            for k, _ in columns
         ]
         lines.append(f"| {row['algorithm']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -237,13 +260,15 @@ def plot(results: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    score, _ = columns_for(next(iter(results.values()))[0])[0]
+    what = "energy captured" if _reconstruction({score: 0}) else "accuracy"
     fig, ax = plt.subplots(figsize=(8, 5))
     for index, (algorithm, runs) in enumerate(results.items()):
         color = plt.cm.tab20(index % 20)
         curves = []
         for r in runs:
             evals = [e for e in read_records(Path(r["run_dir"])) if e["kind"] == "eval"]
-            curves.append([(e["round"], e["personal_acc_mean"]) for e in evals])
+            curves.append([(e["round"], e[score]) for e in evals])
         n = min(len(c) for c in curves)
         rounds = [p[0] for p in curves[0][:n]]
         acc = np.array([[p[1] for p in c[:n]] for c in curves])
@@ -252,7 +277,7 @@ def plot(results: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
         ax.fill_between(
             rounds, acc.mean(0) - acc.std(0), acc.mean(0) + acc.std(0), color=color, alpha=0.15
         )
-    ax.set(xlabel="round", ylabel="personalized test accuracy (mean over clients)")
+    ax.set(xlabel="round", ylabel=f"personalized test {what} (mean over clients)")
     ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
     curve_path = out / "accuracy_over_rounds.png"
@@ -263,7 +288,7 @@ def plot(results: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
     names = list(results)
     data = [[a for r in results[n] for a in r.get("personal_acc_by_client", [])] for n in names]
     ax.boxplot(data, tick_labels=names, showmeans=True)
-    ax.set(ylabel="per-client personalized accuracy (all seeds)")
+    ax.set(ylabel=f"per-client personalized {what} (all seeds)")
     fig.tight_layout()
     dist_path = out / "client_accuracy.png"
     fig.savefig(dist_path, dpi=100)
@@ -311,7 +336,9 @@ def write_report(
     text = (
         f"# fedkin compare\n\nCommand: `{command}`\n\n"
         f"Rounds: {first['rounds']}; seeds: {rows[0]['seeds']}; values are mean ± std over seeds "
-        "of the final evaluation, in %.\n\n" + note + table
+        f"of the final evaluation, {'× 100' if _reconstruction(first) else 'in %'}.\n\n"
+        + note
+        + table
     )
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(

@@ -36,6 +36,7 @@ BENCH_MODULES = (
     "fedkin.bench.optim",
     "fedkin.bench.channel",
     "fedkin.bench.diffusion",
+    "fedkin.bench.generative",
 )
 
 

@@ -1,8 +1,9 @@
 """Datasets and partitioners: configs in, a :class:`FederatedDataset` out.
 
 ``build_dataset(cfg, seed)`` looks the config's ``name`` up in the dataset registry and builds
-the dataset with randomness from ``Stream(seed).child("data").child(name)`` only; a validation split
-(``data.validation_fraction``) is then carved from the train rows with the ``"validation"``
+the dataset with randomness from ``Stream(seed).child("data").child(name)`` only; the train
+rows are then cut to ``data.train_per_client`` per client (``"train-cap"`` child stream) and a
+validation split (``data.validation_fraction``) is carved from them with the ``"validation"``
 child stream.
 ``DATASETS`` (the registry: built-ins and plugins) and ``PARTITIONS`` map names to config
 classes (for ``fedkin list``).
@@ -49,10 +50,14 @@ PARTITIONS: dict[str, type[BaseModel]] = {
 
 def build_dataset(cfg: DataConfig, seed: int) -> FederatedDataset:
     """Build the federated dataset described by ``cfg``, deterministically from ``seed``
-    (the validation split has its own stream, so it leaves the partition unchanged; dataset
-    configs without ``validation_fraction``, e.g. from plugins, get none)."""
+    (the train cap and the validation split have their own streams, so they leave the
+    partition unchanged; dataset configs without ``train_per_client`` or
+    ``validation_fraction``, e.g. from plugins, get neither)."""
     data = Stream(seed).child("data")
     dataset = DATASET_REGISTRY.build(cfg, data.child(cfg.name))
+    cap = getattr(cfg, "train_per_client", None)
+    if cap is not None:
+        dataset = dataset.with_train_cap(cap, data.child("train-cap"))
     fraction = getattr(cfg, "validation_fraction", 0.0)
     if fraction > 0:
         dataset = dataset.with_validation(fraction, data.child("validation"))

@@ -64,6 +64,14 @@ class _DatasetConfig(_Strict):
         "(never trained on; eval records then report val_* metrics, e.g. for choosing "
         "hyperparameters without the test split). 0: no validation set.",
     )
+    train_per_client: int | None = Field(
+        None,
+        gt=0,
+        description="Keep only this many training samples per client, a random subset that "
+        "grows with the value (the subset for n is inside the one for 2n; ADEPT's data_ratio, "
+        "and sample-amplification runs); the test split is unchanged. Every client must hold "
+        "at least this many. None: all.",
+    )
 
 
 PartitionConfig = Annotated[

@@ -236,6 +236,24 @@ class FederatedDataset:
             val_sizes=val_sizes,
         )
 
+    def with_train_cap(self, n: int, stream: Stream) -> FederatedDataset:
+        """This dataset with every client's train split cut to ``n`` samples: those with the
+        ``n`` smallest keys of (stream, client, position), so the subset for ``n`` lies inside
+        the one for any larger ``n``. A client with fewer than ``n`` is an error."""
+        short = torch.nonzero(self.train_sizes < n).flatten()
+        if len(short):
+            raise DataError(
+                f"data.train_per_client: {n} exceeds the {int(self.train_sizes.min())} training "
+                f"samples of client {int(short[0])} ({len(short)} clients hold fewer than {n}); "
+                f"allowed: 1..{int(self.train_sizes.min())} or null (all)"
+            )
+        positions = torch.arange(self.train_index.shape[1])
+        keys = stream.keys(torch.arange(self.num_clients)[:, None], positions[None, :])
+        keys = torch.where(positions[None, :] < self.train_sizes[:, None], keys, _PAD_KEY)
+        order = torch.argsort(keys, dim=1, stable=True)[:, :n]
+        train_index, train_sizes = pad_index(list(torch.gather(self.train_index, 1, order)))
+        return replace(self, train_index=train_index, train_sizes=train_sizes)
+
     def eval_split(self, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
         """The padded index table and sizes of the ``"test"`` or ``"val"`` split."""
         if split == "test":
