@@ -180,3 +180,8 @@ def test_compare_reports_reconstruction_metrics(tmp_path):
     assert "personal energy captured (mean)" in table and "personal test MSE × 100" in table
     assert "× 100" in (tmp_path / "results.md").read_text()
     assert all(p.exists() for p in plots)
+
+
+def test_unknown_dataset_names_the_option_and_the_allowed_values():
+    with pytest.raises(ConfigError, match="--datasets: unknown.*allowed: linear-gaussian"):
+        G.pairs(argparse.Namespace(datasets=["mnist"]))

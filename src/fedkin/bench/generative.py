@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from fedkin.config import deep_merge, parse_overrides, read_yaml, validate_config
+from fedkin.core.errors import ConfigError
 from fedkin.core.evaluate import summarize
 from fedkin.core.tasks import RECONSTRUCTION
 from fedkin.core.tree import tree_leaves
@@ -197,11 +198,19 @@ def rows_over_seeds(
     return rows
 
 
+def pairs(args: argparse.Namespace) -> list[tuple[str, Pair]]:
+    """The ``--datasets`` (default: all) with their configs; an unknown name is an error."""
+    names = args.datasets or list(DATASETS)
+    unknown = [d for d in names if d not in DATASETS]
+    if unknown:
+        raise ConfigError(f"--datasets: unknown {unknown}; allowed: {', '.join(DATASETS)}")
+    return [(d, DATASETS[d]) for d in names]
+
+
 def table1(args: argparse.Namespace) -> list[Row]:
     """Reconstruction MSE, energy captured (and subspace error) per method and dataset."""
     rows = []
-    for dataset in args.datasets:
-        pair = DATASETS[dataset]
+    for dataset, pair in pairs(args):
         per_seed = []
         for seed in range(args.seeds):
             results: dict[str, tuple[dict[str, float], int]] = {}
@@ -232,8 +241,7 @@ def _progress(args: argparse.Namespace, *parts: Any) -> None:
 def amplification(args: argparse.Namespace) -> list[Row]:
     """ADEPT-PCA with n samples per client against local PCA with k·n (matching k)."""
     rows = []
-    for dataset in args.datasets:
-        pair = DATASETS[dataset]
+    for dataset, pair in pairs(args):
         raw = load_raw(pair.pca, [*pair.amplify, *args.overrides])
         n = validate_config(raw).data.train_per_client
         if n is None:
@@ -286,8 +294,7 @@ def headroom(args: argparse.Namespace) -> list[Row]:
     λ = 0 local and λ → ∞ global PCA, at n and 4n training samples per client. The best λ is
     chosen on test data: an oracle bound for reading the other tables, not a method."""
     rows = []
-    for dataset in args.datasets:
-        pair = DATASETS[dataset]
+    for dataset, pair in pairs(args):
         base = load_raw(pair.pca, [*pair.amplify, *args.overrides])
         n = validate_config(base).data.train_per_client
         for size in (n, 4 * n) if n else ():
@@ -315,8 +322,9 @@ def headroom(args: argparse.Namespace) -> list[Row]:
 
 LAMBDAS = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 1e6)
 
-#: ``--table`` name → builder(args) → rows. Other tables (e.g. KID for diffusion models)
-#: are added here.
+#: ``--table`` name → builder(args) → rows (``args``: the parsed options ``datasets``,
+#: ``seeds``, ``overrides``, ``json``). Other tables (e.g. KID for diffusion models) are added
+#: here.
 TABLES: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
     "table1": table1,
     "amplification": amplification,
@@ -358,11 +366,6 @@ def _cell(row: Row | None) -> str:
 
 
 def cmd_generative(args: argparse.Namespace) -> int:
-    unknown = [d for d in args.datasets if d not in DATASETS]
-    if unknown:
-        from fedkin.core.errors import ConfigError
-
-        raise ConfigError(f"--datasets: unknown {unknown}; allowed: {', '.join(DATASETS)}")
     tables = list(TABLES) if args.table == "all" else [args.table]
     rows = [row for name in tables for row in TABLES[name](args)]
     print(json.dumps(rows, indent=1) if args.json else markdown(rows))
@@ -421,9 +424,7 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument("--table", choices=[*TABLES, "all"], default="all", help="table to build")
-    p.add_argument(
-        "--datasets", nargs="+", default=list(DATASETS), help=f"subset of {', '.join(DATASETS)}"
-    )
+    p.add_argument("--datasets", nargs="+", help=f"subset of {', '.join(DATASETS)} (default: all)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (mean ± std over them)")
     p.add_argument(
         "--set",
