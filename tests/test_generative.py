@@ -183,5 +183,5 @@ def test_compare_reports_reconstruction_metrics(tmp_path):
 
 
 def test_unknown_dataset_names_the_option_and_the_allowed_values():
-    with pytest.raises(ConfigError, match="--datasets: unknown.*allowed: linear-gaussian"):
+    with pytest.raises(ConfigError, match=r"--datasets: unknown.*allowed: linear-gaussian"):
         G.pairs(argparse.Namespace(datasets=["mnist"]))
