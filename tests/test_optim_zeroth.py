@@ -10,6 +10,7 @@ from torch.func import vmap
 from torch.testing import assert_close
 
 from conftest import tiny_config
+from fedkin.algorithms import ALGORITHMS
 from fedkin.config import load_config
 from fedkin.core.errors import UserError
 from fedkin.core.tree import tree_leaves, tree_map
@@ -199,9 +200,21 @@ def test_config_errors_name_the_dotted_key(override, needle):
     ("overrides", "needle"),
     [
         (["algorithm.name=apfl"], "client.optimizer.name=mezo is zeroth-order"),
+        (["algorithm.name=pfedme"], "work with: fedavg, fedprox"),
         (["server.optimizer.name=mezo"], "server.optimizer.name=mezo is zeroth-order"),
     ],
 )
 def test_zeroth_order_is_refused_where_it_cannot_work(overrides, needle):
     with pytest.raises(UserError, match=needle):
         load_config(None, ["client.optimizer.name=mezo", *overrides])
+
+
+@pytest.mark.parametrize("name", [n for n, a in ALGORITHMS.items() if a.supports_zeroth_order])
+def test_every_algorithm_that_allows_zeroth_order_trains_with_it(name):
+    exp = Experiment(
+        tiny_config(f"algorithm.name={name}", "client.optimizer.name=zo-sgd", "rounds=1")
+    )
+    before = tree_map(torch.clone, exp.store.gather(torch.arange(20)) or exp.population)
+    exp.run_round()
+    after = exp.store.gather(torch.arange(20)) or exp.population
+    assert not torch.equal(_flat(before), _flat(after))

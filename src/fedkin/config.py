@@ -247,8 +247,9 @@ class ExperimentConfig(_Section):
         return self
 
     def _zeroth_order_fits(self) -> None:
-        """A zeroth-order client optimizer needs every client gradient to come from the shared
-        local solver (the algorithms that support DP-SGD), without DP-SGD; none serves FedOpt."""
+        """A zeroth-order client optimizer needs an algorithm whose client-optimizer steps are all
+        shared local-solver steps (``supports_zeroth_order``), without DP-SGD; none serves
+        FedOpt."""
         if getattr(self.server.optimizer, "zeroth_order", False):
             raise ValueError(
                 f"server.optimizer.name={self.server.optimizer.name} is zeroth-order: it needs "
@@ -257,12 +258,12 @@ class ExperimentConfig(_Section):
         if not getattr(self.client.optimizer, "zeroth_order", False):
             return
         name = self.client.optimizer.name
-        if not ALGORITHMS[self.algorithm.name].supports_dp_sgd:
-            allowed = ", ".join(n for n, a in ALGORITHMS.items() if a.supports_dp_sgd)
+        if not ALGORITHMS[self.algorithm.name].supports_zeroth_order:
+            allowed = ", ".join(n for n, a in ALGORITHMS.items() if a.supports_zeroth_order)
             raise ValueError(
                 f"client.optimizer.name={name} is zeroth-order, but algorithm.name="
-                f"{self.algorithm.name} computes gradients outside the shared local solver; "
-                f"zeroth-order client optimizers work with: {allowed}"
+                f"{self.algorithm.name} steps its client optimizer outside the shared local "
+                f"solver; zeroth-order client optimizers work with: {allowed}"
             )
         if self.privacy.dp_sgd is not None:
             raise ValueError(

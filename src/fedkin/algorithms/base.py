@@ -85,6 +85,10 @@ class Algorithm(ABC):
     #: True if every gradient on client data goes through :meth:`local_solve` with ``ctx``, so
     #: example-level DP-SGD (``privacy.dp_sgd``) covers the whole local computation.
     supports_dp_sgd: ClassVar[bool] = False
+    #: True if every step of the client optimizer is a :meth:`local_solve` step, so a
+    #: zeroth-order client optimizer (which steps on SPSA estimates of the objective, not on
+    #: gradients) can run it.
+    supports_zeroth_order: ClassVar[bool] = False
     #: What the model's output is scored against: the training loss of :meth:`data_loss` and
     #: the evaluation metrics (:mod:`fedkin.core.tasks`; reconstruction for ADEPT). A model
     #: with ``reconstructs = True`` (linear AE, PCA) makes any algorithm's instance use

@@ -33,6 +33,7 @@ class Ditto(Algorithm):
     name = "ditto"
     Config = DittoConfig
     supports_dp_sgd = True
+    supports_zeroth_order = True
 
     def init_client(self, population: Tree) -> Tree:
         v = population["global"]

@@ -24,6 +24,7 @@ class FedAvgConfig(BaseModel):
 class FedAvg(Algorithm):
     name = "fedavg"
     supports_dp_sgd = True
+    supports_zeroth_order = True
     Config = FedAvgConfig
 
     def client_update(self, population: Tree, client: Tree, batches, ctx: Tree):

@@ -40,6 +40,7 @@ class FedAvgFt(Algorithm):
     name = "fedavg_ft"
     Config = FedAvgFtConfig
     supports_dp_sgd = True
+    supports_zeroth_order = True
 
     def client_update(self, population: Tree, client: Tree, batches, ctx: Tree):
         w = population["global"]

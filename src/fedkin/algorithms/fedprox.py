@@ -25,6 +25,7 @@ class FedProxConfig(BaseModel):
 class FedProx(Algorithm):
     name = "fedprox"
     supports_dp_sgd = True
+    supports_zeroth_order = True
     Config = FedProxConfig
 
     def client_update(self, population: Tree, client: Tree, batches, ctx: Tree):

@@ -39,6 +39,7 @@ class L2gd(Algorithm):
     name = "l2gd"
     Config = L2gdConfig
     supports_dp_sgd = True
+    supports_zeroth_order = True
 
     def init_client(self, population: Tree) -> Tree:
         x = population["global"]

@@ -25,6 +25,7 @@ class LocalConfig(BaseModel):
 class Local(Algorithm):
     name = "local"
     supports_dp_sgd = True
+    supports_zeroth_order = True
     Config = LocalConfig
     has_global_model = False
     supports_model_groups = True
