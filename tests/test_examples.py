@@ -1,6 +1,8 @@
 """The example plugin (examples/laplace_plugin.py): its math, and every way of running it —
-``fedkin run --plugin``, resume without ``--plugin`` in a fresh process, ``fedkin compare``,
-Ray (2 workers) and Flower's Simulation Runtime give the in-process numbers."""
+``fedkin run --plugin``, resume without ``--plugin`` in a fresh process, ``fedkin compare``
+(``tests/test_fresh_venv.py`` runs these again in a fresh venv with fedkin installed from a
+wheel, plus Ray with 2 workers and Flower's Simulation Runtime, which give the in-process
+numbers)."""
 
 from __future__ import annotations
 
@@ -182,7 +184,18 @@ def test_resume_in_a_fresh_process_without_plugin_flag(reference, tmp_path):
     ``fedkin run --resume DIR`` (no --plugin): the records equal the uninterrupted run's."""
     shutil.copy(EXAMPLES / f"{PLUGIN}.py", tmp_path / f"{PLUGIN}.py")
     run_dir = tmp_path / "run"
-    script = (
+    out = fresh_process(["-c", interrupted_run(run_dir)], tmp_path, tmp_path).stdout
+    assert "interrupted at round 3" in out
+    fresh_process(
+        ["-m", "fedkin.cli.main", "run", "--resume", str(run_dir), "--quiet"], tmp_path, tmp_path
+    )
+    assert drop_timings(read_records(run_dir)) == drop_timings(read_records(reference))
+
+
+def interrupted_run(run_dir: Path) -> str:
+    """A Python script that runs the example (plugin loaded by name) into ``run_dir`` and
+    stops it (as Ctrl-C would) at round 3's train record, before that round is checkpointed."""
+    return (
         "from pathlib import Path\n"
         "import fedkin\n"
         "from fedkin.runs import new_run\n"
@@ -199,12 +212,6 @@ def test_resume_in_a_fresh_process_without_plugin_flag(reference, tmp_path):
         "except KeyboardInterrupt:\n"
         "    print('interrupted at round', exp.round)\n"
     )
-    out = fresh_process(["-c", script], tmp_path, tmp_path).stdout
-    assert "interrupted at round 3" in out
-    fresh_process(
-        ["-m", "fedkin.cli.main", "run", "--resume", str(run_dir), "--quiet"], tmp_path, tmp_path
-    )
-    assert drop_timings(read_records(run_dir)) == drop_timings(read_records(reference))
 
 
 def test_compare_runs_the_plugin_algorithm_with_the_in_process_numbers(
@@ -231,39 +238,3 @@ def test_experiment_api_on_the_example(plugin, reference):
     with torch.no_grad():
         accuracy = (model(x[0]).argmax(-1) == y[0])[mask[0]].float().mean()
     assert float(accuracy) == pytest.approx(summary["personal_acc_by_client"][5])
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "backend",
-    [["backend.name=ray", "backend.workers=2"], ["backend.name=flower"]],
-    ids=["ray", "flower"],
-)
-def test_ray_and_flower_give_the_in_process_numbers(reference, tmp_path, backend):
-    """Fresh processes with the plugin in a tmp dir on PYTHONPATH: Ray workers and Flower's
-    simulated SuperNodes import it themselves."""
-    shutil.copy(EXAMPLES / f"{PLUGIN}.py", tmp_path / f"{PLUGIN}.py")
-    run_dir = tmp_path / "run"
-    fresh_process(
-        [
-            "-m",
-            "fedkin.cli.main",
-            "run",
-            "--plugin",
-            PLUGIN,
-            *EXAMPLE,
-            *backend,
-            "--out",
-            str(run_dir),
-            "--quiet",
-        ],
-        tmp_path,
-        tmp_path,
-    )
-    expected = [r for r in read_records(reference) if r["kind"] == "eval"]
-    got = [r for r in read_records(run_dir) if r["kind"] == "eval"]
-    keys = [k for k in expected[0] if k.endswith(("_acc_mean", "_acc_weighted", "_loss"))]
-    assert keys
-    for e, g in zip(expected, got, strict=True):
-        for k in keys:
-            assert g[k] == pytest.approx(e[k], rel=1e-5, abs=1e-6), k
