@@ -5,6 +5,7 @@ the Flower protocol (a server that reads no data, nodes that read only their own
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -254,3 +255,32 @@ def test_a_bad_node_file_stops_the_run_at_discovery_with_its_error(node_files, t
     server, grid = _fake_deployment(digits, configs)
     with pytest.raises(UserError, match=r"data-file=.* needs data.name=local-files"):
         server.run(grid)
+
+
+@needs_flwr
+def test_the_deployed_server_app_always_writes_results_or_its_error(tmp_path, monkeypatch):
+    """Without ``fedkin-run-dir`` the ServerApp writes to ~/.fedkin/flower-runs/<run id>; a run
+    that fails (a SuperNode missing) leaves its error in ``failed.txt`` there."""
+    from flwr.app import Context, RecordDict
+
+    from fedkin.backends.flower_app import FAILURE_FILE, _client_app, _server_from_context
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    overrides = "data.num_clients=2 cohort.clients_per_round=2 rounds=1 model.hidden=[16]"
+    run_config = {"fedkin-overrides": overrides, "fedkin-node-timeout": 0.5}
+    nodes = [{"partition-id": 0}, {"partition-id": 1}]
+    client_app = _client_app(None)
+    for grid, run_id in ((FakeGrid(client_app, nodes), 7), (FakeGrid(client_app, nodes[:1]), 8)):
+        for context in grid.contexts.values():
+            context.run_config = run_config
+        server = Context(run_id, 0, {}, RecordDict(), run_config)
+        if run_id == 7:
+            _server_from_context(grid, server)
+        else:
+            with pytest.raises(UserError, match="only 1 of 2 SuperNodes answered"):
+                _server_from_context(grid, server)
+    runs = tmp_path / ".fedkin" / "flower-runs"
+    assert json.loads((runs / "7" / "summary.json").read_text())["rounds"] == 1
+    assert not (runs / "7" / FAILURE_FILE).exists()
+    failure = (runs / "8" / FAILURE_FILE).read_text()
+    assert failure.startswith("UserError: only 1 of 2 SuperNodes answered within 0.5s")
