@@ -9,6 +9,7 @@ import torch
 from conftest import tiny, tiny_config
 from fedkin.config import load_config
 from fedkin.core.errors import ConfigError
+from fedkin.core.tree import tree_leaves
 from fedkin.experiment import Experiment
 
 CHANNEL = ("channel.compress.name=top_k", "channel.compress.density=0.1")
@@ -45,7 +46,17 @@ def run(exp: Experiment, rounds: int) -> list[dict]:
             "privacy.mechanism=local",
         ),
         (["channel.aggregator.name=median", "algorithm.name=ifca"], "masked by cluster"),
-        (["attack.name=ipm", "backend.name=flower"], "Flower runtime"),
+        (
+            [
+                "attack.name=ipm",
+                "backend.name=flower",
+                "privacy.mechanism=central",
+                "privacy.noise_multiplier=1",
+                "cohort.weighting=uniform",
+                "privacy.delta=1e-3",
+            ],
+            "attack.name=ipm sees the round's honest messages",
+        ),
     ],
 )
 def test_bad_channel_configs_are_one_line_errors(overrides, message):
@@ -55,10 +66,17 @@ def test_bad_channel_configs_are_one_line_errors(overrides, message):
     assert message in text and "\n" not in text.strip()
 
 
-def test_default_channel_records_no_bytes_and_builds_no_runtime():
+def test_default_channel_counts_the_float32_message_and_model():
+    """Uncompressed, a round costs the real float32 sizes: K messages up, K copies of Γ down."""
     exp = Experiment(tiny_config())
-    assert exp.channel_runtime is None
-    assert "uplink_bytes" not in exp.run_round()
+    assert exp.channel.default and not exp.channel.error_feedback
+    population = exp.population
+    record, second = exp.run_round(), exp.run_round()
+    d = sum(t.numel() for t in population["global"].values())  # FedAvg sends its delta only
+    gamma = sum(t.numel() for t in tree_leaves(population))
+    assert record["uplink_bytes"] == 5 * 4 * d
+    assert record["downlink_bytes"] == 5 * 4 * gamma
+    assert second["uplink_bytes_total"] == 2 * 5 * 4 * d
 
 
 def test_bytes_per_round_and_cumulative():
@@ -76,20 +94,20 @@ def test_label_flip_poisons_only_the_byzantine_clients_batches():
     exp = Experiment(tiny_config("attack.name=label_flip", "attack.fraction=0.5"))
     cohort = torch.arange(8)
     x, y = torch.zeros(2, 8, 3, 1), torch.arange(3).repeat(2, 8, 1)
-    _, flipped = exp.channel_runtime.poison((x, y), cohort)
-    bad = exp.channel_runtime.byzantine[cohort]
+    _, flipped = exp.channel.poison((x, y), cohort)
+    bad = exp.channel.byzantine[cohort]
     assert bad.any() and (~bad).any()
     assert torch.equal(flipped[:, bad], 9 - y[:, bad])
     assert torch.equal(flipped[:, ~bad], y[:, ~bad])
     mask = torch.ones(2, 8, 3, dtype=torch.bool)  # DP-SGD's Poisson batches carry a mask
-    poisoned = exp.channel_runtime.poison((x, y, mask), cohort)
+    poisoned = exp.channel.poison((x, y, mask), cohort)
     assert len(poisoned) == 3 and poisoned[2] is mask and torch.equal(poisoned[1], flipped)
 
 
 def test_nonfinite_attack_is_rejected_and_counted():
     exp = Experiment(tiny_config("attack.name=nonfinite", "attack.fraction=0.3"))
     records = run(exp, 3)
-    byz = exp.channel_runtime.byzantine
+    byz = exp.channel.byzantine
     assert sum(r["rejected_updates"] for r in records) > 0
     assert all(torch.isfinite(t).all() for t in exp.population["global"].values())
     assert 0 < int(byz.sum()) == 6
@@ -144,5 +162,5 @@ def test_compression_under_central_dp_runs_and_its_bytes_stay_inside():
         )
     )
     records = run(exp, 2)
-    assert exp.channel_runtime is not None and exp.channel_runtime.uplink_total > 0
+    assert exp.channel_state.uplink_total > 0
     assert all("uplink_bytes" not in r and "epsilon" in r for r in records)

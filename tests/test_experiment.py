@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from conftest import drop_timings, tiny, tiny_config
-from fedkin.core.channel import Channel, finite_rows, reject_nonfinite
+from fedkin.core.channel import finite_rows
 from fedkin.core.errors import NonFiniteModelError
 from fedkin.core.evaluate import evaluate_global, evaluate_personal, summarize
 from fedkin.engine import SequentialEngine, VectorizedEngine
@@ -50,15 +50,16 @@ def _poison_train_data(exp: Experiment, clients: list[int]) -> None:
         ds.x[ds.train_index[c, : int(ds.train_sizes[c])]] = float("inf")
 
 
-def _exclude(exp: Experiment, clients: list[int]):
-    """A channel step giving zero weight to ``clients`` (the clean reference run)."""
+def _exclude(exp: Experiment, clients: list[int]) -> None:
+    """Make the channel's server half give zero weight to ``clients`` (the clean reference)."""
     bad = torch.tensor(clients)
+    server_half = exp.channel.server_half
 
-    def step(messages, weights, *round_):  # channel steps may also receive the round number
+    def exclude(messages, weights, *rest):
         cohort = exp.sample_cohort(exp.round)  # exp.round: rounds completed = this round's index
-        return messages, weights * ~torch.isin(cohort, bad), {}
+        return server_half(messages, weights * ~torch.isin(cohort, bad), *rest)
 
-    return step
+    exp.channel.server_half = exclude
 
 
 @pytest.mark.parametrize(
@@ -72,7 +73,7 @@ def test_nonfinite_updates_rejected_and_population_is_clean_aggregate(algo):
     _poison_train_data(poisoned_exp, poisoned)
 
     reference = Experiment(tiny_config(*algo))
-    reference.channel = Channel([reject_nonfinite, _exclude(reference, poisoned)])
+    _exclude(reference, poisoned)
 
     for r in range(rounds):
         cohort = poisoned_exp.sample_cohort(r).tolist()

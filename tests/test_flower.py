@@ -284,6 +284,117 @@ def test_run_dir_gets_config_metrics_summary_and_population(tmp_path):
     )
 
 
+#: A compressed, robust and attacked channel: top-k with error feedback (residuals on the nodes),
+#: trimmed mean, and a sign flip of the honest mean by client 1 of 4 (omniscient: the server
+#: simulates the adversary from the raw messages).
+ROBUST_COMPRESSED = (
+    "channel.aggregator.name=trimmed_mean",
+    "channel.aggregator.f=1",
+    "channel.compress.name=top_k",
+    "channel.compress.density=0.1",
+    "attack.name=sign_flip",
+    "attack.fraction=0.25",
+)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ROBUST_COMPRESSED,
+        # the attack on the Byzantine node itself; QSGD's random rounding keyed by the client
+        (
+            "channel.aggregator.name=median",
+            "channel.compress.name=qsgd",
+            "attack.name=scaled",
+            "attack.fraction=0.25",
+        ),
+        # compression under central DP: the node sends the encoded delta and its clip factor
+        (
+            "channel.compress.name=top_k",
+            "channel.compress.density=0.2",
+            "attack.name=gaussian",
+            "attack.fraction=0.25",
+            "privacy.mechanism=central",
+            "privacy.noise_multiplier=0.5",
+            "privacy.release_diagnostics=true",
+            "cohort.weighting=uniform",
+            "cohort.sampling=fixed",
+            "privacy.accountant=rdp",
+        ),
+    ],
+    ids=["trimmed-topk-ef-signflip", "median-qsgd-scaled", "central-dp-topk-gaussian"],
+)
+def test_compressed_robust_attacked_channel_equals_the_in_process_run(extra):
+    """The channel's client half on the nodes (compressed deltas on the wire, residuals in the
+    nodes' context.state) and its server half in the shared round: the in-process records
+    (bytes included) and population, bit for bit."""
+    config = tiny("rounds=3", "eval.every=1", *extra)
+    server, grid = run_both(config)
+    sent = [reply.content for reply in grid.train_replies]
+    encoded = [c for c in sent if "uplink" in c]
+    assert encoded, "no compressed delta crossed the wire"
+    if "channel.compress.name=top_k" in extra:
+        d = sum(t.numel() for t in server.experiment.population["global"].values())
+        k = -(-d * (2 if "privacy.mechanism=central" in extra else 1) // 10)
+        assert all(len(c["uplink"]["delta"].numpy()) == 6 * k for c in encoded)
+    error_feedback = "channel.compress.name=top_k" in extra
+    residuals = [c for c in grid.contexts.values() if "fedkin-channel" in c.state]
+    assert bool(residuals) == error_feedback
+    train = [r for r in server.records if r["kind"] == "train"]
+    assert all(r["uplink_bytes"] > 0 and r["downlink_bytes"] > 0 for r in train)
+
+
+def test_flower_run_stops_like_the_in_process_run_on_the_budget(monkeypatch, tmp_path):
+    """Same stop_reason, evaluation at the stop and checkpoint of the server side as
+    in-process when the privacy budget runs out (the config's rounds raised after the noise was
+    calibrated, as in test_privacy_learning)."""
+    from fedkin.experiment import CHECKPOINT, Experiment
+
+    config = tiny(
+        "privacy.mechanism=central",
+        "privacy.target_epsilon=1.5",
+        "cohort.weighting=uniform",
+        "cohort.sampling=poisson",
+        "cohort.clients_per_round=2",
+        "rounds=3",
+        "privacy.release_diagnostics=true",
+    )
+
+    def longer(exp):
+        exp.config = exp.config.model_copy(update={"rounds": 6})
+        return exp
+
+    exp = longer(Experiment(config))
+    expected = exp.run(tmp_path, [])
+    build = flower_app._experiment
+    monkeypatch.setattr(flower_app, "_experiment", lambda *a: longer(build(*a)))
+    server_app, client_app = make_apps(config, run_dir=tmp_path / "flower")
+    summary = server_app.fedkin_server.run(
+        FakeGrid(client_app, [{"partition-id": i} for i in range(4)])
+    )
+    assert "privacy budget" in expected["stop_reason"]
+    assert summary["stop_reason"] == expected["stop_reason"] and summary["rounds"] == 3
+    saved = torch.load(tmp_path / "flower" / CHECKPOINT, weights_only=False)
+    assert saved["round"] == 3
+    for a, b in zip(tree_leaves(exp.population), tree_leaves(saved["population"]), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_flower_run_has_the_dead_round_guard():
+    """Every update NaN for three rounds stops a Flower run with the in-process error."""
+    from fedkin.core.errors import NonFiniteModelError
+    from fedkin.experiment import Experiment
+
+    config = tiny("rounds=10", "server.optimizer.lr=1e30")
+    exp = Experiment(config)
+    with pytest.raises(NonFiniteModelError, match="every client update was NaN/Inf") as local:
+        while exp.round < config.rounds:
+            exp.run_round()
+    with pytest.raises(NonFiniteModelError) as flower:
+        run_fake(config)
+    assert str(flower.value) == str(local.value)
+
+
 # ----- Flower's Simulation Runtime (Ray) ----------------------------------------------------------
 
 

@@ -528,13 +528,13 @@ def test_private_personalization_sends_only_population_quantities(name):
         )
     )
     seen = []
-    clip_step = exp.channel.steps[1]
+    client_half = exp.channel.client_half
 
-    def spy(messages, weights, round_):
+    def spy(messages, *rest):
         seen.append(messages)
-        return clip_step(messages, weights, round_)
+        return client_half(messages, *rest)
 
-    exp.channel.steps[1] = spy
+    exp.channel.client_half = spy
     for _ in range(2):
         record = exp.run_round()
         assert record["epsilon"] > 0

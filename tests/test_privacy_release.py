@@ -190,9 +190,14 @@ def dp_config(algorithm: str, mechanism: str, *extra: str):
 
 
 def check_released_keys(outcome: Outcome, mechanism: str) -> None:
-    train = TRAIN_KEYS | ({"clients"} if mechanism == "local" else set())  # fixed cohorts
+    # fixed cohorts (local): the cohort size k and, uncompressed, the bytes (k float32 messages)
+    fixed = {"clients", "uplink_bytes", "downlink_bytes", "uplink_bytes_total"}
+    fixed |= {"downlink_bytes_total"}
+    train = TRAIN_KEYS | (fixed if mechanism == "local" else set())
     for record in outcome.records:
         assert set(record) <= (train if record["kind"] == "train" else EVAL_KEYS), record
+        if record["kind"] == "train":  # bytes released exactly when data-independent
+            assert ("uplink_bytes" in record) == (mechanism == "local"), record
     assert set(outcome.summary) == SUMMARY_KEYS and outcome.summary["private"] is True
     assert all(line.startswith("ε ") for line in outcome.lines), outcome.lines
 

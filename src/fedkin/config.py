@@ -302,10 +302,14 @@ class ExperimentConfig(_Section):
         """A non-default channel (aggregator, compressor, attack) runs where it is supported."""
         if self.channel == ChannelConfig() and self.attack is None:
             return
-        if self.backend.name == "flower":
+        omniscient = self.attack is not None and self.attack._sees_honest()
+        if self.backend.name == "flower" and self.privacy.enabled and omniscient:
             raise ValueError(
-                "channel.aggregator/channel.compress/attack run in-process and on Ray; the "
-                "Flower runtime does not apply them yet (use backend.name=local or ray)"
+                f"attack.name={self.attack.name} sees the round's honest messages, which "
+                "Flower nodes would have to send un-released to the simulated adversary; "
+                "with privacy on backend.name=flower use an attack that sees its own update "
+                "only (attack.name=scaled|gaussian|nonfinite|label_flip, or sign_flip with "
+                "attack.reference=own) or privacy.mechanism=none"
             )
         if self.privacy.mechanism == "local" and self.channel != ChannelConfig():
             raise ValueError(
@@ -322,7 +326,9 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"channel.aggregator.name={self.channel.aggregator.name}: algorithm.name="
                 f"{self.algorithm.name} sends its model delta masked by cluster, which a robust "
-                "rule would mix across clusters; use channel.aggregator.name=weighted_mean"
+                "rule would mix across clusters (only the key 'delta' is aggregated robustly; "
+                "its cluster masses 'assign' are always averaged); use "
+                "channel.aggregator.name=weighted_mean"
             )
 
 

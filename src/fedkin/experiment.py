@@ -1,9 +1,9 @@
-"""One federated experiment: build the parts from a config, run rounds, evaluate, checkpoint.
+"""One federated experiment: build the parts from a config; evaluate; checkpoint.
 
-A round: sample a cohort (counter-based, from (seed, round)) → draw each client's batches →
-the engine runs the algorithm's local solver over the cohort → non-finite results are
-rejected and counted → the channel aggregates messages → the algorithm updates the population
-with the server optimizer → a metrics record goes to the trackers.
+:class:`Experiment` holds the live state of a run (population, client groups and their stores,
+server optimizer, DP mechanism, the channel and its state) and answers what a round needs
+(cohorts, batches). The round itself — train the cohort, the channel, the server update, the
+guards — and the run loop are :mod:`fedkin.round`, shared with the Ray and Flower runtimes.
 
 All randomness is a function of (seed, round, client), so a run resumed from its checkpoint
 produces exactly the records an uninterrupted run produces.
@@ -13,25 +13,26 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fedkin import round as rounds
 from fedkin.algorithms import ALGORITHMS, Algorithm, ServerStep
 from fedkin.algorithms.base import PHASE_DRY_RUN, PHASE_EVAL_ADAPT, PHASE_EVAL_INIT
-from fedkin.channel.runtime import ChannelRuntime, is_default
+from fedkin.channel.runtime import ChannelState, build_channel
 from fedkin.channel.trusted import trusted_updates
 from fedkin.config import ClientModelGroup, ExperimentConfig, holdout_count, load_config
-from fedkin.core.channel import Channel, finite_rows, reject_nonfinite
-from fedkin.core.errors import NonFiniteModelError, UserError
+from fedkin.core.errors import UserError
 from fedkin.core.evaluate import evaluate_global, evaluate_personal, summarize
 from fedkin.core.rng import Stream
 from fedkin.core.store import ClientStore, MemoryStore, StackedStates, make_store
-from fedkin.core.tree import Tree, tree_leaves, tree_map
+from fedkin.core.tree import Tree, tree_map
 from fedkin.data import build_dataset
 from fedkin.data.federated import FederatedDataset
 from fedkin.engine import SequentialEngine
@@ -39,21 +40,12 @@ from fedkin.models import build_model
 from fedkin.models.mel import pattern_name
 from fedkin.privacy.release import ReleasePolicy
 from fedkin.registry import OPTIMIZER_REGISTRY
+from fedkin.round import Tracker, cat_rows, take_rows
 
 if TYPE_CHECKING:  # dp-accounting (and scipy) load only when a run is private
     from fedkin.privacy.federated import UserLevelDP
 
 CHECKPOINT = "checkpoint.pt"
-#: Consecutive rounds with every client update rejected after which a run is declared diverged.
-DEAD_ROUNDS = 3
-
-
-class Tracker(Protocol):
-    """Subscribes to the run's records; the loop knows nothing else about it."""
-
-    def start(self, info: dict[str, Any]) -> None: ...
-    def record(self, record: dict[str, Any]) -> None: ...
-    def finish(self, summary: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -69,32 +61,6 @@ class ClientGroup:
 
     def rows(self, clients: torch.Tensor) -> torch.Tensor:
         return torch.searchsorted(self.members, clients)
-
-
-def _take(tree: Any, positions: torch.Tensor, dim: int) -> Any:
-    """Select clients ``positions`` along ``dim`` of every tensor in a tree/tuple."""
-    if isinstance(tree, dict):
-        return {k: _take(v, positions, dim) for k, v in tree.items()}
-    if isinstance(tree, tuple):
-        return tuple(_take(v, positions, dim) for v in tree)
-    return tree.index_select(dim, positions)
-
-
-def map_cohort(engine, fn, args, in_dims) -> tuple[Any, int]:
-    """``engine.map`` over a training cohort, and how many of its clients were dropped.
-
-    A backend that can lose workers mid-round (``backend.name=ray`` with
-    ``on_worker_failure=drop``) has its own ``map_cohort``: it returns non-finite rows for the
-    clients it lost — so the non-finite rejection keeps them out of the aggregate and the
-    store — and their count (``dropped_clients`` in the round record)."""
-    own = getattr(engine, "map_cohort", None)
-    return own(fn, args, in_dims) if own is not None else (engine.map(fn, args, in_dims), 0)
-
-
-def _cat(parts: list[Any]) -> Any:
-    if isinstance(parts[0], dict):
-        return {k: _cat([p[k] for p in parts]) for k in parts[0]}
-    return torch.cat(parts)
 
 
 class Experiment:
@@ -138,7 +104,6 @@ class Experiment:
         self.is_training[self.new_clients] = False
         self.training_clients = torch.nonzero(self.is_training).squeeze(1)
         self.privacy: UserLevelDP | None = None
-        self.channel = Channel()
         self.release = ReleasePolicy.of(config)  # what records and summaries may carry
         if config.privacy.enabled:
             from fedkin.privacy.federated import UserLevelDP
@@ -151,32 +116,25 @@ class Experiment:
                 rounds=config.rounds,
                 seed=config.seed,
             )
-            self.channel = Channel(
-                [reject_nonfinite, self.privacy.clip_step], self.privacy.aggregate
-            )
-        self.channel_runtime: ChannelRuntime | None = None
-        if not is_default(config.channel, config.attack):
-            self.channel_runtime = ChannelRuntime(
+        self.channel = build_channel(
+            config,
+            self.dataset.num_clients,
+            self.dataset.num_classes,
+            self.privacy,
+            trusted_updates(
                 config.channel,
-                config.attack,
+                self.dataset,
+                self.training_clients,
+                self.algorithm,
+                lambda: self.population,
+                steps=config.client.local_steps,
+                batch_size=config.client.batch_size,
                 seed=config.seed,
-                num_clients=self.dataset.num_clients,
-                num_classes=self.dataset.num_classes,
-                store=config.store,
-                run_dir=run_dir,
-                trusted_updates=trusted_updates(
-                    config.channel,
-                    self.dataset,
-                    self.training_clients,
-                    self.algorithm,
-                    lambda: self.population,
-                    steps=config.client.local_steps,
-                    batch_size=config.client.batch_size,
-                    seed=config.seed,
-                ),
-            )
-            if self.privacy is None:
-                self.channel = Channel([reject_nonfinite], self.channel_runtime.aggregate)
+            ),
+        )
+        self.channel_state = ChannelState()
+        #: per-client channel state (error-feedback residuals), sized by d on first use
+        self.residuals: ClientStore | None = None
         self.participation = torch.zeros(self.dataset.num_clients, dtype=torch.long)
         #: DP-SGD gradients on each batch of one client_update (measured in the first round)
         self.dp_sgd_uses: list[int] = []
@@ -186,7 +144,19 @@ class Experiment:
                     config.privacy.dp_sgd, config.seed, config.client.batch_size
                 )
         self.stop_reason = ""
-        self._dead_rounds = 0  # consecutive rounds in which every client update was rejected
+        self.dead_rounds = 0  # consecutive rounds in which every client update was rejected
+
+    def residual_store(self, d: int) -> ClientStore:
+        """The clients' error-feedback residuals ``{"residual": [d]}``, one row per client (a
+        disk store under ``client_state/channel`` with ``store.backend=disk``)."""
+        if self.residuals is None:
+            self.residuals = make_store(
+                self.config.store,
+                {"residual": torch.zeros(d)},
+                self.dataset.num_clients,
+                self.run_dir / "client_state" / "channel" if self.run_dir else None,
+            )
+        return self.residuals
 
     def _build_groups(self) -> list[ClientGroup]:
         """One group per personal architecture (and precision); clients are assigned by a seeded
@@ -253,89 +223,8 @@ class Experiment:
         return cohort, False
 
     def run_round(self) -> dict[str, Any]:
-        r, cfg, ds = self.round, self.config, self.dataset
-        t0 = time.perf_counter()
-        cohort, phantom = self.round_cohort(r)
-        if len(cohort) == 0:
-            return self.finish_round(r, t0, {"clients": 0})
-        batches = self.client_batches(cohort, "batches", r)
-        if self.channel_runtime is not None:
-            batches = self.channel_runtime.poison(batches, cohort)
-        n_i = ds.train_sizes[cohort].to(torch.float32)
-        ctx = {"client_id": cohort, "num_samples": n_i, "round": torch.full_like(cohort, r)}
-        weights = n_i if cfg.cohort.weighting == "samples" else torch.ones(len(cohort))
-        messages, oks, client_metrics, kept_weights, ids = [], [], [], [], []
-        dropped = 0
-        for g, group in enumerate(self.groups):
-            pos = torch.nonzero(self.group_of[cohort] == g).squeeze(1)
-            if len(pos) == 0:
-                continue
-            whole = len(pos) == len(cohort)
-            sub_batches = batches if whole else _take(batches, pos, 1)
-            sub_ctx = ctx if whole else _take(ctx, pos, 0)
-            rows = group.rows(cohort[pos])
-            args = (self.population, group.store.gather(rows), sub_batches, sub_ctx)
-            if group.algorithm.dp_sgd is not None and not self.dp_sgd_uses:
-                self.dp_sgd_uses = self._dp_sgd_uses(group.algorithm, args)
-            (msg, states, metrics), lost = map_cohort(
-                self.engine, group.algorithm.client_update, args, (None, 0, 1, 0)
-            )
-            dropped += lost
-            k = len(pos)
-            ok = finite_rows(msg, k) & finite_rows(states, k) & finite_rows(metrics, k)
-            if phantom:
-                ok = torch.zeros_like(ok)
-            group.store.scatter(rows, states, keep=ok)
-            messages.append(msg)
-            oks.append(ok)
-            client_metrics.append(metrics)
-            kept_weights.append(weights[pos] * ok)
-            ids.append(cohort[pos])
-        ok = torch.cat(oks)
-        sent, weights_ok = _cat(messages), torch.cat(kept_weights)
-        if self.channel_runtime is not None and not phantom:
-            # the clients' half of the channel (attack, compression); what arrives non-finite
-            # is rejected like a failed client
-            sent = self.channel_runtime.client_side(sent, torch.cat(ids), r)
-            ok = ok & finite_rows(sent, len(ok))
-            weights_ok = weights_ok * ok
-        if not phantom:
-            self.participation[cohort] += 1
-        if self.privacy is not None:
-            self.privacy.bind_cohort(torch.cat(ids), ok)
-        aggregate, channel_metrics = self.channel(sent, weights_ok, r)
-        if self.channel_runtime is not None:
-            channel_metrics.update(
-                self.channel_runtime.round_metrics(self.population, 0 if phantom else len(cohort))
-            )
-        if ok.any() or self.privacy is not None:
-            self.population = self.algorithm.population_update(
-                self.population, aggregate, self.server
-            )
-        if not all(torch.isfinite(t).all() for t in tree_leaves(self.population)):
-            raise NonFiniteModelError(
-                f"the population model became NaN/Inf in round {r + 1}; the run stopped. "
-                "Lower the learning rates (client.optimizer.lr, server.optimizer.lr). "
-                f"The last good checkpoint is round {self.round}."
-            )
-        self._dead_rounds = 0 if ok.any() or phantom else self._dead_rounds + 1
-        if self._dead_rounds >= DEAD_ROUNDS:
-            raise NonFiniteModelError(
-                f"every client update was NaN/Inf in rounds {r + 2 - DEAD_ROUNDS}..{r + 1}; "
-                "the run stopped (the model is finite but training has diverged). Lower the "
-                f"learning rates. The last checkpoint is round {self.round}."
-            )
-        return self.finish_round(
-            r,
-            t0,
-            {
-                "clients": 0 if phantom else len(cohort),
-                **self.client_metric_summary(_cat(client_metrics), torch.cat(ids), ok),
-                **channel_metrics,
-                "rejected_updates": 0.0 if phantom else float((~ok).sum()),
-                "dropped_clients": float(dropped),
-            },
-        )
+        """One round (:func:`fedkin.round.run_round`); returns its record."""
+        return rounds.run_round(self)
 
     def client_batches(self, clients: torch.Tensor, name: str, round_: int):
         """Local batches of ``clients`` in a round, from the stream ``name``: fixed-size slices
@@ -359,11 +248,11 @@ class Experiment:
         run remotely. Its noise has a phase of its own and nothing it computes is kept."""
         population, states, batches, ctx = args
         first = torch.tensor([0])
-        ctx = {**_take(ctx, first, 0), "phase": torch.tensor([PHASE_DRY_RUN])}
+        ctx = {**take_rows(ctx, first, 0), "phase": torch.tensor([PHASE_DRY_RUN])}
         algorithm.dp_uses.clear()
         SequentialEngine().map(
             algorithm.client_update,
-            (population, _take(states, first, 0), _take(batches, first, 1), ctx),
+            (population, take_rows(states, first, 0), take_rows(batches, first, 1), ctx),
             (None, 0, 1, 0),
         )
         return sorted(algorithm.dp_uses.values())
@@ -385,29 +274,6 @@ class Experiment:
             self.participation,
             self.dp_sgd_uses,
         )
-
-    def finish_round(self, r: int, t0: float, metrics: dict[str, Any]) -> dict[str, Any]:
-        """Close round r: account its privacy cost and build its record."""
-        if self.privacy is not None:
-            metrics.update(self.privacy.record_round())
-        self.round = r + 1
-        record = {"round": self.round, "kind": "train", **metrics}
-        return self.release.record({**record, "round_time_s": time.perf_counter() - t0})
-
-    def client_metric_summary(
-        self, metrics: Tree, clients: torch.Tensor, ok: torch.Tensor
-    ) -> dict[str, Any]:
-        """Mean over accepted clients of every per-client metric (``train_loss``, ``psi``, …);
-        metrics the algorithm lists in ``per_client_metrics`` are also logged per client id."""
-        out: dict[str, Any] = {}
-        for name, values in metrics.items():
-            kept = values[ok].to(torch.float64)
-            out[name] = float(kept.mean()) if len(kept) else float("nan")
-            if name in self.algorithm.per_client_metrics:
-                out[f"{name}_by_client"] = {
-                    str(int(c)): float(v) for c, v in zip(clients[ok], kept, strict=True)
-                }
-        return out
 
     # ----- evaluation ---------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
@@ -548,7 +414,7 @@ class Experiment:
             )
             for ids in clients.split(chunk)
         ]
-        return StackedStates(_cat(parts) if parts else {})
+        return StackedStates(cat_rows(parts) if parts else {})
 
     def eval_states(
         self,
@@ -641,7 +507,13 @@ class Experiment:
             "participation": self.participation,
             "dp_sgd_uses": self.dp_sgd_uses,
             "stores": [g.store.state_dict() for g in self.groups],
-            "channel": self.channel_runtime.state_dict() if self.channel_runtime else None,
+            "channel": dataclasses.asdict(self.channel_state),
+            "residuals": None
+            if self.residuals is None
+            else {
+                "d": self.residuals.template["residual"].numel(),
+                "store": self.residuals.state_dict(),
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -654,8 +526,10 @@ class Experiment:
         self.dp_sgd_uses = state["dp_sgd_uses"]
         for group, store_state in zip(self.groups, state["stores"], strict=True):
             group.store.load_state_dict(store_state, self.round)
-        if self.channel_runtime is not None:
-            self.channel_runtime.load_state_dict(state["channel"], self.round)
+        self.channel_state = ChannelState(**state["channel"])
+        if state["residuals"] is not None:
+            store = self.residual_store(state["residuals"]["d"])
+            store.load_state_dict(state["residuals"]["store"], self.round)
 
     def save_checkpoint(self, run_dir: Path) -> None:
         """Atomic write: a crash mid-write leaves the previous checkpoint intact."""
@@ -664,61 +538,27 @@ class Experiment:
         os.replace(tmp, run_dir / CHECKPOINT)
         for group in self.groups:
             group.store.commit(self.round)
-        if self.channel_runtime is not None:
-            self.channel_runtime.commit(self.round)
+        if self.residuals is not None:
+            self.residuals.commit(self.round)
 
     def load_checkpoint(self, run_dir: Path) -> None:
         self.load_state_dict(torch.load(run_dir / CHECKPOINT, weights_only=False))
 
     # ----- the loop -----------------------------------------------------------------------------
     def run(self, run_dir: Path, trackers: list[Tracker]) -> dict[str, Any]:
-        cfg = self.config
+        """The remaining rounds in this process (:func:`fedkin.round.run`); the summary."""
         info = {
-            "name": cfg.name,
+            "name": self.config.name,
             "run_dir": str(run_dir),
-            "rounds": cfg.rounds,
+            "rounds": self.config.rounds,
             "start_round": self.round,
             "dataset": self.dataset.summary(),
         }
-        self.release.warn()
-        for t in trackers:
-            t.start(self.release.info(info))
-        last_eval: dict[str, Any] = {}
-        t_start = time.perf_counter()
-        while self.round < cfg.rounds:
-            if self.privacy is not None and not self.privacy.can_run_round():
-                self.stop_reason = (
-                    f"privacy budget: another round would spend more than "
-                    f"ε={self.config.privacy.budget_epsilon:g}; stopped after round {self.round}"
-                )
-                break
-            record = self.run_round()
-            for t in trackers:
-                t.record(record)
-            if self.round % cfg.eval.every == 0 or self.round == cfg.rounds:
-                last_eval = self.evaluate()
-                for t in trackers:
-                    t.record(last_eval)
-            if self.round % cfg.checkpoint.every == 0 or self.round == cfg.rounds:
-                self.save_checkpoint(run_dir)
-        if self.stop_reason and last_eval.get("round") != self.round:
-            last_eval = self.evaluate()
-            for t in trackers:
-                t.record(last_eval)
-            self.save_checkpoint(run_dir)
-        if not last_eval:  # resumed after the last round: its evaluation was recorded before
-            last_eval = self.evaluate()
-        summary = {
-            "name": cfg.name,
-            "algorithm": cfg.algorithm.name,
-            "rounds": self.round,
-            **({"stop_reason": self.stop_reason} if self.stop_reason else {}),
-            **(self.privacy.summary() if self.privacy else {}),
-            "session_time_s": time.perf_counter() - t_start,
-            **{k: v for k, v in last_eval.items() if k not in ("kind", "round")},
-            **{f"{k}_acc_by_client": v for k, v in self.client_accuracy.items()},
-        }
-        summary = self.release.summary(summary)
-        for t in trackers:
-            t.finish(summary)
-        return summary
+        return rounds.run(
+            self,
+            run_dir,
+            trackers,
+            train_round=self.run_round,
+            evaluate=self.evaluate,
+            info=info,
+        )

@@ -44,13 +44,15 @@ def new_run(config: ExperimentConfig, run_dir: Path) -> Experiment:
 
 def resume_run(run_dir: Path) -> Experiment:
     """The experiment of ``run_dir`` restored to its last checkpoint (later records dropped)."""
-    if not (run_dir / CHECKPOINT).exists():
-        config_path = run_dir / "config.yaml"
-        flower = config_path.exists() and load_config(config_path).backend.name == "flower"
+    config_path = run_dir / "config.yaml"
+    if config_path.exists() and load_config(config_path).backend.name == "flower":
         raise UserError(
-            f"{run_dir} has no {CHECKPOINT}; nothing to resume"
-            + ("; runs on Flower (backend.name=flower) cannot be resumed" if flower else "")
+            f"{run_dir}: runs on Flower (backend.name=flower) cannot be resumed: the clients' "
+            f"personal states and error-feedback residuals live on their nodes (its {CHECKPOINT} "
+            "holds the server side only: Γ, server optimizer, accountant, channel state)"
         )
+    if not (run_dir / CHECKPOINT).exists():
+        raise UserError(f"{run_dir} has no {CHECKPOINT}; nothing to resume")
     experiment = Experiment.load(run_dir)
     truncate_records(run_dir, experiment.round)
     return experiment
@@ -82,8 +84,9 @@ def run(
 
 def run_flower(config: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     """``backend.name=flower``: the experiment on Flower's Simulation Runtime, one SuperNode
-    per client; ``run_dir`` gets config.yaml, metrics.jsonl, summary.json and population.pt.
-    Returns the summary."""
+    per client; ``run_dir`` gets config.yaml, metrics.jsonl, summary.json, population.pt and
+    the server side's checkpoint.pt. Returns the summary; a run stopped by a guard raises its
+    error here, as in-process."""
     from fedkin.backends.flower_app import run_simulation
 
     if run_dir.exists() and any(run_dir.iterdir()):

@@ -9,28 +9,33 @@ What crosses the wire, per round (everything else stays where it is):
 
 * server → sampled node: the population Γ (``ArrayRecord "population"``) and the round number
   (``ConfigRecord "config"``);
-* node → server: the algorithm's ``message`` tree (``ArrayRecord "message"``), its scalar
-  metrics (``ArrayRecord "metrics"``) and ``num-examples`` / ``ok`` (``MetricRecord "info"``).
-  Under DP (:mod:`fedkin.privacy.release`) the node sends its release only: the clipped
-  message (central; the server broadcasts the round's clip norm) or the clipped and noised one
-  (local), plus, under adaptive clipping, whether it was clipped (``info["clipped"]``, the
-  input of the noisy count); metrics, counts and ``ok`` only with
-  ``privacy.release_diagnostics=true``.
+* node → server: what the channel's client half made of the algorithm's ``message`` tree
+  (:mod:`fedkin.backends.flower_channel`: float32 ``ArrayRecord "message"``, a compressed delta
+  as its encoder's bytes in ``"uplink"``), its scalar metrics (``ArrayRecord "metrics"``) and
+  ``num-examples`` / ``ok`` (``MetricRecord "info"``). Under DP (:mod:`fedkin.privacy.release`)
+  the node sends its release only: the clipped message (central; the server broadcasts the
+  round's clip norm) or the clipped and noised one (local), plus, under adaptive clipping,
+  whether it was clipped (``info["clipped"]``, the input of the noisy count); metrics, counts
+  and ``ok`` only with ``privacy.release_diagnostics=true``.
 
-The personal state s_i (personal model, optimizer state, algorithm extras) lives only in the
-node's ``context.state`` (``ArrayRecord "fedkin-state"``) and never leaves it. Evaluation runs
-on the nodes too: the server broadcasts Γ and each node returns its correct/loss sums on its
-own test split (held-out "new" clients first adapt from Γ, as in-process); under DP it does
-not run, and a node refuses to evaluate.
+The personal state s_i (personal model, optimizer state, algorithm extras) and the channel
+state (error-feedback residual) live only in the node's ``context.state`` (``ArrayRecord``s
+``"fedkin-state"`` and ``"fedkin-channel"``) and never leave it. Evaluation runs on the nodes
+too: the server broadcasts Γ and each node returns its correct/loss sums on its own test split
+(held-out "new" clients first adapt from Γ, as in-process); under DP it does not run, and a
+node refuses to evaluate.
 
-The local solver is the algorithm's own ``client_update`` through the configured engine (a
-cohort of one); the server samples cohorts with the experiment's counter-based sampler,
-aggregates with the experiment's :class:`~fedkin.core.channel.Channel` (non-finite rejection,
-weighted mean; under DP each node clips — and under local DP noises — its own message before
-it leaves, and the server adds the central noise or only averages) and applies the
-algorithm's ``population_update`` with the configured server optimizer. Nothing about an
-algorithm is re-implemented here, so one config gives the same population through either
-runtime.
+The node runs the algorithm's own ``client_update`` through the configured engine (a cohort of
+one), then the run's channel client half (:class:`~fedkin.channel.runtime.RoundChannel`: attack
+simulation, compression, DP release) — the same functions the in-process round runs for the
+whole cohort. The server samples cohorts with the experiment's counter-based sampler and hands
+what arrives to :func:`fedkin.round.server_update` (the channel's server half, the population
+update with the server optimizer, the guards) inside :func:`fedkin.round.run` (stop reasons,
+evaluation, checkpoints of the server side, trackers). Nothing about an algorithm or the
+channel is re-implemented here, so one config gives the same population through either
+runtime. A Flower run cannot be resumed: its ``checkpoint.pt`` holds the server side (Γ, server
+optimizer, accountant, the channel's server state and the simulated adversary's residuals),
+while the clients' states live on their nodes.
 
 Use it in Python (``flwr.simulation.run_simulation``)::
 
@@ -76,8 +81,8 @@ import numpy as np
 import torch
 
 from fedkin.config import ExperimentConfig, dump_config, load_config
-from fedkin.core.errors import NonFiniteModelError, UserError
-from fedkin.core.tree import Tree, tree_leaves, tree_map
+from fedkin.core.errors import UserError
+from fedkin.core.tree import Tree, tree_map
 
 if TYPE_CHECKING:
     from fedkin.data.federated import FederatedDataset
@@ -298,7 +303,9 @@ class _ClientRuntime:
 
     def local_update(self, cid: int, population: Tree, state: Tree, stream_name: str, r: int):
         """``client_update`` of one client through the engine (a cohort of one)."""
-        batches = self.experiment.client_batches(torch.tensor([cid]), stream_name, r)
+        ids = torch.tensor([cid])
+        batches = self.experiment.client_batches(ids, stream_name, r)
+        batches = self.experiment.channel.poison(batches, ids)  # label flip: Byzantine only
         return self.engine.map(
             self.algorithm(cid).client_update,
             (population, _batch1(state), batches, self.ctx(cid, r)),
@@ -340,8 +347,13 @@ class _ClientHandlers:
         return Message(RecordDict({"info": MetricRecord(info)}), reply_to=message)
 
     def train(self, message, context):
+        """Train this node's client, then run the channel's client half on its message (attack
+        simulation, compression with the residual kept in ``context.state``, the DP release)
+        and reply with what the release policy allows (:mod:`fedkin.backends.flower_channel`)."""
         from flwr.app import Message, MetricRecord, RecordDict
 
+        from fedkin.backends import flower_channel as wire
+        from fedkin.channel.runtime import model_size
         from fedkin.core.channel import finite_rows
 
         rt = self._runtime(context)
@@ -359,21 +371,35 @@ class _ClientHandlers:
         ok = bool((finite_rows(msg, 1) & finite_rows(states, 1) & finite_rows(metrics, 1))[0])
         # a rejected update leaves the personal state as it was (as in-process); so does a
         # phantom run, which only shapes the noise release of an empty DP cohort
-        if ok and not int(config.get("phantom", 0)):
+        phantom = bool(int(config.get("phantom", 0)))
+        if ok and not phantom:
             context.state[STATE_KEY] = tree_to_record(_row(states))
         context.state[ROUND_KEY] = MetricRecord({"round": r})
         exp = rt.experiment
+        channel, ids = exp.channel, torch.tensor([cid])
         content = RecordDict()
         info: dict[str, float] = {}
-        if exp.privacy is None:
+        if channel.omniscient and bool(channel.byzantine[cid]):
+            # the simulated omniscient adversary forms this client's message on the server
             content["message"] = tree_to_record(_row(msg))
-        else:  # clipped (central) or clipped and noised (local) here, on the device
+        else:
+            if channel.omniscient:  # what the simulated adversary sees of an honest client
+                content["adversary-view"] = tree_to_record(_row(msg))
+            residual = None
+            if channel.error_feedback:
+                residual = (
+                    record_to_tree(context.state[wire.RESIDUAL_KEY])["residual"][None]
+                    if wire.RESIDUAL_KEY in context.state
+                    else torch.zeros(1, model_size(msg))
+                )
             clip = float(config["clip"]) if "clip" in config else None
-            ids, ok_row = torch.tensor([cid]), torch.tensor([ok])
-            released, was_clipped = exp.privacy.device_release(msg, ok_row, r, ids, clip)
-            content["message"] = tree_to_record(_row(released))
+            up = channel.client_half(msg, ids, torch.tensor([ok]), r, residual, clip)
+            if up.residuals is not None and not phantom:
+                context.state[wire.RESIDUAL_KEY] = tree_to_record({"residual": up.residuals[0]})
+            for key, record in wire.pack(up).items():
+                content[key] = record
             if exp.release.node_sends_clip_bit:
-                info["clipped"] = int(was_clipped[0])
+                info["clipped"] = int(up.was_clipped[0])
         if exp.release.node_reports:  # exact client-derived values: never under DP by default
             content["metrics"] = tree_to_record(_row(metrics))
             info.update({"num-examples": float(exp.dataset.train_sizes[cid]), "ok": int(ok)})
@@ -462,6 +488,7 @@ class FlowerServer:
         self.summary: dict[str, Any] = {}
         self.experiment = None
         self.node_of: dict[int, int] = {}
+        self.error: Exception | None = None
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> FlowerServer:
@@ -553,17 +580,19 @@ class FlowerServer:
 
     # ----- one round ----------------------------------------------------------------------------
     def train_round(self, grid) -> dict[str, Any]:
-        """A fedkin round (``Experiment.run_round``) with the cohort trained on the nodes."""
+        """A fedkin round (:func:`fedkin.round.run_round`) with the cohort trained, and the
+        channel's client half run, on the nodes; the server half and the rest of the round are
+        :func:`fedkin.round.server_update`."""
         from flwr.app import ConfigRecord, MessageType, RecordDict
 
-        from fedkin.core.channel import Channel, finite_rows, reject_nonfinite
+        from fedkin import round as rounds
 
-        exp, cfg = self.experiment, self.config
+        exp = self.experiment
         r = exp.round
         t0 = time.perf_counter()
         cohort, phantom = exp.round_cohort(r)
         if len(cohort) == 0:
-            return exp.finish_round(r, t0, {"clients": 0})
+            return rounds.finish_round(exp, r, t0, {"clients": 0})
         population = tree_to_record(exp.population)
         round_config: dict[str, float] = {"round": r, "phantom": int(phantom)}
         if exp.privacy is not None:  # the clip norm (a released value) the nodes clip to
@@ -580,8 +609,21 @@ class FlowerServer:
         replies = self._send(grid, MessageType.TRAIN, contents, f"train-{r}", self.round_timeout)
         if not replies:
             raise RuntimeError(f"round {r + 1}: no client of the cohort replied")
+        got = self._arrivals(cohort, replies, phantom)
+        return rounds.server_update(exp, r, t0, phantom, cohort, got)
+
+    def _arrivals(self, cohort: torch.Tensor, replies: dict[int, Any], phantom: bool):
+        """The round's :class:`~fedkin.round.Arrivals` from the nodes' replies (a client
+        without a reply: zero message, weight 0, counted as dropped)."""
+        from fedkin.backends import flower_channel as wire
+        from fedkin.core.channel import finite_rows
+        from fedkin.round import Arrivals
+
+        exp, r = self.experiment, self.experiment.round
+        channel, k = exp.channel, len(cohort)
+        received = {c: wire.unpack(reply, channel, r, c) for c, reply in replies.items()}
         first = next(iter(replies.values()))
-        zero_msg = tree_map(torch.zeros_like, record_to_tree(first["message"]))
+        zero_msg = tree_map(torch.zeros_like, next(iter(received.values()))[0])
         reports = "metrics" in first  # the nodes send metrics unless the release policy forbids
         nan_metrics = (
             tree_map(lambda t: torch.full_like(t, float("nan")), record_to_tree(first["metrics"]))
@@ -589,6 +631,7 @@ class FlowerServer:
             else {}
         )
         messages, metrics, reported_ok, n_i, clipped = [], [], [], [], []
+        uplink = 0.0
         for c in cohort.tolist():
             reply = replies.get(c)
             if reply is None:  # dropped: zero message, zero weight (never averaged in)
@@ -599,45 +642,77 @@ class FlowerServer:
                 clipped.append(False)
                 continue
             info = reply.get("info", {})
-            messages.append(record_to_tree(reply["message"]))
+            message, nbytes = received[c]
+            messages.append(message)
+            if not (channel.omniscient and bool(channel.byzantine[c])):
+                uplink += nbytes  # (the adversary's rows are counted when it forms them)
             metrics.append(record_to_tree(reply["metrics"]) if reports else {})
             # without a report, a rejected update arrives as NaN (central) or as the release
-            # of 0 (local DP): the non-finite filter below is all the server needs
+            # of 0 (local DP): the non-finite filter is all the server needs
             reported_ok.append(bool(info.get("ok", 1)))
             n_i.append(float(info.get("num-examples", 0.0)))
             clipped.append(bool(info.get("clipped", 0)))
-        k = len(cohort)
-        messages, metrics = _stack(messages), _stack(metrics) if reports else {}
-        ok = torch.tensor(reported_ok) & finite_rows(messages, k) & finite_rows(metrics, k)
-        if phantom:
-            ok = torch.zeros_like(ok)
-        n = torch.tensor(n_i, dtype=torch.float32)
-        weights = n if cfg.cohort.weighting == "samples" else torch.ones(k)
-        channel = exp.channel
-        if exp.privacy is not None:
-            exp.privacy.bind_cohort(cohort, ok)
-            # the nodes already clipped (central) or clipped and noised (local) their messages
-            released = exp.privacy.released_step(torch.tensor(clipped))
-            channel = Channel([reject_nonfinite, released], exp.privacy.aggregate)
-        aggregate, channel_metrics = channel(messages, weights * ok, r)
-        if ok.any() or exp.privacy is not None:
-            exp.population = exp.algorithm.population_update(exp.population, aggregate, exp.server)
-        if not all(torch.isfinite(t).all() for t in tree_leaves(exp.population)):
-            raise NonFiniteModelError(
-                f"the population model became NaN/Inf in round {r + 1}; the run stopped. "
-                "Lower the learning rates (client.optimizer.lr, server.optimizer.lr)."
+        stacked = _stack(messages)
+        metrics = _stack(metrics) if reports else {}
+        ok = torch.tensor(reported_ok) & finite_rows(metrics, k)
+        was_clipped = torch.tensor(clipped)
+        if channel.omniscient:  # the simulated adversary forms the Byzantine clients' messages
+            stacked, ok, was_clipped, adversary_bytes = self._adversary(
+                cohort, replies, received, stacked, ok, was_clipped, phantom
             )
-        return exp.finish_round(
-            r,
-            t0,
-            {
-                "clients": 0 if phantom else k,
-                **exp.client_metric_summary(metrics, cohort, ok),
-                **channel_metrics,
-                "rejected_updates": 0.0 if phantom else float((~ok).sum()),
-                "dropped_clients": float(k - len(replies)),
-            },
+            uplink += adversary_bytes
+        ok = ok & finite_rows(stacked, k)
+        if phantom:
+            ok, uplink = torch.zeros_like(ok), 0.0
+        n = torch.tensor(n_i, dtype=torch.float32)
+        weights = n if exp.config.cohort.weighting == "samples" else torch.ones(k)
+        return Arrivals(
+            messages=stacked,
+            weights=weights * ok,
+            ok=ok,
+            clients=cohort,
+            metrics=metrics,
+            was_clipped=was_clipped,
+            uplink_bytes=uplink,
+            dropped=k - len(replies),
         )
+
+    def _adversary(self, cohort, replies, received, stacked, ok, was_clipped, phantom):
+        """The Byzantine rows of an omniscient attack: the client half over the cohort's raw
+        messages (the Byzantine clients' own, the honest ones' ``adversary-view``), with the
+        Byzantine clients' residuals kept by the adversary (the server's residual store).
+        Returns the messages, ok, clip bits with those rows replaced and their bytes."""
+        from fedkin.channel.runtime import model_size
+
+        exp, r = self.experiment, self.experiment.round
+        channel = exp.channel
+        byz = channel.byzantine[cohort]
+        raw_rows = []
+        for j, c in enumerate(cohort.tolist()):
+            reply = replies.get(c)
+            if reply is None:
+                raw_rows.append(tree_map(lambda t, j=j: t[j], stacked))
+            elif bool(byz[j]):
+                raw_rows.append(received[c][0])
+            else:
+                raw_rows.append(record_to_tree(reply["adversary-view"]))
+        raw = _stack(raw_rows)
+        store = exp.residual_store(model_size(raw)) if channel.error_feedback else None
+        residuals = store.gather(cohort)["residual"] if store is not None else None
+        clip = exp.privacy.clip if exp.privacy is not None else None
+        present = torch.tensor([c in replies for c in cohort.tolist()])
+        up = channel.client_half(raw, cohort, ok & present, r, residuals, clip)
+        rows = byz & present
+        if store is not None and not phantom:
+            store.scatter(cohort[rows], {"residual": up.residuals[rows]})
+        messages = tree_map(
+            lambda a, b: torch.where(rows.reshape(-1, *([1] * (a.dim() - 1))), b, a),
+            stacked,
+            up.messages,
+        )
+        ok = torch.where(rows, up.ok, ok)
+        was_clipped = torch.where(rows, up.was_clipped, was_clipped)
+        return messages, ok, was_clipped, float(up.uplink_bytes[rows].sum())
 
     def evaluate(self, grid) -> dict[str, Any]:
         """``Experiment.evaluate`` with every client evaluating on its own node."""
@@ -691,11 +766,11 @@ class FlowerServer:
             )
         correct, loss = (p_correct, p_loss) if personal else (g_correct, g_loss)
         record.update(summarize("personal", correct[train], loss[train], counts[train], alg.task))
-        self.client_accuracy = {"personal": (correct[train] / counts[train]).tolist()}
+        exp.client_accuracy = {"personal": (correct[train] / counts[train]).tolist()}
         new = exp.new_clients[got[exp.new_clients]]
         if len(new):
             record.update(summarize("new", correct[new], loss[new], counts[new], alg.task))
-            self.client_accuracy["new"] = (correct[new] / counts[new]).tolist()
+            exp.client_accuracy["new"] = (correct[new] / counts[new]).tolist()
         if not bool(got.all()):
             record["eval_missing_clients"] = float((~got).sum())
         record["eval_time_s"] = time.perf_counter() - t0
@@ -703,59 +778,48 @@ class FlowerServer:
 
     # ----- the loop -----------------------------------------------------------------------------
     def main(self, grid, context) -> None:
-        """The ServerApp entry point."""
-        self.run(grid)
+        """The ServerApp entry point; an error that stops the run (a guard, a lost cohort) is
+        kept in ``error`` for :func:`run_simulation` to raise in the caller's thread."""
+        try:
+            self.run(grid)
+        except Exception as err:
+            self.error = err
+            raise
 
     def run(self, grid) -> dict[str, Any]:
+        """The run (:func:`fedkin.round.run`: guards, stop reasons, checkpoints of the server
+        side, trackers) with rounds and evaluations over the grid."""
         from flwr.common import log
 
+        from fedkin import round as rounds
         from fedkin.tracking import JsonlTracker
 
         cfg = self.config
         self.experiment = exp = _experiment(cfg, self.dataset)
-        self.client_accuracy: dict[str, list[float]] = {}
-        trackers = []
+        trackers: list[Any] = [_Collect(self.records)]
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
             trackers.append(JsonlTracker(self.run_dir))
-        info = {"name": cfg.name, "rounds": cfg.rounds, "dataset": exp.dataset.summary()}
-        exp.release.warn()
-        for t in trackers:
-            t.start(exp.release.info(info))
-        t_start = time.perf_counter()
         self.node_of = self.discover(grid)
         log(20, "fedkin: %d SuperNodes, one per client; %d rounds", len(self.node_of), cfg.rounds)
-        last_eval: dict[str, Any] = {}
-        stop_reason = ""
-        while exp.round < cfg.rounds:
-            if exp.privacy is not None and not exp.privacy.can_run_round():
-                stop_reason = f"privacy budget exhausted after round {exp.round}"
-                break
+
+        def train_round() -> dict[str, Any]:
             record = self.train_round(grid)
-            self._emit(record, trackers)
             shown = {k: record[k] for k in ("train_loss", "epsilon") if k in record}
             log(20, "fedkin: round %d/%d %s", exp.round, cfg.rounds, shown)
-            if exp.round % cfg.eval.every == 0 or exp.round == cfg.rounds:
-                last_eval = self.evaluate(grid)
-                self._emit(last_eval, trackers)
-        if stop_reason and last_eval.get("round") != exp.round:
-            last_eval = self.evaluate(grid)
-            self._emit(last_eval, trackers)
-        self.summary = {
-            "name": cfg.name,
-            "algorithm": cfg.algorithm.name,
-            "runtime": "flower",
-            "rounds": exp.round,
-            "session_time_s": time.perf_counter() - t_start,
-            **{k: v for k, v in last_eval.items() if k not in ("kind", "round")},
-            **{f"{k}_acc_by_client": v for k, v in self.client_accuracy.items()},
-            **({"stop_reason": stop_reason} if stop_reason else {}),
-            **(exp.privacy.summary() if exp.privacy is not None else {}),
-        }
-        self.summary = exp.release.summary(self.summary)
-        for t in trackers:
-            t.finish(self.summary)
+            return record
+
+        info = {"name": cfg.name, "rounds": cfg.rounds, "dataset": exp.dataset.summary()}
+        self.summary = rounds.run(
+            exp,
+            self.run_dir,
+            trackers,
+            train_round=train_round,
+            evaluate=lambda: self.evaluate(grid),
+            info=info,
+            runtime="flower",
+        )
         if self.run_dir is not None:
             torch.save(
                 {"round": exp.round, "population": exp.population}, self.run_dir / "population.pt"
@@ -763,10 +827,19 @@ class FlowerServer:
         log(20, "fedkin: done after %d rounds", exp.round)
         return self.summary
 
-    def _emit(self, record: dict[str, Any], trackers: list) -> None:
+
+class _Collect:
+    """A tracker keeping the records in a list (``FlowerServer.records``)."""
+
+    def __init__(self, records: list[dict[str, Any]]) -> None:
+        self.records = records
+
+    def start(self, info: dict[str, Any]) -> None: ...
+
+    def record(self, record: dict[str, Any]) -> None:
         self.records.append(record)
-        for t in trackers:
-            t.record(record)
+
+    def finish(self, summary: dict[str, Any]) -> None: ...
 
 
 def _server_app(main):
@@ -850,7 +923,10 @@ def run_simulation(
         backend_config={"client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0}},
         verbose_logging=verbose,
     )
-    return server_app.fedkin_server
+    server = server_app.fedkin_server
+    if server.error is not None:
+        raise server.error
+    return server
 
 
 def write_flower_project(

@@ -37,7 +37,9 @@ class ChannelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     aggregator: AggregatorConfig = Field(
         default_factory=WeightedMeanConfig,
-        description="aggregation rule for the model delta (fedkin list aggregators)",
+        description="aggregation rule for the model delta, message key 'delta' (fedkin list "
+        "aggregators); every other key (IFCA's cluster masses 'assign', AdaPeD's ψ step) is "
+        "always averaged with the clients' weights, never by a robust rule",
     )
     compress: CompressorConfig = Field(
         default_factory=NoneConfig,
@@ -65,6 +67,7 @@ class ClientHalf(NamedTuple):
     messages: Tree  # with the model delta replaced by what the server decodes
     residuals: torch.Tensor | None  # new error-feedback residuals [K, d] (None without feedback)
     uplink_bytes: torch.Tensor  # [K] bytes each client sent
+    buffers: list[bytes | None] | None  # [K] encoded deltas (None: the row went as float32)
 
 
 def _nbytes(tree: Tree, rows: int) -> torch.Tensor:
@@ -82,18 +85,24 @@ def client_half(
     residuals: torch.Tensor | None = None,
     attack: Attack | None = None,
     byzantine: torch.Tensor | None = None,
+    compress: bool = True,
 ) -> ClientHalf:
     """Attack (Byzantine rows only; ``byzantine`` is the cohort's ``[K]`` mask), then compress
-    each client's flat model delta. Non-finite rows go out uncompressed (4 bytes per entry) and
-    keep their residual, so the server's non-finite filter still sees and rejects them."""
+    each client's flat model delta (``compress`` False: the identity, sent as float32).
+    Non-finite rows go out uncompressed (4 bytes per entry) and keep their residual, so the
+    server's non-finite filter still sees and rejects them."""
     k = len(client_ids)
     rest = {key: v for key, v in messages.items() if key != MODEL_KEY}
     if MODEL_KEY not in messages:
-        return ClientHalf(messages, residuals, _nbytes(rest, k))
+        return ClientHalf(messages, residuals, _nbytes(rest, k), None)
     flat, spec = flatten(messages[MODEL_KEY])
     if attack is not None and byzantine is not None:
         flat = attack.apply(flat, byzantine, round_, client_ids)
+    if not compress:
+        sizes = _nbytes(rest, k) + 4 * flat.shape[1]
+        return ClientHalf({**rest, MODEL_KEY: unflatten(flat, spec)}, residuals, sizes, None)
     sent = torch.empty_like(flat)
+    buffers: list[bytes | None] = []
     new_residuals = torch.zeros_like(flat) if compressor.error_feedback else None
     sizes = _nbytes(rest, k)
     for row in range(k):
@@ -102,15 +111,17 @@ def client_half(
         if not torch.isfinite(x).all():
             sent[row] = x
             sizes[row] += 4 * x.numel()
+            buffers.append(None)
             if new_residuals is not None:
                 new_residuals[row] = res if res is not None else 0.0
             continue
         out = compressor.compress(x, res, round_, int(client_ids[row]))
         sent[row] = out.sent
         sizes[row] += len(out.buffer)
+        buffers.append(out.buffer)
         if new_residuals is not None:
             new_residuals[row] = out.residual
-    return ClientHalf({**rest, MODEL_KEY: unflatten(sent, spec)}, new_residuals, sizes)
+    return ClientHalf({**rest, MODEL_KEY: unflatten(sent, spec)}, new_residuals, sizes, buffers)
 
 
 def server_half(

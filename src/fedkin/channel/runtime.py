@@ -1,19 +1,30 @@
-"""The configured channel of one run: attack, compressor and aggregation rule with their state.
+"""The configured channel of one run, built in one place from config, with explicit state.
 
-:class:`ChannelRuntime` is what a round calls between training the cohort and updating the
-population: label poisoning of the Byzantine clients' batches, the client half (attack →
-compress, error-feedback residuals in a client-state store indexed by client id), the server
-half as the :class:`~fedkin.core.channel.Channel`'s aggregator (its state — centered clipping's
-centre, EDiT's EWMA — kept here and checkpointed), and the round's byte counts.
+:func:`build_channel` turns ``channel``, ``attack`` and ``privacy`` into a :class:`RoundChannel`:
+immutable pieces (compressor, attack, aggregation rule, the seeded Byzantine clients, the DP
+mechanism) and two halves that take their state as arguments and return the new state.
 
-A run whose channel is the default (weighted mean, no compression, no attack) does not build
-one: its rounds are exactly the plain FedAvg channel's.
+* **Client half** (:meth:`RoundChannel.client_half`, on the clients: in-process for the whole
+  cohort, on a Flower node for its own client): attack simulation → compress (error-feedback
+  residuals in and out) → the DP release (clip; under local DP also noise). Label flipping
+  poisons the Byzantine clients' batches before they train (:meth:`RoundChannel.poison`).
+* **Server half** (:meth:`RoundChannel.server_half`): reject non-finite messages → aggregate
+  (the configured rule with its state in and out; under DP the clipped sum plus central noise,
+  whose adaptive clip norm is returned as the next state) → the round's metrics.
+
+Per-client state (error-feedback residuals) lives in a client-state store
+(:mod:`fedkin.core.store`; memory or disk, checkpointed with the run); the server's state
+(:class:`ChannelState`: the rule's state and the byte totals) is part of the run's checkpoint.
+
+A channel with default options (weighted mean, no compression, no attack) takes the plain path:
+no per-row encoding, and the tree-wise weighted mean of :mod:`fedkin.core.channel`, so default
+runs keep their exact numbers.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+import dataclasses
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -21,8 +32,12 @@ from fedkin.channel.aggregators import AggState, TrustedUpdates
 from fedkin.channel.attacks import byzantine_clients, flip_labels
 from fedkin.channel.flat import flatten
 from fedkin.channel.pipeline import MODEL_KEY, ChannelConfig, client_half, server_half
-from fedkin.core.store import MemoryStore, StoreConfig, make_store
+from fedkin.core.channel import finite_rows, reject_nonfinite, weighted_mean
 from fedkin.core.tree import Tree, tree_leaves
+
+if TYPE_CHECKING:
+    from fedkin.config import ExperimentConfig
+    from fedkin.privacy.federated import UserLevelDP
 
 
 def is_default(channel: ChannelConfig, attack: Any) -> bool:
@@ -30,7 +45,41 @@ def is_default(channel: ChannelConfig, attack: Any) -> bool:
     return channel == ChannelConfig() and attack is None
 
 
-class ChannelRuntime:
+def tree_bytes(tree: Tree) -> int:
+    """float32 bytes of one (unstacked) tree: what it costs on the wire uncompressed."""
+    return sum(4 * t.numel() for t in tree_leaves(tree))
+
+
+def model_size(messages: Tree) -> int | None:
+    """d, the length of one client's flat model delta in stacked ``messages`` (None if absent)."""
+    return flatten(messages[MODEL_KEY])[0].shape[1] if MODEL_KEY in messages else None
+
+
+@dataclasses.dataclass
+class ChannelState:
+    """The server's channel state of a run: the aggregation rule's state (centered clipping's
+    centre, EDiT's EWMA; sized by d on first use) and the byte totals since the start."""
+
+    aggregator: AggState | None = None
+    uplink_total: float = 0.0
+    downlink_total: float = 0.0
+
+
+class Uplink(NamedTuple):
+    """What the client half of a cohort produced."""
+
+    messages: Tree  # [K, …] what the server receives (decoded; under DP the release)
+    ok: torch.Tensor  # [K] the update passed its checks and arrives finite (before any DP)
+    residuals: torch.Tensor | None  # [K, d] new error-feedback residuals (None without)
+    uplink_bytes: torch.Tensor  # [K] bytes each client sent
+    was_clipped: torch.Tensor  # [K] bool: the DP clip changed the message (False without DP)
+    buffers: list[bytes | None] | None  # per row the compressed delta (None: sent as float32)
+    scales: torch.Tensor | None  # [K] float64 DP clip factors of compressed rows (central DP)
+
+
+class RoundChannel:
+    """Attack, compressor, rule and DP mechanism of a run; no state of its own."""
+
     def __init__(
         self,
         channel: ChannelConfig,
@@ -39,49 +88,31 @@ class ChannelRuntime:
         seed: int,
         num_clients: int,
         num_classes: int,
-        store: StoreConfig,
-        run_dir: Path | None,
+        privacy: UserLevelDP | None,
         trusted_updates: TrustedUpdates | None = None,
     ) -> None:
-        self.trusted_updates = trusted_updates  # the server's trusted data (trusted_direction)
+        self.default = is_default(channel, attack)
+        # trusted_updates: the server's trusted data (a trusted_direction pre-aggregation)
         self.aggregator = channel.aggregator.build(seed, trusted_updates)
         self.compressor = channel.compress.build(seed)
+        self.compressed = channel.compress.name != "none"
         self.attack = attack.build(seed) if attack is not None else None
+        #: the attack needs the round's honest messages (simulated by whoever holds them)
+        self.omniscient = attack is not None and attack._sees_honest()
         self.byzantine = (
             byzantine_clients(seed, num_clients, attack.fraction)
             if attack is not None
             else torch.zeros(num_clients, dtype=torch.bool)
         )
         self.num_classes = num_classes
-        self.num_clients = num_clients
-        self.store_config = store
-        self.run_dir = run_dir
-        # Sized by the model delta's length d, known from the first round's messages.
-        self.model_size: int | None = None
-        self.residuals: MemoryStore | None = None
-        self.state: AggState = {}
-        self.uplink_total = 0.0
-        self.downlink_total = 0.0
-        self._round: dict[str, float] = {}
+        self.privacy = privacy
 
-    def _sized(self, messages: Tree) -> None:
-        """Create the d-sized state (aggregator state, residual store) on first use."""
-        if self.model_size is not None or MODEL_KEY not in messages:
-            return
-        self.model_size = flatten(messages[MODEL_KEY])[0].shape[1]
-        self.state = self.aggregator.init(self.model_size)
-        self._make_residuals()
+    @property
+    def error_feedback(self) -> bool:
+        """Whether clients keep a residual (their per-client channel state)."""
+        return self.compressed and self.compressor.error_feedback
 
-    def _make_residuals(self) -> None:
-        if self.compressor.error_feedback and self.model_size is not None:
-            self.residuals = make_store(
-                self.store_config,
-                {"residual": torch.zeros(self.model_size)},
-                self.num_clients,
-                self.run_dir / "client_state" / "channel" if self.run_dir else None,
-            )
-
-    # ----- client side --------------------------------------------------------------------------
+    # ----- client half --------------------------------------------------------------------------
     def poison(self, batches: tuple[torch.Tensor, ...], cohort: torch.Tensor):
         """Batches ``(x [S, K, B, …], y [S, K, B], …)`` (DP-SGD's Poisson batches add a mask)
         with the Byzantine clients' labels flipped when the attack poisons data (label
@@ -92,74 +123,130 @@ class ChannelRuntime:
         bad = self.byzantine[cohort][None, :, None]
         return (x, torch.where(bad, flip_labels(y, self.num_classes), y), *rest)
 
-    def client_side(self, messages: Tree, cohort: torch.Tensor, round_: int) -> Tree:
-        """Attack and compress the cohort's messages (rows in ``cohort`` order); the residuals
-        of the cohort are read from and written back to the store."""
-        self._sized(messages)
-        residuals = (
-            self.residuals.gather(cohort)["residual"] if self.residuals is not None else None
-        )
-        half = client_half(
-            messages,
-            cohort,
-            round_,
-            compressor=self.compressor,
-            residuals=residuals,
-            attack=self.attack,
-            byzantine=self.byzantine[cohort],
-        )
-        if self.residuals is not None and half.residuals is not None:
-            self.residuals.scatter(cohort, {"residual": half.residuals})
-        self._round["uplink_bytes"] = float(half.uplink_bytes.sum())
-        return half.messages
+    def client_half(
+        self,
+        messages: Tree,
+        clients: torch.Tensor,
+        ok: torch.Tensor,
+        round_: int,
+        residuals: torch.Tensor | None = None,
+        clip: float | None = None,
+    ) -> Uplink:
+        """The clients' side of a round for stacked ``messages`` [K, …] of ``clients`` [K]:
+        attack (Byzantine rows), compress (with the clients' ``residuals`` [K, d] under error
+        feedback), then under DP each client's release (:meth:`UserLevelDP.device_release`,
+        clip norm ``clip`` as the server broadcast it). ``ok`` [K]: the client's update passed
+        its non-finite checks. Rows are independent except through an omniscient attack, which
+        sees the honest rows given here."""
+        k = len(clients)
+        buffers = None
+        if self.default:
+            per_row = sum(4 * leaf[0].numel() for leaf in tree_leaves(messages))
+            sizes = torch.full((k,), float(per_row))
+        else:
+            half = client_half(
+                messages,
+                clients,
+                round_,
+                compressor=self.compressor,
+                residuals=residuals,
+                attack=self.attack,
+                byzantine=self.byzantine[clients],
+                compress=self.compressed,
+            )
+            messages, residuals, sizes, buffers = half
+        ok = ok & finite_rows(messages, k)
+        was_clipped, scales = torch.zeros(k, dtype=torch.bool), None
+        if self.privacy is not None:
+            if buffers is not None:  # the release of a compressed delta: its buffer and factor
+                scales = self._clip_factors(messages, k, clip)
+                for row in range(k):
+                    if buffers[row] is None:
+                        continue
+                    if ok[row]:
+                        sizes[row] += 8
+                    else:  # a rejected update goes as its NaN release, uncompressed
+                        buffers[row] = None
+                        sizes[row] = float(sum(4 * t[row].numel() for t in tree_leaves(messages)))
+            messages, was_clipped = self.privacy.device_release(messages, ok, round_, clients, clip)
+        return Uplink(messages, ok, residuals, sizes, was_clipped, buffers, scales)
 
-    # ----- server side --------------------------------------------------------------------------
-    def aggregate(self, messages: Tree, weights: torch.Tensor, round_: int) -> Tree:
-        """The aggregator of the run's :class:`~fedkin.core.channel.Channel`."""
-        self._sized(messages)
-        out, self.state, metrics = server_half(
-            messages, weights, round_, aggregator=self.aggregator, state=self.state
-        )
-        self._round.update(metrics)
-        return out
+    def _clip_factors(self, messages: Tree, k: int, clip: float | None) -> torch.Tensor:
+        """[K] float64 min(1, C/‖m_k‖), the factor of the DP clip."""
+        from fedkin.privacy.federated import clip_factors
 
-    def round_metrics(self, population: Tree, clients: int) -> dict[str, float]:
-        """Bytes of the round (uplink: the encoded messages; downlink: the population model
-        broadcast to each client as float32) and since the start, plus the rule's metrics."""
-        down = float(clients * sum(4 * t.numel() for t in tree_leaves(population)))
-        up = self._round.pop("uplink_bytes", 0.0)
-        self.uplink_total += up
-        self.downlink_total += down
-        out = {
-            **self._round,
-            "uplink_bytes": up,
+        return clip_factors(messages, k, self.privacy.clip if clip is None else clip)[0]
+
+    # ----- server half --------------------------------------------------------------------------
+    def server_half(
+        self,
+        messages: Tree,
+        weights: torch.Tensor,
+        was_clipped: torch.Tensor,
+        accepted: int,
+        round_: int,
+        state: ChannelState,
+    ) -> tuple[Tree, ChannelState, dict[str, float]]:
+        """Aggregate what arrived: non-finite messages get weight 0, then under DP the noisy
+        clipped sum (the adaptive clip norm is stored back in the mechanism), else the rule
+        (its state in ``state``). Returns the aggregate, the new state and metrics."""
+        messages, weights, metrics = reject_nonfinite(messages, weights, round_)
+        if self.privacy is not None:
+            aggregate, clip, m = self.privacy.server_release(
+                messages, weights, was_clipped, accepted, round_
+            )
+            self.privacy.clip = clip
+            metrics.update(m)
+        elif self.default:
+            aggregate = weighted_mean(messages, weights, round_)
+        else:
+            if state.aggregator is None and MODEL_KEY in messages:
+                state = dataclasses.replace(
+                    state, aggregator=self.aggregator.init(model_size(messages))
+                )
+            aggregate, agg_state, m = server_half(
+                messages, weights, round_, aggregator=self.aggregator, state=state.aggregator
+            )
+            state = dataclasses.replace(state, aggregator=agg_state)
+            metrics.update(m)
+        metrics["accepted_updates"] = float((weights > 0).sum())
+        return aggregate, state, metrics
+
+    @staticmethod
+    def count_bytes(
+        state: ChannelState, uplink: float, population: Tree, clients: int
+    ) -> tuple[ChannelState, dict[str, float]]:
+        """The round's bytes (uplink: what the clients sent; downlink: Γ broadcast to each of
+        the ``clients`` as float32) and the totals since the start."""
+        down = float(clients * tree_bytes(population))
+        state = dataclasses.replace(
+            state,
+            uplink_total=state.uplink_total + uplink,
+            downlink_total=state.downlink_total + down,
+        )
+        return state, {
+            "uplink_bytes": uplink,
             "downlink_bytes": down,
-            "uplink_bytes_total": self.uplink_total,
-            "downlink_bytes_total": self.downlink_total,
-        }
-        self._round = {}
-        return out
-
-    # ----- checkpoint ---------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "model_size": self.model_size,
-            "aggregator": self.state,
-            "uplink_total": self.uplink_total,
-            "downlink_total": self.downlink_total,
-            "residuals": self.residuals.state_dict() if self.residuals is not None else None,
+            "uplink_bytes_total": state.uplink_total,
+            "downlink_bytes_total": state.downlink_total,
         }
 
-    def commit(self, round_: int) -> None:
-        """The checkpoint of ``round_`` is written: the residual store drops its undo log."""
-        if self.residuals is not None:
-            self.residuals.commit(round_)
 
-    def load_state_dict(self, state: dict[str, Any], round_: int) -> None:
-        self.model_size = state["model_size"]
-        self.state = state["aggregator"]
-        self._make_residuals()
-        self.uplink_total = state["uplink_total"]
-        self.downlink_total = state["downlink_total"]
-        if self.residuals is not None:
-            self.residuals.load_state_dict(state["residuals"], round_)
+def build_channel(
+    config: ExperimentConfig,
+    num_clients: int,
+    num_classes: int,
+    privacy: UserLevelDP | None,
+    trusted_updates: TrustedUpdates | None = None,
+) -> RoundChannel:
+    """The run's channel: the one place it is assembled from config (``trusted_updates``: the
+    server's trusted-data source, :func:`fedkin.channel.trusted.trusted_updates`)."""
+    return RoundChannel(
+        config.channel,
+        config.attack,
+        seed=config.seed,
+        num_clients=num_clients,
+        num_classes=num_classes,
+        privacy=privacy,
+        trusted_updates=trusted_updates,
+    )

@@ -49,10 +49,15 @@ def row_norms(messages: Tree, size: int) -> torch.Tensor:
     return total.sqrt()
 
 
+def clip_factors(messages: Tree, size: int, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """[K] float64 factors min(1, clip/‖m_k‖) and the norms ‖m_k‖."""
+    norms = row_norms(messages, size)
+    return (clip / norms.clamp(min=1e-12)).clamp(max=1.0), norms
+
+
 def clip_rows(messages: Tree, size: int, clip: float) -> tuple[Tree, torch.Tensor]:
     """Scale each client's message to L2 norm ≤ clip; returns clipped messages and norms."""
-    norms = row_norms(messages, size)
-    factor = (clip / norms.clamp(min=1e-12)).clamp(max=1.0)
+    factor, norms = clip_factors(messages, size, clip)
     scaled = tree_map(
         lambda t: t * factor.to(t.dtype).reshape(-1, *([1] * (t.dim() - 1))), messages
     )
@@ -275,16 +280,26 @@ class UserLevelDP:
         sigma = self.noise_multiplier * self.clip
         return tree_map(lambda m, n: m + sigma * n, clipped, noise), norms > self.clip
 
-    def released_step(self, was_clipped: torch.Tensor):
-        """The channel step for messages the clients already released (:meth:`device_release`
-        ran on each device): nothing is clipped or noised again; ``was_clipped`` [K] is the
-        clients' own report (the adaptive clip's count and the ``clipped_fraction``
-        diagnostic; all False when the nodes do not send it)."""
-
-        def step(messages: Tree, weights: torch.Tensor, round_: int):
-            return self._accept(messages, weights, was_clipped)
-
-        return step
+    def server_release(
+        self,
+        messages: Tree,
+        weights: torch.Tensor,
+        was_clipped: torch.Tensor,
+        accepted: int,
+        round_: int,
+    ) -> tuple[Tree, float, dict[str, float]]:
+        """The server's half for messages its clients released (:meth:`device_release` ran on
+        each of them): unit weight for every accepted message (central; under local DP every
+        received release counts, a rejected client's being the release of 0), the noisy
+        aggregate, and the next clip norm (adaptive clipping; else the current one) from the
+        clients' ``was_clipped`` bits [K] and the ``accepted`` count. State in, state out:
+        the caller stores the returned clip norm."""
+        if self.config.mechanism == "local":
+            weights = torch.ones_like(weights)
+        messages, unit, metrics = self._accept(messages, weights, was_clipped)
+        noisy = self._noisy_mean(messages, unit, round_)
+        unclipped = int((~was_clipped & (unit > 0)).sum())
+        return noisy, self.next_clip(round_, unclipped, accepted), metrics
 
     def _accept(
         self, messages: Tree, weights: torch.Tensor, was_clipped: torch.Tensor
@@ -296,26 +311,38 @@ class UserLevelDP:
         return messages, accepted.to(weights.dtype), {"clipped_fraction": fraction}
 
     def aggregate(self, messages: Tree, weights: torch.Tensor, round_: int) -> Tree:
-        """Central: (Σ clipped + N(0, z_Δ²C²)) / m.  Local: mean of the received noisy messages."""
+        """Central: (Σ clipped + N(0, z_Δ²C²)) / m.  Local: mean of the received noisy messages.
+        With adaptive clipping, the clip norm then moves by the cohort bound in
+        :meth:`bind_cohort` and the last :meth:`clip_step` (the round itself uses
+        :meth:`server_release`, which takes them as arguments)."""
+        noisy = self._noisy_mean(messages, weights, round_)
+        if self.config.adaptive_clip is not None and self.central:
+            self.clip = self.next_clip(round_, int(self._unclipped.sum()), self._accepted_count)
+        return noisy
+
+    def _noisy_mean(self, messages: Tree, weights: torch.Tensor, round_: int) -> Tree:
         total = tree_map(lambda t: torch.tensordot(weights.to(t.dtype), t, dims=1), messages)
         if self.config.mechanism == "local":
             return tree_map(lambda t: t / max(float(weights.sum()), 1.0), total)
         noise = central_noise(total, self.stream.child("central"), round_)
         sigma = self.update_noise * self.clip
-        noisy = tree_map(lambda t, n: (t + sigma * n) / self.cohort_size, total, noise)
-        if self.config.adaptive_clip is not None:
-            self._adapt_clip(round_)
-        return noisy
+        return tree_map(lambda t, n: (t + sigma * n) / self.cohort_size, total, noise)
 
-    def _adapt_clip(self, round_: int) -> None:
+    def next_clip(self, round_: int, unclipped: int, accepted: int) -> float:
+        """Adaptive clipping's next clip norm C·exp(−η(b̄ − γ)) from the noisy fraction b̄ of
+        the ``accepted`` updates that were not clipped; the current C without adaptation."""
         a = self.config.adaptive_clip
-        centered = float(self._unclipped.sum()) - 0.5 * float(self._accepted_count)
+        if a is None or self.config.mechanism == "local":
+            return self.clip
+        centered = float(unclipped) - 0.5 * float(accepted)
         noise = float(self.stream.child("count").normal(round_))
         b = (centered + self.count_noise * noise) / self.cohort_size + 0.5
-        self.clip = self.clip * math.exp(-a.learning_rate * (b - a.target_quantile))
+        return self.clip * math.exp(-a.learning_rate * (b - a.target_quantile))
 
     def bind_cohort(self, client_ids: torch.Tensor, accepted: torch.Tensor) -> None:
-        """The round's client ids (local-noise counters) and accepted count (adaptive clip)."""
+        """For :meth:`clip_step` and :meth:`aggregate` used as a channel outside a round (the
+        audits and ``fedkin bench privacy``): the client ids (local-noise counters) and the
+        accepted count (adaptive clip)."""
         self._client_ids = client_ids
         self._accepted_count = int(accepted.sum())
 

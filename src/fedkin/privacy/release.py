@@ -6,7 +6,10 @@ sends is one of
 
 1. the noised, accounted aggregate and post-processing of it (the population model Γ);
 2. data-independent values: the round, ε spent (and δ, the noise multiplier, the planned ε),
-   the config (so the fixed cohort size k), timings;
+   the config (so the fixed cohort size k), timings; with fixed cohorts and no compression the
+   round's bytes (k float32 messages up, k copies of Γ down: sizes fixed by the config — with
+   Poisson cohorts they would reveal the cohort size, and a compressor's output size, e.g.
+   FedZip's entropy coding, or a rejected update sent uncompressed, depends on the data);
 3. a release that is itself noised and accounted: adaptive clipping's clip norm, a function of
    a noisy count of unclipped updates.
 
@@ -38,6 +41,10 @@ if TYPE_CHECKING:
 
 #: Train-record keys released under DP (``clients`` too when cohorts have the fixed size k).
 TRAIN_RELEASE = frozenset({"round", "kind", "epsilon", "clip_norm", "round_time_s"})
+#: Byte counts of a round: released under DP only with fixed cohorts and no compression.
+BYTES_RELEASE = frozenset(
+    {"uplink_bytes", "downlink_bytes", "uplink_bytes_total", "downlink_bytes_total"}
+)
 #: Eval-record keys released under DP.
 EVAL_RELEASE = frozenset({"round", "kind", "example_epsilon", "eval_time_s"})
 #: Summary keys released under DP (plus ``private``).
@@ -77,6 +84,7 @@ class ReleasePolicy:
     diagnostics: bool = False
     fixed_cohort: bool = False
     adaptive_clip: bool = False
+    compressed: bool = False
 
     @classmethod
     def of(cls, config: ExperimentConfig) -> ReleasePolicy:
@@ -86,6 +94,7 @@ class ReleasePolicy:
             diagnostics=p.release_diagnostics,
             fixed_cohort=config.cohort.sampling == "fixed",
             adaptive_clip=p.adaptive_clip is not None,
+            compressed=config.channel.compress.name != "none",
         )
 
     @property
@@ -114,9 +123,12 @@ class ReleasePolicy:
         """A train/eval record as it may be released."""
         if not self.restricted:
             return record
-        allowed = TRAIN_RELEASE if record["kind"] == "train" else EVAL_RELEASE
+        train = record["kind"] == "train"
+        allowed = TRAIN_RELEASE if train else EVAL_RELEASE
         if self.fixed_cohort:
             allowed = allowed | {"clients"}
+            if train and not self.compressed:
+                allowed = allowed | BYTES_RELEASE
         return {k: v for k, v in record.items() if k in allowed}
 
     def summary(self, summary: dict[str, Any]) -> dict[str, Any]:
