@@ -442,6 +442,21 @@ def test_simulation_runtime_runs_ifca_as_in_process():
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
+def test_simulation_runtime_runs_the_compressed_robust_channel_as_in_process():
+    """Top-k with error feedback, trimmed mean and a sign-flip attack on Flower's Simulation
+    Runtime: the in-process records (bytes included) and population, bit for bit."""
+    config = tiny("rounds=3", "eval.every=1", *ROBUST_COMPRESSED)
+    expected_records, expected_population = run_in_process(config)
+    server = flower_app.run_simulation(config)
+    same_records(expected_records, server.records)
+    assert all(r["uplink_bytes"] > 0 for r in server.records if r["kind"] == "train")
+    for a, b in zip(
+        tree_leaves(expected_population), tree_leaves(server.experiment.population), strict=True
+    ):
+        assert torch.equal(a, b)
+
+
 # ----- a real deployment on loopback with TLS ----------------------------------------------------
 
 

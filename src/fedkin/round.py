@@ -129,7 +129,8 @@ def train_cohort(exp: Experiment, r: int, cohort: torch.Tensor, phantom: bool) -
     clients, sent = torch.cat(ids), cat_rows(messages)
     if not phantom:
         exp.participation[cohort] += 1
-    store = exp.residual_store(model_size(sent)) if exp.channel.error_feedback else None
+    d = model_size(sent)
+    store = exp.residual_store(d) if exp.channel.error_feedback and d is not None else None
     residuals = store.gather(clients)["residual"] if store is not None else None
     up = exp.channel.client_half(sent, clients, torch.cat(oks), r, residuals)
     if store is not None and not phantom:

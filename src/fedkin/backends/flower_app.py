@@ -385,12 +385,12 @@ class _ClientHandlers:
         else:
             if channel.omniscient:  # what the simulated adversary sees of an honest client
                 content["adversary-view"] = tree_to_record(_row(msg))
-            residual = None
-            if channel.error_feedback:
+            residual, d = None, model_size(msg)
+            if channel.error_feedback and d is not None:
                 residual = (
                     record_to_tree(context.state[wire.RESIDUAL_KEY])["residual"][None]
                     if wire.RESIDUAL_KEY in context.state
-                    else torch.zeros(1, model_size(msg))
+                    else torch.zeros(1, d)
                 )
             clip = float(config["clip"]) if "clip" in config else None
             up = channel.client_half(msg, ids, torch.tensor([ok]), r, residual, clip)
@@ -697,7 +697,8 @@ class FlowerServer:
             else:
                 raw_rows.append(record_to_tree(reply["adversary-view"]))
         raw = _stack(raw_rows)
-        store = exp.residual_store(model_size(raw)) if channel.error_feedback else None
+        d = model_size(raw)
+        store = exp.residual_store(d) if channel.error_feedback and d is not None else None
         residuals = store.gather(cohort)["residual"] if store is not None else None
         clip = exp.privacy.clip if exp.privacy is not None else None
         present = torch.tensor([c in replies for c in cohort.tolist()])
