@@ -147,11 +147,11 @@ def test_a_run_reports_drift_and_the_trusted_updates_are_the_algorithms():
     exp = Experiment(tiny_config("channel.aggregator.name=mean", TRUSTED, "attack.name=gaussian"))
     records = [exp.run_round() for _ in range(2)]
     assert all(0 < r["trusted_drift"] <= 1 for r in records)
-    runtime = exp.channel_runtime
-    assert runtime.state["pre0/basis"].shape[0] == 2
-    trusted = runtime.trusted_updates  # the server's trusted data through FedAvg's solver
+    assert exp.channel_state.aggregator["pre0/basis"].shape[0] == 2
+    trusted = exp.channel.trusted_updates  # the server's trusted data through FedAvg's solver
     assert torch.equal(trusted(5), trusted(5))  # seeded: the same round, the same updates
-    assert len(trusted.rows) == 32 and trusted(5).shape == (4, runtime.model_size)
+    d = sum(t.numel() for t in exp.population["global"].values())
+    assert len(trusted.rows) == 32 and trusted(5).shape == (4, d)
     training = torch.cat(
         [exp.dataset.train_index[c, : exp.dataset.train_sizes[c]] for c in exp.training_clients]
     )

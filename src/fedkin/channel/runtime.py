@@ -92,7 +92,7 @@ class RoundChannel:
         trusted_updates: TrustedUpdates | None = None,
     ) -> None:
         self.default = is_default(channel, attack)
-        # trusted_updates: the server's trusted data (a trusted_direction pre-aggregation)
+        self.trusted_updates = trusted_updates  # the server's trusted data (trusted_direction)
         self.aggregator = channel.aggregator.build(seed, trusted_updates)
         self.compressor = channel.compress.build(seed)
         self.compressed = channel.compress.name != "none"
