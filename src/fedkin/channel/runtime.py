@@ -155,7 +155,7 @@ class RoundChannel:
                 compress=self.compressed,
             )
             messages, residuals, sizes, buffers = half
-        ok = ok & finite_rows(messages, k)
+            ok = ok & finite_rows(messages, k)  # (the default path leaves messages unchanged)
         was_clipped, scales = torch.zeros(k, dtype=torch.bool), None
         if self.privacy is not None:
             if buffers is not None:  # the release of a compressed delta: its buffer and factor
