@@ -3,6 +3,8 @@ engines, resume, the diffusion noise, partial fine-tuning, and KID/FID against t
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -246,3 +248,23 @@ def test_fid_matches_torchmetrics():
     assert fid(features(real), features(fake)) == pytest.approx(
         float(metric.compute()), rel=1e-4, abs=1e-6
     )
+
+
+@pytest.mark.slow
+def test_bench_diffusion_writes_table_json_and_grids(cli, tmp_path, capsys):
+    small = "--clients 10 --channels 8,16 --rounds 1 --steps 2 --samples 12 --sample-steps 3"
+    methods = ["--methods", "spire,fedavg-ft,fedavg-ft-last"]
+    out = ["--cache", str(tmp_path / "cache"), "--out", str(tmp_path)]
+    args = ["bench", "diffusion", *methods, *small.split(), *out]
+    assert cli(args) == 0
+
+    record = json.loads((tmp_path / "diffusion.json").read_text())
+    assert record["command"].startswith("fedkin bench diffusion --methods spire,fedavg-ft")
+    rows = {(r["method"], r["metric"]): r for r in record["rows"]}
+    assert set(record["rows"][0]) == {"method", "dataset", "metric", "value", "trainable_params"}
+    assert rows[("spire", "kid_new_mean")]["trainable_params"] == 32
+    last_layer = 8 * 9 + 1  # conv_out: 8 → 1 channel, 3×3, bias
+    assert rows[("fedavg-ft-last", "kid_new_mean")]["trainable_params"] == last_layer
+    assert rows[("spire", "forgetting_kid")]["value"] == 0.0
+    assert (tmp_path / "samples_spire.png").stat().st_size > 0
+    assert "| spire |" in (tmp_path / "diffusion.md").read_text()
