@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -267,23 +268,57 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
         help="Table 2: per-client KID of SPIRE, ADEPT-DGM, Local and FedAvg fine-tuning (DDPM)",
         description=__doc__.split("\n\n")[0],
     )
+    add_arguments(p)
+    p.set_defaults(func=cmd_diffusion)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated of {METHODS}")
     p.add_argument("--clients", type=int, default=20, help="clients, one digit class each")
     p.add_argument("--holdout", type=float, default=0.2, help="fraction of new clients")
     p.add_argument("--channels", default="16,32", help="U-Net block widths")
-    p.add_argument("--rounds", type=int, default=20, help="training rounds")
-    p.add_argument("--steps", type=int, default=20, help="local steps = adaptation budget")
-    p.add_argument("--batch", type=int, default=32, help="local batch size")
+    p.add_argument("--rounds", type=int, default=30, help="training rounds")
+    p.add_argument("--steps", type=int, default=10, help="local steps = adaptation budget")
+    p.add_argument("--batch", type=int, default=16, help="local batch size")
     p.add_argument("--lr", type=float, default=2e-3, help="client Adam learning rate")
     p.add_argument("--adapt-lr", type=float, default=3e-2, help="SPIRE embedding Adam lr")
-    p.add_argument("--samples", type=int, default=100, help="generated images per client")
-    p.add_argument("--sample-steps", type=int, default=50, help="DDPM sampling steps")
+    p.add_argument("--samples", type=int, default=50, help="generated images per client")
+    p.add_argument("--sample-steps", type=int, default=25, help="DDPM sampling steps")
     p.add_argument("--seed", type=int, default=0, help="seed (partition, init, noise)")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "fedkin"), help="feature CNN")
     p.add_argument("--out", default="", help="directory for JSON, markdown and sample grids")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
-    p.set_defaults(func=cmd_diffusion)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The options of ``fedkin bench diffusion ARGV``, lists parsed (``methods``, ``channels``)."""
+    from fedkin.core.errors import UserError
+
+    p = argparse.ArgumentParser(prog="fedkin bench diffusion")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    return normalize(args, UserError)
+
+
+def normalize(args: argparse.Namespace, error: type[Exception]) -> argparse.Namespace:
+    args.methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad or not args.methods:
+        raise error(f"--methods {bad}: allowed values are {', '.join(METHODS)}")
+    args.channels = [int(c) for c in args.channels.split(",")]
+    return args
+
+
+def generative_table2(args: argparse.Namespace) -> list[dict]:
+    """Table 2 for ``fedkin bench generative --table table2``: the rows of ``fedkin bench
+    diffusion`` with its default settings (one seed; ``std`` rows are over clients), tagged
+    ``"table": "table2"``; none if ``--datasets`` excludes digits."""
+    if getattr(args, "datasets", None) and "digits" not in args.datasets:
+        return []
+    log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr))
+    rows, _ = table2(parse([]), log)
+    return [{"table": "table2", **r, "std": None} for r in rows]
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -329,11 +364,7 @@ def markdown(rows: list[dict], command: str) -> str:
 def cmd_diffusion(args: argparse.Namespace) -> int:
     from fedkin.core.errors import UserError
 
-    args.methods = [m for m in args.methods.split(",") if m]
-    bad = [m for m in args.methods if m not in METHODS]
-    if bad or not args.methods:
-        raise UserError(f"--methods {bad}: allowed values are {', '.join(METHODS)}")
-    args.channels = [int(c) for c in args.channels.split(",")]
+    args = normalize(args, UserError)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     log = (lambda *a: None) if args.json else print
