@@ -268,3 +268,13 @@ def test_bench_diffusion_writes_table_json_and_grids(cli, tmp_path, capsys):
     assert rows[("spire", "forgetting_kid")]["value"] == 0.0
     assert (tmp_path / "samples_spire.png").stat().st_size > 0
     assert "| spire |" in (tmp_path / "diffusion.md").read_text()
+
+
+def test_generative_bench_lists_table2_and_skips_it_without_digits():
+    import argparse
+
+    from fedkin.bench import generative
+
+    assert generative.TABLES["table2"] is generative.generative_table2
+    args = argparse.Namespace(datasets=["linear-gaussian"], seeds=1, overrides=[], json=True)
+    assert generative.generative_table2(args) == []

@@ -18,6 +18,10 @@ mean over seeds of the mean over clients and ``std`` its std over seeds):
   the same clients, same test data), for k on a grid;
   the reported ``matching_k`` is the k at which local PCA's test MSE (and subspace error) falls
   to ADEPT-PCA's, linearly interpolated between grid points (``null`` above the grid).
+* ``table2`` — per-client KID/FID of personalized diffusion models (SPIRE, ADEPT-DGM, Local,
+  FedAvg with full and last-layer fine-tuning) on digits, on training clients and on new
+  clients after equal-budget adaptation, plus forgetting: :mod:`fedkin.bench.diffusion` with its
+  default settings, one seed (its ``*_std`` metrics are over clients; ``std`` is null).
 * ``headroom`` — an oracle (λ chosen on test data) for what any collaboration can gain: PCA of
   each client's second-moment matrix mixed with the pooled one, at n and 4n samples per client.
 
@@ -39,6 +43,7 @@ from typing import Any
 
 import torch
 
+from fedkin.bench.diffusion import generative_table2
 from fedkin.config import deep_merge, parse_overrides, read_yaml, validate_config
 from fedkin.core.errors import ConfigError
 from fedkin.core.evaluate import summarize
@@ -323,12 +328,14 @@ def headroom(args: argparse.Namespace) -> list[Row]:
 LAMBDAS = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 1e6)
 
 #: ``--table`` name → builder(args) → rows (``args``: the parsed options ``datasets``,
-#: ``seeds``, ``overrides``, ``json``). Other tables (e.g. KID for diffusion models) are added
-#: here.
+#: ``seeds``, ``overrides``, ``json``). ``table2`` (per-client KID of personalized diffusion
+#: models on digits) is :func:`fedkin.bench.diffusion.generative_table2`, with the default
+#: settings of ``fedkin bench diffusion`` (which takes its options).
 TABLES: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
     "table1": table1,
     "amplification": amplification,
     "headroom": headroom,
+    "table2": generative_table2,
 }
 
 
