@@ -129,6 +129,16 @@ def test_run_fails_when_no_summary_is_written(cli, capsys, tmp_path, monkeypatch
     with pytest.raises(RunFailure, match="exited with code 3"):
         fake.write_text("#!/bin/sh\nexit 3\n")
         flower_deploy.submit(directory)
+    # a finished run that lost replies of failing nodes succeeds, and says so
+    run = directory / "run"
+    lines = ['{"round": 1, "kind": "train", "dropped_clients": 1.0}',
+             '{"round": 1, "kind": "eval", "eval_missing_clients": 2.0}']  # fmt: skip
+    script = f"mkdir -p {run}\necho '{{}}' > {run}/summary.json\n"
+    script += "".join(f"echo '{line}' >> {run}/metrics.jsonl\n" for line in lines)
+    fake.write_text("#!/bin/sh\n" + script)
+    capsys.readouterr()
+    assert cli(["flower", "run", str(directory)]) == 0
+    assert "without 1 training replies and 2 evaluation replies" in capsys.readouterr().err
     # a ServerApp that failed left its error in the run directory: that is the message
     failed = directory / "run" / "failed.txt"
     fake.write_text(f"#!/bin/sh\nmkdir -p {failed.parent}\necho 'UserError: 1 of 2' > {failed}\n")

@@ -336,6 +336,25 @@ def submit(directory: Path) -> None:
             "the SuperLink's and SuperNodes' output)."
         )
     print(f"written: {directory / 'run'}/ (config.yaml, metrics.jsonl, summary.json)")
+    lost = lost_replies(directory / "run" / "metrics.jsonl")
+    if lost:
+        print(f"fedkin: warning: the run finished without {lost} (failed or timed-out "
+              "SuperNodes; see their output)", file=sys.stderr)  # fmt: skip
+
+
+def lost_replies(metrics: Path) -> str:
+    """What a finished run missed, from its records: train replies dropped and evaluation
+    replies missing, summed over rounds ("" if none)."""
+    import json
+
+    dropped = missing = 0.0
+    for line in metrics.read_text().splitlines() if metrics.exists() else ():
+        record = json.loads(line)
+        dropped += record.get("dropped_clients", 0.0)
+        missing += record.get("eval_missing_clients", 0.0)
+    parts = [f"{n:g} {what}" for n, what in ((dropped, "training replies"),
+                                              (missing, "evaluation replies")) if n]  # fmt: skip
+    return " and ".join(parts)
 
 
 def _version(path: Path) -> tuple[int, int] | None:
