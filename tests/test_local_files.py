@@ -284,3 +284,12 @@ def test_the_deployed_server_app_always_writes_results_or_its_error(tmp_path, mo
     assert not (runs / "7" / FAILURE_FILE).exists()
     failure = (runs / "8" / FAILURE_FILE).read_text()
     assert failure.startswith("UserError: only 1 of 2 SuperNodes answered within 0.5s")
+
+
+def test_relative_files_are_recorded_as_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None, [
+        "data.name=local-files", "data.num_clients=2", "data.input_shape=[6]",
+        "data.num_classes=3", "data.files=[a.npz,sub/b.csv]", "cohort.clients_per_round=2",
+    ])  # fmt: skip
+    assert config.data.files == [str(tmp_path / "a.npz"), str(tmp_path / "sub" / "b.csv")]

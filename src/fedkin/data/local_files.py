@@ -72,7 +72,8 @@ class LocalFilesConfig(_DatasetConfig):
     files: list[str] | dict[int, str] = Field(
         default_factory=list,
         description="The clients' files: a list with one path per client id, or a mapping "
-        "client id -> path (absolute, or relative to the working directory). Empty in a Flower "
+        "client id -> path (relative paths are made absolute against the working directory "
+        "when the config is loaded). Empty in a Flower "
         "deployment, where each SuperNode names its own (--node-config data-file=PATH) and the "
         "server reads none.",
     )
@@ -112,7 +113,10 @@ class LocalFilesConfig(_DatasetConfig):
             )
         if isinstance(v, dict) and any(not 0 <= c < n for c in v):
             raise ValueError(f"data.files: client ids must be in 0..{n - 1}, got {sorted(v)}")
-        return v
+        # absolute from here on: config.yaml, Ray workers and simulated nodes see the same files
+        if isinstance(v, dict):
+            return {c: _absolute(p) for c, p in v.items()}
+        return [_absolute(p) for p in v]
 
     @field_validator("class_names")
     @classmethod
@@ -121,6 +125,10 @@ class LocalFilesConfig(_DatasetConfig):
         if v is not None and k is not None and len(v) != k:
             raise ValueError(f"data.class_names: {len(v)} names for data.num_classes={k}")
         return v
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().absolute())
 
 
 # ----- reading one client's file ---------------------------------------------------------------
