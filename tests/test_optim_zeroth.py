@@ -115,6 +115,17 @@ def test_sparse_mezo_never_perturbs_or_updates_masked_weights():
             assert moved[masks[k]].float().mean() > 0.9  # the small ones all move
 
 
+def test_low_memory_masks_equal_kthvalue_ones_with_ties_and_under_vmap():
+    g = torch.Generator().manual_seed(1)
+    p = {"w": torch.randint(-20, 20, (40, 30), generator=g).float() / 7, "b": torch.randn(30)}
+    for density in (0.01, 0.25, 0.5, 1.0):
+        low, fast = magnitude_masks(p, density), magnitude_masks(p, density, low_memory=False)
+        assert torch.equal(_flat(low), _flat(fast))
+    stacked = {k: torch.stack([v, -2 * v]) for k, v in p.items()}
+    batched = vmap(lambda q: magnitude_masks(q, 0.3))(stacked)
+    assert torch.equal(batched["w"][0], magnitude_masks(p, 0.3, low_memory=False)["w"])
+
+
 @pytest.mark.parametrize("name", ZO)
 def test_vectorized_equals_sequential_and_seeds_reproduce(name):
     extra = [
