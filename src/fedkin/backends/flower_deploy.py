@@ -216,9 +216,9 @@ class Deployment:
         nodes = "\n".join(shlex.join(self.supernode(i)) + " &" for i in range(self.nodes))
         mode = "insecure (no TLS: loopback or a trusted network only)" if self.insecure else "TLS"
         data = (
-            "its own data file, read on its host; the server reads none"
+            "reads its own data file on its host (the server reads none)"
             if self.node_data
-            else "its client of the config's dataset"
+            else "builds the config's dataset and takes its client"
         )
         return (
             f"# fedkin Flower deployment in {self.directory} ({mode})\n"
@@ -226,9 +226,9 @@ class Deployment:
             "flwr-clientapp) by name,\n#    so this environment's executables go first on PATH\n"
             f'export PATH={shlex.quote(str(bin_dir()))}:"$PATH"\n'
             f"# 1. the SuperLink (on {self.host}):\n{shlex.join(self.superlink())} &\n"
-            f"# 2. one SuperNode per client id 0..{self.nodes - 1}, each with {data} (each its "
-            "own --port;\n#    on other hosts, with fedkin installed and this directory copied "
-            "to the same path):\n"
+            f"# 2. one SuperNode per client id 0..{self.nodes - 1}, each on its own --port; each "
+            f"{data};\n#    on other hosts, with fedkin installed and this directory copied "
+            "to the same path:\n"
             f"{nodes}\n"
             "# 3. submit the run (stops non-zero unless summary.json was written):\n"
             f"{shlex.join([executable('fedkin'), 'flower', 'run', str(self.directory)])}\n"
