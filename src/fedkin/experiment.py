@@ -36,6 +36,7 @@ from fedkin.core.tree import Tree, tree_map
 from fedkin.data import build_dataset
 from fedkin.data.federated import FederatedDataset
 from fedkin.engine import SequentialEngine
+from fedkin.engine.plan import EnginePlan, largest_cohort
 from fedkin.models import build_model
 from fedkin.models.mel import pattern_name
 from fedkin.privacy.release import ReleasePolicy
@@ -63,6 +64,15 @@ class ClientGroup:
         return torch.searchsorted(self.members, clients)
 
 
+def engine_plan(config: ExperimentConfig, dataset: FederatedDataset) -> EnginePlan:
+    """What the engine is told in advance: rounds, the largest cohort, local steps."""
+    n = dataset.num_clients
+    pool = n - holdout_count(n, config.eval.holdout_clients)
+    poisson = config.cohort.sampling == "poisson"
+    largest = largest_cohort(config.cohort.clients_per_round, pool, poisson)
+    return EnginePlan(config.rounds, largest, config.client.local_steps, varying=poisson)
+
+
 class Experiment:
     """Holds the live state of a run (population, client groups and stores, server, round)."""
 
@@ -78,7 +88,7 @@ class Experiment:
         self.run_dir = run_dir
         self.stream = Stream(config.seed)
         self.dataset = build_dataset(config.data, config.seed) if dataset is None else dataset
-        self.engine = config.backend.wrap(config.engine.build())
+        self.engine = config.backend.wrap(config.engine.build(engine_plan(config, self.dataset)))
         self.groups = self._build_groups()
         self.algorithm: Algorithm = self.groups[0].algorithm
         self.model = self.algorithm.model

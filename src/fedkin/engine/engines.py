@@ -15,6 +15,7 @@ reassociation in batched kernels.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
@@ -22,64 +23,28 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.func import vmap
 
-from fedkin.core.tree import tree_map
 from fedkin.engine.allocator import retain_freed_memory
+from fedkin.engine.args import _cohort_size, _combine, _narrow, _select
+from fedkin.engine.buckets import bucket_size, pad_args, unpad
+from fedkin.engine.compile_cache import use_persistent_cache
+from fedkin.engine.plan import AUTO_TIMED_CALL, EnginePlan, compile_pays
 
-
-def _leafwise(arg: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """Apply ``fn`` to every tensor of an argument (a tensor, a tuple of tensors or a dict tree)."""
-    if isinstance(arg, dict):
-        return tree_map(fn, arg)
-    if isinstance(arg, tuple):
-        return tuple(_leafwise(a, fn) for a in arg)
-    return fn(arg)
-
-
-def _narrow(arg: Any, dim: int | None, start: int, length: int) -> Any:
-    return arg if dim is None else _leafwise(arg, lambda t: t.narrow(dim, start, length))
-
-
-def _select(arg: Any, dim: int | None, index: int) -> Any:
-    return arg if dim is None else _leafwise(arg, lambda t: t.select(dim, index))
-
-
-def _combine(parts: list[Any], op: Callable[..., torch.Tensor]) -> Any:
-    first = parts[0]
-    if isinstance(first, dict):
-        return {k: _combine([p[k] for p in parts], op) for k in first}
-    if isinstance(first, tuple):
-        return tuple(_combine([p[i] for p in parts], op) for i in range(len(first)))
-    return op(parts)
-
-
-def _cohort_size(args: Sequence[Any], in_dims: Sequence[int | None]) -> int:
-    for arg, dim in zip(args, in_dims, strict=True):
-        if dim is None:
-            continue
-        first = arg if isinstance(arg, torch.Tensor) else next(iter(_tensors(arg)), None)
-        if first is not None:
-            return first.shape[dim]
-    raise ValueError("no argument carries the client dimension")
-
-
-def _tensors(arg: Any):
-    if isinstance(arg, dict):
-        for v in arg.values():
-            yield from _tensors(v)
-    elif isinstance(arg, tuple):
-        for v in arg:
-            yield from _tensors(v)
-    else:
-        yield arg
+#: a mapped function and its ``in_dims``: what the engine compiles and times separately
+_Key = tuple[Callable[..., Any], tuple[int | None, ...]]
 
 
 class VectorizedEngine:
     """Trains a cohort with one ``vmap`` (per chunk of ``chunk_size`` clients; 0 = whole cohort).
 
     ``compile=True`` runs the mapped function through ``torch.compile`` (TorchInductor): the
-    whole local solve of a cohort becomes one fused graph. It pays a compile (tens of seconds
-    on a cold cache; again for each new cohort size) for a faster steady state; see
-    ``fedkin bench peers``.
+    whole local solve of a cohort becomes one fused graph. Cohorts are padded to a few bucket
+    sizes (:mod:`fedkin.engine.buckets`; the largest is the plan's ``largest_cohort``, else the
+    first cohort seen), so a run compiles each function once however its cohort size varies,
+    and compiled code is cached on disk (:mod:`fedkin.engine.compile_cache`), so the next run
+    of the same config compiles from the cache. ``compile="auto"`` runs eagerly and compiles a
+    function when the rest of the ``plan`` makes it pay (:mod:`fedkin.engine.plan`).
+    ``compiler`` is the ``torch.compile`` backend (tests count compilations with Dynamo's
+    ``CompileCounter``).
 
     ``retain_freed_mb`` > 0 tunes the allocator of the process the engine runs in
     (:mod:`fedkin.engine.allocator`) — on construction, and again in a Ray worker that
@@ -88,11 +53,23 @@ class VectorizedEngine:
 
     name = "vectorized"
 
-    def __init__(self, chunk_size: int = 0, compile: bool = False, retain_freed_mb: int = 0):
+    def __init__(
+        self,
+        chunk_size: int = 0,
+        compile: bool | Literal["auto"] = False,
+        retain_freed_mb: int = 0,
+        plan: EnginePlan | None = None,
+        compiler: Any = "inductor",
+    ):
         self.chunk_size = chunk_size
         self.compile = compile
         self.retain_freed_mb = retain_freed_mb
-        self._compiled: dict[tuple[Callable[..., Any], tuple[int | None, ...]], Any] = {}
+        self.plan = plan
+        self.compiler = compiler
+        self.largest = plan.largest_cohort if plan is not None else 0  # 0: first cohort seen
+        self._compiled: dict[_Key, Any] = {}
+        self._eager_calls: dict[_Key, int] = {}
+        self._auto: dict[_Key, bool] = {}
         retain_freed_memory(retain_freed_mb)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -102,29 +79,47 @@ class VectorizedEngine:
         self.__dict__.update(state)
         retain_freed_memory(self.retain_freed_mb)
 
-    def _mapped(self, fn: Callable[..., Any], in_dims: tuple[int | None, ...]) -> Any:
-        if not self.compile:
-            return vmap(fn, in_dims=in_dims, randomness="error")
-        key = (fn, in_dims)  # bound methods compare equal per (instance, function)
-        if key not in self._compiled:
-            self._compiled[key] = torch.compile(vmap(fn, in_dims=in_dims, randomness="error"))
+    def _compiled_fn(self, key: _Key) -> Any:
+        """The compiled mapped function for ``key``, or None while this function runs eagerly."""
+        if key in self._compiled:
+            return self._compiled[key]
+        if self.compile is False or (self.compile == "auto" and not self._auto.get(key, False)):
+            return None
+        use_persistent_cache()
+        fn, in_dims = key
+        mapped = vmap(fn, in_dims=in_dims, randomness="error")
+        self._compiled[key] = torch.compile(mapped, backend=self.compiler)
         return self._compiled[key]
+
+    def _observe(self, key: _Key, s: float) -> None:
+        """``compile="auto"``: count eager calls; the timed one decides by the cost model."""
+        if key in self._auto:
+            return
+        calls = self._eager_calls[key] = self._eager_calls.get(key, 0) + 1
+        if calls == AUTO_TIMED_CALL:
+            self._auto[key] = self.plan is not None and compile_pays(self.plan, calls, s)
 
     def map(
         self, fn: Callable[..., Any], args: Sequence[Any], in_dims: Sequence[int | None]
     ) -> Any:
         size = _cohort_size(args, in_dims)
         chunk = self.chunk_size or size
-        mapped = self._mapped(fn, tuple(in_dims))
-        parts = [
-            mapped(
-                *(
-                    _narrow(a, d, start, min(chunk, size - start))
-                    for a, d in zip(args, in_dims, strict=True)
-                )
-            )
-            for start in range(0, size, chunk)
-        ]
+        key = (fn, tuple(in_dims))
+        compiled = self._compiled_fn(key)
+        t0 = time.perf_counter()
+        parts = []
+        for start in range(0, size, chunk):
+            n = min(chunk, size - start)
+            part = [_narrow(a, d, start, n) for a, d in zip(args, in_dims, strict=True)]
+            if compiled is None:
+                parts.append(vmap(fn, in_dims=key[1], randomness="error")(*part))
+                continue
+            self.largest = self.largest or size
+            largest = min(self.chunk_size or self.largest, self.largest)
+            bucket = bucket_size(n, largest, halve=self.plan is None or not self.plan.varying)
+            parts.append(unpad(compiled(*pad_args(part, in_dims, bucket - n)), n))
+        if compiled is None and self.compile == "auto":
+            self._observe(key, time.perf_counter() - t0)
         return parts[0] if len(parts) == 1 else _combine(parts, torch.cat)
 
 
@@ -152,10 +147,12 @@ class EngineConfig(BaseModel):
     chunk_size: Annotated[int, Field(ge=0)] = Field(
         0, description="vectorized engine: clients per vmap call (0 = whole cohort)"
     )
-    compile: bool = Field(
+    compile: bool | Literal["auto"] = Field(
         False,
-        description="vectorized engine: torch.compile the mapped client function (compiles "
-        "once per cohort shape, tens of seconds each; for long runs with steady cohorts)",
+        description="vectorized engine: torch.compile the mapped client function (true; "
+        "compiles once per run, cohorts padded to a few bucket sizes, cached on disk), run "
+        "eagerly (false), or auto: compile when the planned rounds make it pay "
+        "(fedkin.engine.plan's cost model, decided after two timed eager rounds)",
     )
     retain_freed_mb: Annotated[int, Field(ge=0, le=2047)] = Field(
         1024,
@@ -166,11 +163,13 @@ class EngineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _compile_needs_vmap(self) -> EngineConfig:
-        if self.compile and self.name != "vectorized":
+        if self.compile is True and self.name != "vectorized":
             raise ValueError("engine.compile=true needs engine.name=vectorized")
         return self
 
-    def build(self) -> VectorizedEngine | SequentialEngine:
+    def build(self, plan: EnginePlan | None = None) -> VectorizedEngine | SequentialEngine:
+        """The engine; ``plan`` (rounds, largest cohort) sizes the compiled engine's buckets
+        and feeds ``compile=auto``'s cost model (without it, auto stays eager)."""
         if self.name == "sequential":
             return SequentialEngine()
-        return VectorizedEngine(self.chunk_size, self.compile, self.retain_freed_mb)
+        return VectorizedEngine(self.chunk_size, self.compile, self.retain_freed_mb, plan)
