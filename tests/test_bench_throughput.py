@@ -77,3 +77,19 @@ def test_cnn_workload_runs_all_three_implementations_on_the_same_rounds(capsys):
 def test_throughput_bench_rejects_bad_sizes(capsys):
     assert main(["bench", "throughput", "--clients", "ten"]) == 2
     assert "--clients" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compiled_engine_column_trains_the_same_model():
+    from fedkin.bench.throughput import measure
+
+    result = measure(3, 1, loop_cap=3, compile=True)
+    assert result["compiled_compile_s"] > 0 and result["compiled_updates_per_s"] > 0
+    assert result["compiled_fraction_of_limit"] == pytest.approx(
+        result["compiled_updates_per_s"]
+        * result["flops_per_update"]
+        / (result["sgemm_gflops"] * 1e9)
+    )
+    assert (
+        result["final_max_abs_diff"] < 1e-4
+    )  # the compiled engine's model is among those compared

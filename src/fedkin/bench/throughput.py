@@ -166,13 +166,22 @@ def sgemm_gflops(n: int = SGEMM_N, repeats: int = 5) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def measure(clients: int, rounds: int, loop_cap: int, seed: int = 0, workload: str = "mlp") -> dict:
-    """Time ``rounds`` rounds (after one warm-up) of the three implementations on ``clients``,
-    count the FLOPs of one update and measure the sgemm rate."""
+def measure(
+    clients: int,
+    rounds: int,
+    loop_cap: int,
+    seed: int = 0,
+    workload: str = "mlp",
+    compile: bool = False,
+) -> dict:
+    """Time ``rounds`` rounds (after one warm-up) of the three implementations on ``clients``
+    (and of the compiled engine, if ``compile``: its warm-up round is the compilation), count
+    the FLOPs of one update and measure the sgemm rate."""
     from fedkin.algorithms.base import ServerStep
     from fedkin.algorithms.fedavg import FedAvg, FedAvgConfig
     from fedkin.core.channel import Channel
-    from fedkin.engine import EngineConfig
+    from fedkin.engine import EngineConfig, VectorizedEngine
+    from fedkin.engine.plan import EnginePlan
     from fedkin.optim import sgd
 
     model = build_workload_model(workload, seed)
@@ -186,7 +195,11 @@ def measure(clients: int, rounds: int, loop_cap: int, seed: int = 0, workload: s
     initial = {k: v.detach().clone() for k, v in model.named_parameters()}
 
     def fedkin_round(engine_name: str, n: int):
-        engine = EngineConfig(name=engine_name).build()
+        if engine_name == "compiled":
+            plan = EnginePlan(rounds + 1, n, STEPS)
+            engine = VectorizedEngine(compile=True, retain_freed_mb=1024, plan=plan)
+        else:
+            engine = EngineConfig(name=engine_name).build()
         state = {"population": algorithm.init_population(dict(initial))}
         ctx = {"client_id": torch.arange(n)}
 
@@ -222,8 +235,13 @@ def measure(clients: int, rounds: int, loop_cap: int, seed: int = 0, workload: s
 
     # interleave the three so all see the same machine load; take medians over rounds
     impls = {"fedkin": vectorized, "sequential": sequential, "loop": loop_round}
-    for run in impls.values():
+    if compile:
+        impls["compiled"], compiled_state = fedkin_round("compiled", clients)
+    warmup = {}
+    for name, run in impls.items():
+        t0 = time.perf_counter()
         run(data[0])
+        warmup[name] = time.perf_counter() - t0
     times: dict[str, list[float]] = {k: [] for k in impls}
     for r in range(1, rounds + 1):
         for name, run in impls.items():
@@ -239,9 +257,20 @@ def measure(clients: int, rounds: int, loop_cap: int, seed: int = 0, workload: s
     if capped == clients:  # same cohort: all three must end with the same model
         final = {k: v.detach() for k, v in global_model.named_parameters()}
         others = (vec_state["population"]["global"], seq_state["population"]["global"])
+        if compile:
+            others += (compiled_state["population"]["global"],)
         diff = max(float((m[k] - final[k]).abs().max()) for m in others for k in final)
     flops = flops_per_update(workload, seed)
     gflops = sgemm_gflops()
+    compiled = {}
+    if compile:
+        compiled_ups = clients / statistics.median(times["compiled"])
+        compiled = {
+            "compiled_compile_s": warmup["compiled"],
+            "compiled_updates_per_s": compiled_ups,
+            "compiled_speedup_vs_eager": compiled_ups / fedkin_ups,
+            "compiled_fraction_of_limit": compiled_ups * flops / (gflops * 1e9),
+        }
     return {
         "workload": workload,
         "data": _data(workload)[2],
@@ -261,10 +290,13 @@ def measure(clients: int, rounds: int, loop_cap: int, seed: int = 0, workload: s
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
         "final_max_abs_diff": diff,
+        **compiled,
     }
 
 
-def run_isolated(clients: int, rounds: int, loop_cap: int, threads: int, workload: str) -> dict:
+def run_isolated(
+    clients: int, rounds: int, loop_cap: int, threads: int, workload: str, compile: bool = False
+) -> dict:
     """Measure one cohort size in a fresh interpreter (clean peak-memory reading); ``threads``
     torch intra-op threads for all implementations and the sgemm (0: torch's default)."""
     cmd = [
@@ -273,6 +305,7 @@ def run_isolated(clients: int, rounds: int, loop_cap: int, threads: int, workloa
         "fedkin.bench.throughput",
         *(str(a) for a in (clients, rounds, loop_cap, threads)),
         workload,
+        str(int(compile)),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -305,6 +338,11 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--threads", type=int, default=0, help="torch threads for all (0: torch's default)"
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the compiled engine (engine.compile=true; its warm-up compiles)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_throughput)
 
@@ -331,13 +369,15 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     if any(s < 1 for s in sizes) or args.rounds < 1 or args.loop_cap < 1 or args.threads < 0:
         raise UserError("--clients, --rounds and --loop-cap must be positive, --threads >= 0")
     results = [
-        run_isolated(n, args.rounds, args.loop_cap, args.threads, args.workload) for n in sizes
+        run_isolated(n, args.rounds, args.loop_cap, args.threads, args.workload, args.compile)
+        for n in sizes
     ]
     command = (
         "fedkin bench throughput"
         + (f" --workload {args.workload}" if args.workload != "mlp" else "")
         + f" --clients {clients} --rounds {args.rounds}"
         + (f" --threads {args.threads}" if args.threads else "")
+        + (" --compile" if args.compile else "")
     )
     if args.json:
         print(json.dumps({"command": command, "results": results}, indent=2))
@@ -384,6 +424,19 @@ def cmd_throughput(args: argparse.Namespace) -> int:
         console.print(
             f"final models of fedkin, sequential and the loop differ by at most {max(diffs):.1e}"
         )
+    if args.compile:
+        table = Table(title="compiled engine (engine.compile=true), same rounds, interleaved")
+        for col in ("clients", "compiled upd/s", "x eager", "% of limit", "compile s"):
+            table.add_column(col, justify="right")
+        for r in results:
+            table.add_row(
+                str(r["clients"]),
+                _rate(r["compiled_updates_per_s"]),
+                f"{r['compiled_speedup_vs_eager']:.2f}x",
+                f"{100 * r['compiled_fraction_of_limit']:.0f}%",
+                f"{r['compiled_compile_s']:.1f}",
+            )
+        print_table(table, console)
     console.print(
         "MFLOP/upd: FlopCounterMode on one client's update; sgemm: timed "
         f"{SGEMM_N}x{SGEMM_N} torch.mm in the same run; % of limit: fedkin upd/s x FLOP/upd / "
@@ -402,4 +455,4 @@ if __name__ == "__main__":
     n, rounds, cap, threads = (int(a) for a in sys.argv[1:5])
     if threads:
         torch.set_num_threads(threads)
-    print(json.dumps(measure(n, rounds, cap, workload=sys.argv[5])))
+    print(json.dumps(measure(n, rounds, cap, workload=sys.argv[5], compile=sys.argv[6] == "1")))

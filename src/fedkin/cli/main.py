@@ -31,6 +31,7 @@ BENCH_MODULES = (
     "fedkin.estimation.bench",
     "fedkin.bench.privacy",
     "fedkin.bench.peers",
+    "fedkin.bench.compile",
     "fedkin.bench.mel",
     "fedkin.bench.quantized",
     "fedkin.bench.optim",

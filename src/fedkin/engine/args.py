@@ -46,6 +46,15 @@ def _cohort_size(args: Sequence[Any], in_dims: Sequence[int | None]) -> int:
     raise ValueError("no argument carries the client dimension")
 
 
+def _client_device(args: Sequence[Any], in_dims: Sequence[int | None]) -> torch.device:
+    """Where the cohort's per-client inputs live (the stores' and the data's device)."""
+    for arg, dim in zip(args, in_dims, strict=True):
+        first = next(iter(_tensors(arg)), None) if dim is not None else None
+        if first is not None:
+            return first.device
+    raise ValueError("no argument carries the client dimension")
+
+
 def _tensors(arg: Any):
     if isinstance(arg, dict):
         for v in arg.values():

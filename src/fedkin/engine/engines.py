@@ -20,11 +20,12 @@ from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch.func import vmap
+from torch.utils._pytree import tree_map
 
 from fedkin.engine.allocator import retain_freed_memory
-from fedkin.engine.args import _cohort_size, _combine, _narrow, _select
+from fedkin.engine.args import _client_device, _cohort_size, _combine, _leafwise, _narrow, _select
 from fedkin.engine.buckets import bucket_size, pad_args, unpad
 from fedkin.engine.compile_cache import use_persistent_cache
 from fedkin.engine.plan import AUTO_TIMED_CALL, EnginePlan, compile_pays
@@ -60,12 +61,14 @@ class VectorizedEngine:
         retain_freed_mb: int = 0,
         plan: EnginePlan | None = None,
         compiler: Any = "inductor",
+        device: str | torch.device | None = None,
     ):
         self.chunk_size = chunk_size
         self.compile = compile
         self.retain_freed_mb = retain_freed_mb
         self.plan = plan
         self.compiler = compiler
+        self.device = None if device is None else torch.device(device)
         self.largest = plan.largest_cohort if plan is not None else 0  # 0: first cohort seen
         self._compiled: dict[_Key, Any] = {}
         self._eager_calls: dict[_Key, int] = {}
@@ -103,6 +106,9 @@ class VectorizedEngine:
         self, fn: Callable[..., Any], args: Sequence[Any], in_dims: Sequence[int | None]
     ) -> Any:
         size = _cohort_size(args, in_dims)
+        host = _client_device(args, in_dims)
+        if self.device is not None:  # a no-op for tensors already there
+            args = [_leafwise(a, lambda t: t.to(self.device)) for a in args]
         chunk = self.chunk_size or size
         key = (fn, tuple(in_dims))
         compiled = self._compiled_fn(key)
@@ -120,7 +126,8 @@ class VectorizedEngine:
             parts.append(unpad(compiled(*pad_args(part, in_dims, bucket - n)), n))
         if compiled is None and self.compile == "auto":
             self._observe(key, time.perf_counter() - t0)
-        return parts[0] if len(parts) == 1 else _combine(parts, torch.cat)
+        out = parts[0] if len(parts) == 1 else _combine(parts, torch.cat)
+        return out if self.device in (None, host) else tree_map(lambda t: t.to(host), out)
 
 
 class SequentialEngine:
@@ -136,6 +143,24 @@ class SequentialEngine:
             fn(*(_select(a, d, k) for a, d in zip(args, in_dims, strict=True))) for k in range(size)
         ]
         return _combine(outs, torch.stack)
+
+
+def check_device(value: str) -> str:
+    """``value`` if this torch can compute there, else a ValueError naming what is available."""
+    available = ["cpu"]
+    if torch.cuda.is_available():
+        available += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        available.append("mps")
+    if value not in available:
+        kind = value.split(":")[0]
+        why = {
+            "cuda": "CUDA is not available to this torch build "
+            f"({torch.__version__}) or no GPU is visible",
+            "mps": "MPS (Apple GPU) is not available here",
+        }.get(kind, "unknown device")
+        raise ValueError(f"engine.device={value}: {why}; allowed here: {', '.join(available)}")
+    return value
 
 
 class EngineConfig(BaseModel):
@@ -161,6 +186,18 @@ class EngineConfig(BaseModel):
         "allocator alone)",
     )
 
+    device: str = Field(
+        "cpu",
+        description="where the engine computes: cpu, cuda, cuda:N or mps (a cohort's inputs "
+        "move there and its outputs back to the stores' device; no GPU figure has been "
+        "measured yet)",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device_available(cls, value: str) -> str:
+        return check_device(value)
+
     @model_validator(mode="after")
     def _compile_needs_vmap(self) -> EngineConfig:
         if self.compile is True and self.name != "vectorized":
@@ -172,4 +209,7 @@ class EngineConfig(BaseModel):
         and feeds ``compile=auto``'s cost model (without it, auto stays eager)."""
         if self.name == "sequential":
             return SequentialEngine()
-        return VectorizedEngine(self.chunk_size, self.compile, self.retain_freed_mb, plan)
+        device = None if self.device == "cpu" else self.device
+        return VectorizedEngine(
+            self.chunk_size, self.compile, self.retain_freed_mb, plan, device=device
+        )
