@@ -198,3 +198,20 @@ def test_engine_compile_config_values():
     EngineConfig(name="sequential", compile="auto").build()  # nothing to compile: eager
     with pytest.raises(ValueError, match="compile"):
         EngineConfig(compile="sometimes")
+
+
+def test_auto_falls_back_to_eager_when_compiling_fails():
+    def failing_compiler(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    torch._dynamo.reset()
+    algorithm, population = _fedavg()
+    engine = VectorizedEngine(compile="auto", plan=EnginePlan(100, 4), compiler=failing_compiler)
+    key = (algorithm.client_update, (None, None, 1, 0))
+    engine._auto[key] = True  # the cost model said compile
+    with pytest.warns(RuntimeWarning, match="compile=auto: compiling .* failed"):
+        out = _train(engine, algorithm, population, 4)
+    torch.testing.assert_close(out, _train(VectorizedEngine(), algorithm, population, 4))
+    assert engine._auto[key] is False and engine._compiled == {}
+    with pytest.raises(Exception, match="no compiler here"):  # compile=true does not hide it
+        _train(VectorizedEngine(compile=True, compiler=failing_compiler), algorithm, population, 4)

@@ -16,6 +16,7 @@ reassociation in batched kernels.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
@@ -109,25 +110,44 @@ class VectorizedEngine:
         host = _client_device(args, in_dims)
         if self.device is not None:  # a no-op for tensors already there
             args = [_leafwise(a, lambda t: t.to(self.device)) for a in args]
-        chunk = self.chunk_size or size
         key = (fn, tuple(in_dims))
         compiled = self._compiled_fn(key)
         t0 = time.perf_counter()
+        try:
+            out = self._chunks(key, args, size, compiled)
+        except Exception as error:
+            if compiled is None or self.compile != "auto":
+                raise
+            # auto must never fail a run that runs eagerly: this function stays eager
+            warnings.warn(
+                f"engine.compile=auto: compiling {getattr(fn, '__qualname__', fn)} failed "
+                f"({type(error).__name__}); it runs eagerly",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._auto[key] = False
+            del self._compiled[key]
+            out = self._chunks(key, args, size, None)
+        if compiled is None and self.compile == "auto":
+            self._observe(key, time.perf_counter() - t0)
+        return out if self.device in (None, host) else tree_map(lambda t: t.to(host), out)
+
+    def _chunks(self, key: _Key, args: Sequence[Any], size: int, compiled: Any) -> Any:
+        """The mapped function over the cohort in chunks; compiled calls see padded buckets."""
+        fn, in_dims = key
+        chunk = self.chunk_size or size
         parts = []
         for start in range(0, size, chunk):
             n = min(chunk, size - start)
             part = [_narrow(a, d, start, n) for a, d in zip(args, in_dims, strict=True)]
             if compiled is None:
-                parts.append(vmap(fn, in_dims=key[1], randomness="error")(*part))
+                parts.append(vmap(fn, in_dims=in_dims, randomness="error")(*part))
                 continue
             self.largest = self.largest or size
             largest = min(self.chunk_size or self.largest, self.largest)
             bucket = bucket_size(n, largest, halve=self.plan is None or not self.plan.varying)
             parts.append(unpad(compiled(*pad_args(part, in_dims, bucket - n)), n))
-        if compiled is None and self.compile == "auto":
-            self._observe(key, time.perf_counter() - t0)
-        out = parts[0] if len(parts) == 1 else _combine(parts, torch.cat)
-        return out if self.device in (None, host) else tree_map(lambda t: t.to(host), out)
+        return parts[0] if len(parts) == 1 else _combine(parts, torch.cat)
 
 
 class SequentialEngine:
