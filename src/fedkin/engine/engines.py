@@ -15,6 +15,7 @@ reassociation in batched kernels.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ from fedkin.engine.allocator import retain_freed_memory
 from fedkin.engine.args import _client_device, _cohort_size, _combine, _leafwise, _narrow, _select
 from fedkin.engine.buckets import bucket_size, pad_args, unpad
 from fedkin.engine.compile_cache import use_persistent_cache
+from fedkin.engine.fastpath import NotCoveredError, fast_client_update
 from fedkin.engine.plan import AUTO_TIMED_CALL, EnginePlan, compile_pays
 
 #: a mapped function and its ``in_dims``: what the engine compiles and times separately
@@ -63,6 +65,7 @@ class VectorizedEngine:
         plan: EnginePlan | None = None,
         compiler: Any = "inductor",
         device: str | torch.device | None = None,
+        fast_path: bool = True,
     ):
         self.chunk_size = chunk_size
         self.compile = compile
@@ -70,6 +73,8 @@ class VectorizedEngine:
         self.plan = plan
         self.compiler = compiler
         self.device = None if device is None else torch.device(device)
+        self.fast_path = fast_path
+        self._fast: dict[_Key, Any] = {}
         self.largest = plan.largest_cohort if plan is not None else 0  # 0: first cohort seen
         self._compiled: dict[_Key, Any] = {}
         self._eager_calls: dict[_Key, int] = {}
@@ -77,7 +82,8 @@ class VectorizedEngine:
         retain_freed_memory(retain_freed_mb)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_compiled": {}}  # compiled code stays in its own process
+        # compiled code and fast-path closures stay in their own process
+        return {**self.__dict__, "_compiled": {}, "_fast": {}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -132,16 +138,28 @@ class VectorizedEngine:
             self._observe(key, time.perf_counter() - t0)
         return out if self.device in (None, host) else tree_map(lambda t: t.to(host), out)
 
+    def _eager(self, key: _Key, args: list[Any]) -> Any:
+        """One eager call: the hand-batched fast path where it covers the function
+        (:mod:`fedkin.engine.fastpath`), else ``vmap``."""
+        fn, in_dims = key
+        if self.fast_path:
+            if key not in self._fast:
+                self._fast[key] = fast_client_update(fn, in_dims)
+            if self._fast[key] is not None:
+                with contextlib.suppress(NotCoveredError):
+                    return self._fast[key](*args)
+        return vmap(fn, in_dims=in_dims, randomness="error")(*args)
+
     def _chunks(self, key: _Key, args: Sequence[Any], size: int, compiled: Any) -> Any:
         """The mapped function over the cohort in chunks; compiled calls see padded buckets."""
-        fn, in_dims = key
+        in_dims = key[1]
         chunk = self.chunk_size or size
         parts = []
         for start in range(0, size, chunk):
             n = min(chunk, size - start)
             part = [_narrow(a, d, start, n) for a, d in zip(args, in_dims, strict=True)]
             if compiled is None:
-                parts.append(vmap(fn, in_dims=in_dims, randomness="error")(*part))
+                parts.append(self._eager(key, part))
                 continue
             self.largest = self.largest or size
             largest = min(self.chunk_size or self.largest, self.largest)
@@ -206,6 +224,12 @@ class EngineConfig(BaseModel):
         "allocator alone)",
     )
 
+    fast_path: bool = Field(
+        True,
+        description="vectorized engine, eager: run FedAvg on the zoo MLP with plain SGD through "
+        "a hand-batched local solve instead of vmap (fedkin.engine.fastpath; same numbers up "
+        "to float reassociation; other workloads always use vmap)",
+    )
     device: str = Field(
         "cpu",
         description="where the engine computes: cpu, cuda, cuda:N or mps (a cohort's inputs "
@@ -231,5 +255,10 @@ class EngineConfig(BaseModel):
             return SequentialEngine()
         device = None if self.device == "cpu" else self.device
         return VectorizedEngine(
-            self.chunk_size, self.compile, self.retain_freed_mb, plan, device=device
+            self.chunk_size,
+            self.compile,
+            self.retain_freed_mb,
+            plan,
+            device=device,
+            fast_path=self.fast_path,
         )
