@@ -106,17 +106,17 @@ def fast_client_update(fn: Callable[..., Any], in_dims: tuple[int | None, ...]) 
                     hs.append(a.relu())
             log_p = torch.log_softmax(pre[-1], -1)
             loss_sum = loss_sum - log_p.gather(2, y.unsqueeze(2)).squeeze(2).mean(1)
-            delta = log_p.exp()
+            delta = log_p.exp()  # B·δ_L: the 1/B goes into the step size
             delta.scatter_add_(2, y.unsqueeze(2), torch.full(y.unsqueeze(2).shape, -1.0))
-            delta = delta / x.shape[1]
+            step = -lr / x.shape[1]
             new_w, new_b = [], []
             for i in range(len(layers) - 1, -1, -1):
-                gw = torch.bmm(delta.transpose(1, 2), hs[i])
-                gb = delta.sum(1)
-                if i > 0:
-                    delta = torch.bmm(delta, weights[i]) * (pre[i - 1] > 0)
-                new_w.append(weights[i] - lr * gw)
-                new_b.append(biases[i] - lr * gb)
+                # W − η/B · (Bδ)ᵀh in one fused baddbmm; b − η/B · Σ_b Bδ
+                new_w.append(torch.baddbmm(weights[i], delta.transpose(1, 2), hs[i], alpha=step))
+                new_b.append(torch.add(biases[i], delta.sum(1), alpha=step))
+                if i > 0:  # relu's backward: keep δ where the pre-activation was positive
+                    back = torch.bmm(delta, weights[i])
+                    delta = torch.ops.aten.threshold_backward(back, pre[i - 1], 0.0)
             weights, biases = new_w[::-1], new_b[::-1]
         delta_tree = {}
         for p, weight, bias in zip(layers, weights, biases, strict=True):
