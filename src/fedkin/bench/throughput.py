@@ -9,10 +9,12 @@ round and all clients sampled each round:
   absent, uniform random tensors of the same shape stand in (the output's ``data`` says which —
   the timing depends only on the shapes).
 
-Three implementations consume the same pre-drawn batches in the same process:
+Four implementations consume the same pre-drawn batches in the same process:
 
 * fedkin: the FedAvg local solver through the vectorized engine, the channel (non-finite
   filter + weighted mean) and the population update — the code path of ``fedkin run``.
+* fedkin vmap: the same with ``engine.fast_path=false`` (``vmap`` even where the hand-batched
+  FedAvg/MLP/SGD local solve applies; ``fast_path_speedup`` = vmap round ÷ fedkin round).
 * fedkin sequential: the same through the sequential engine (one client at a time).
 * reference: the loop people write by hand — for each client deep-copy the global model,
   ``torch.optim.SGD``, 5 steps, then a weighted average of the client models.
@@ -21,7 +23,7 @@ They are timed round by round in alternation (medians reported), so their ratios
 meaningful on a shared machine even when absolute times are not. Each cohort size runs in its
 own subprocess so its peak memory (max RSS) is its own. For cohorts above ``--loop-cap``
 clients the sequential engine and the reference loop are timed on ``--loop-cap`` of them: their
-cost is strictly per client. When they run the whole cohort, all three train the same model from
+cost is strictly per client. When they run the whole cohort, all of them train the same model from
 the same batches, and the largest absolute difference between the final models is reported
 (``final_max_abs_diff``).
 
@@ -174,7 +176,7 @@ def measure(
     workload: str = "mlp",
     compile: bool = False,
 ) -> dict:
-    """Time ``rounds`` rounds (after one warm-up) of the three implementations on ``clients``
+    """Time ``rounds`` rounds (after one warm-up) of the implementations on ``clients``
     (and of the compiled engine, if ``compile``: its warm-up round is the compilation), count
     the FLOPs of one update and measure the sgemm rate."""
     from fedkin.algorithms.base import ServerStep
@@ -198,6 +200,8 @@ def measure(
         if engine_name == "compiled":
             plan = EnginePlan(rounds + 1, n, STEPS)
             engine = VectorizedEngine(compile=True, retain_freed_mb=1024, plan=plan)
+        elif engine_name == "vmap":  # the vectorized engine without its fast path
+            engine = EngineConfig(fast_path=False).build()
         else:
             engine = EngineConfig(name=engine_name).build()
         state = {"population": algorithm.init_population(dict(initial))}
@@ -218,6 +222,7 @@ def measure(
         return run, state
 
     vectorized, vec_state = fedkin_round("vectorized", clients)
+    vmapped, vmap_state = fedkin_round("vmap", clients)
     sequential, seq_state = fedkin_round("sequential", capped)
 
     # reference: a plain per-client PyTorch loop on (up to loop_cap of) the same clients
@@ -233,8 +238,8 @@ def measure(
                 new_state[k] += v * (weights[c] / total)
         global_model.load_state_dict(new_state)
 
-    # interleave the three so all see the same machine load; take medians over rounds
-    impls = {"fedkin": vectorized, "sequential": sequential, "loop": loop_round}
+    # interleave them so all see the same machine load; take medians over rounds
+    impls = {"fedkin": vectorized, "vmap": vmapped, "sequential": sequential, "loop": loop_round}
     if compile:
         impls["compiled"], compiled_state = fedkin_round("compiled", clients)
     warmup = {}
@@ -254,9 +259,9 @@ def measure(
     loop_ups = capped / statistics.median(times["loop"])
 
     diff = None
-    if capped == clients:  # same cohort: all three must end with the same model
+    if capped == clients:  # same cohort: all must end with the same model
         final = {k: v.detach() for k, v in global_model.named_parameters()}
-        others = (vec_state["population"]["global"], seq_state["population"]["global"])
+        others = tuple(st["population"]["global"] for st in (vec_state, vmap_state, seq_state))
         if compile:
             others += (compiled_state["population"]["global"],)
         diff = max(float((m[k] - final[k]).abs().max()) for m in others for k in final)
@@ -283,6 +288,8 @@ def measure(
         "loop_updates_per_s": loop_ups,
         "speedup": fedkin_ups / loop_ups,
         "speedup_vs_sequential": fedkin_ups / seq_ups,
+        "vmap_updates_per_s": clients / statistics.median(times["vmap"]),
+        "fast_path_speedup": statistics.median(times["vmap"]) / fedkin_s,
         "fedkin_us_per_update": 1e6 * fedkin_s / clients,
         "flops_per_update": flops,
         "sgemm_gflops": gflops,
@@ -393,6 +400,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
         "loop upd/s",
         "x loop",
         "x sequential",
+        "x vmap",
         "fedkin µs/upd",
         "s/round",
         "MFLOP/upd",
@@ -410,6 +418,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
             f"{_rate(r['loop_updates_per_s'])}{capped}",
             f"{r['speedup']:.1f}x",
             f"{r['speedup_vs_sequential']:.1f}x",
+            f"{r['fast_path_speedup']:.2f}x",
             f"{r['fedkin_us_per_update']:.0f}",
             f"{r['fedkin_s_per_round']:.3f}",
             f"{r['flops_per_update'] / 1e6:,.1f}",
