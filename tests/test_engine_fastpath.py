@@ -22,7 +22,7 @@ def _args(n: int, batches: int, feature_shape=(12,), classes: int = 5, seed: int
     g = torch.Generator().manual_seed(seed)
     xs = torch.randn(batches, n, 6, *feature_shape, generator=g)
     ys = torch.randint(0, classes, (batches, n, 6), generator=g)
-    return {}, (xs, ys), {"client_id": torch.arange(n)}
+    return {}, (xs, ys), {"client_id": torch.arange(n), "round": torch.zeros(n, dtype=torch.long)}
 
 
 @pytest.mark.parametrize(

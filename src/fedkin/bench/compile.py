@@ -47,7 +47,7 @@ def measure(workload: str, clients: int, steps: int, rounds: int) -> dict:
     model = tp.build_workload_model(workload)
     algorithm = FedAvg(FedAvgConfig(), model, sgd(tp.LR), steps)
     population = algorithm.init_population(algorithm.initial_params())
-    ctx = {"client_id": torch.arange(clients)}
+    ctx = {"client_id": torch.arange(clients), "round": torch.zeros(clients, dtype=torch.long)}
     plan = EnginePlan(rounds, clients, steps)
     engines = {
         "eager": VectorizedEngine(plan=plan),

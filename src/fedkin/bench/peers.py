@@ -114,7 +114,7 @@ def measure_fedkin(
     channel, server = Channel(), ServerStep(sgd(1.0))
     population = algorithm.init_population(algorithm.initial_params())
     weights = torch.full((clients,), float(STEPS * BATCH))
-    ctx = {"client_id": torch.arange(clients)}
+    ctx = {"client_id": torch.arange(clients), "round": torch.zeros(clients, dtype=torch.long)}
     times, last = [], time.perf_counter()
     for r in range(rounds):
         batches = _batches(clients, SEED, r)

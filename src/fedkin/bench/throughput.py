@@ -205,7 +205,7 @@ def measure(
         else:
             engine = EngineConfig(name=engine_name).build()
         state = {"population": algorithm.init_population(dict(initial))}
-        ctx = {"client_id": torch.arange(n)}
+        ctx = {"client_id": torch.arange(n), "round": torch.zeros(n, dtype=torch.long)}
 
         def run(batches) -> None:
             xs, ys = batches

@@ -20,7 +20,8 @@ It applies only when all of these hold, and the engine falls back to ``vmap`` ot
 algorithm is exactly FedAvg, without DP-SGD, on the classification task; the model is the zoo
 ``MLP`` (and the population model the same module); the client optimizer is plain SGD —
 checked by its behaviour: ``init`` gives an empty state (no momentum, no step count for a
-schedule) and one step on a probe is exactly ``θ − η g`` (no weight decay, no clipping).
+schedule) and one step on a probe is exactly ``θ − η g`` (no weight decay, no clipping), and
+it is neither sharpness-aware nor zeroth-order.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from fedkin.core.tree import tree_leaves
 def _plain_sgd(optimizer: Any) -> bool:
     """Whether ``optimizer`` is θ ← θ − η g with a constant η, probed on a random tree."""
     lr = optimizer.lr
-    if lr is None:
-        return False
+    if lr is None or optimizer.perturbation is not None or optimizer.estimator is not None:
+        return False  # sharpness-aware and zeroth-order optimizers do not step on g
     g = torch.Generator().manual_seed(0)
     params = {"w": torch.randn(3, 2, generator=g)}
     grads = {"w": 1e3 * torch.randn(3, 2, generator=g)}  # large: a clip would show
