@@ -401,7 +401,8 @@ def test_flower_adaptive_clipping_sends_the_clipped_bit_only(flower_identity):
     local = Experiment(config, dataset=dataset)
     for _ in range(config.rounds):
         local.run_round()
-    assert local.privacy.clip == server_a.experiment.privacy.clip != config.privacy.clip
+    assert local.channel_state.clip == server_a.experiment.channel_state.clip
+    assert local.channel_state.clip != config.privacy.clip
     for x, y in zip(
         tree_leaves(local.population), tree_leaves(server_a.experiment.population), strict=True
     ):

@@ -142,7 +142,7 @@ class Experiment:
                 seed=config.seed,
             ),
         )
-        self.channel_state = ChannelState()
+        self.channel_state = ChannelState(clip=self.privacy.clip if self.privacy else None)
         #: per-client channel state (error-feedback residuals), sized by d on first use
         self.residuals: ClientStore | None = None
         self.participation = torch.zeros(self.dataset.num_clients, dtype=torch.long)

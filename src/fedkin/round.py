@@ -132,7 +132,9 @@ def train_cohort(exp: Experiment, r: int, cohort: torch.Tensor, phantom: bool) -
     d = model_size(sent)
     store = exp.residual_store(d) if exp.channel.error_feedback and d is not None else None
     residuals = store.gather(clients)["residual"] if store is not None else None
-    up = exp.channel.client_half(sent, clients, torch.cat(oks), r, residuals)
+    up = exp.channel.client_half(
+        sent, clients, torch.cat(oks), r, residuals, exp.channel_state.clip
+    )
     if store is not None and not phantom:
         store.scatter(clients, {"residual": up.residuals})
     return Arrivals(
@@ -194,7 +196,7 @@ def server_update(
 def finish_round(exp: Experiment, r: int, t0: float, metrics: dict[str, Any]) -> dict[str, Any]:
     """Close round r: account its privacy cost and build its record (as it may be released)."""
     if exp.privacy is not None:
-        metrics.update(exp.privacy.record_round())
+        metrics.update(exp.privacy.record_round(exp.channel_state.clip))
     exp.round = r + 1
     record = {"round": exp.round, "kind": "train", **metrics}
     return exp.release.record({**record, "round_time_s": time.perf_counter() - t0})

@@ -596,7 +596,7 @@ class FlowerServer:
         population = tree_to_record(exp.population)
         round_config: dict[str, float] = {"round": r, "phantom": int(phantom)}
         if exp.privacy is not None:  # the clip norm (a released value) the nodes clip to
-            round_config["clip"] = exp.privacy.clip
+            round_config["clip"] = exp.channel_state.clip
         contents = {
             int(c): RecordDict(
                 {
@@ -700,7 +700,7 @@ class FlowerServer:
         d = model_size(raw)
         store = exp.residual_store(d) if channel.error_feedback and d is not None else None
         residuals = store.gather(cohort)["residual"] if store is not None else None
-        clip = exp.privacy.clip if exp.privacy is not None else None
+        clip = exp.channel_state.clip
         present = torch.tensor([c in replies for c in cohort.tolist()])
         up = channel.client_half(raw, cohort, ok & present, r, residuals, clip)
         rows = byz & present

@@ -358,7 +358,7 @@ def accuracy_run(spec: PrivacyBenchSpec, algorithm: str, epsilon: float, dataset
         "epsilon_spent": summary.get("epsilon"),
         "epsilon_rdp": summary.get("epsilon_rdp"),
         "noise_multiplier": summary.get("noise_multiplier"),
-        "final_clip": exp.privacy.clip if exp.privacy else None,
+        "final_clip": exp.channel_state.clip,
         "global_acc": result.get("global_acc_mean"),
         "personal_acc": result["personal_acc_mean"],
         "s_per_round": statistics.median(times),

@@ -58,9 +58,11 @@ def model_size(messages: Tree) -> int | None:
 @dataclasses.dataclass
 class ChannelState:
     """The server's channel state of a run: the aggregation rule's state (centered clipping's
-    centre, EDiT's EWMA; sized by d on first use) and the byte totals since the start."""
+    centre, EDiT's EWMA; sized by d on first use), the DP clip norm of the next round
+    (adaptive clipping moves it; None without DP) and the byte totals since the start."""
 
     aggregator: AggState | None = None
+    clip: float | None = None
     uplink_total: float = 0.0
     downlink_total: float = 0.0
 
@@ -188,14 +190,15 @@ class RoundChannel:
         state: ChannelState,
     ) -> tuple[Tree, ChannelState, dict[str, float]]:
         """Aggregate what arrived: non-finite messages get weight 0, then under DP the noisy
-        clipped sum (the adaptive clip norm is stored back in the mechanism), else the rule
-        (its state in ``state``). Returns the aggregate, the new state and metrics."""
+        clipped sum with ``state.clip`` (adaptive clipping returns the next clip norm in the new
+        state), else the rule (its state in ``state.aggregator``). Returns the aggregate, the
+        new state and metrics."""
         messages, weights, metrics = reject_nonfinite(messages, weights, round_)
         if self.privacy is not None:
             aggregate, clip, m = self.privacy.server_release(
-                messages, weights, was_clipped, accepted, round_
+                messages, weights, was_clipped, accepted, round_, state.clip
             )
-            self.privacy.clip = clip
+            state = dataclasses.replace(state, clip=clip)
             metrics.update(m)
         elif self.default:
             aggregate = weighted_mean(messages, weights, round_)

@@ -213,9 +213,12 @@ class UserLevelDP:
             return True
         return self.epsilon_after(self.rounds_accounted() + 1) <= self.budget.epsilon * (1 + 1e-9)
 
-    def record_round(self) -> dict[str, float]:
+    def record_round(self, clip: float | None = None) -> dict[str, float]:
+        """Account one round; its record: ε so far and the clip norm (the round's ``clip``;
+        default this object's)."""
         self.accountant.record(self.round_event())
-        return {"epsilon": self.epsilon_after(self.rounds_accounted()), "clip_norm": self.clip}
+        clip = self.clip if clip is None else clip
+        return {"epsilon": self.epsilon_after(self.rounds_accounted()), "clip_norm": clip}
 
     def summary(self) -> dict[str, float]:
         """ε spent (main accountant and the RDP cross-check), δ and the noise multiplier."""
@@ -287,19 +290,20 @@ class UserLevelDP:
         was_clipped: torch.Tensor,
         accepted: int,
         round_: int,
+        clip: float,
     ) -> tuple[Tree, float, dict[str, float]]:
         """The server's half for messages its clients released (:meth:`device_release` ran on
-        each of them): unit weight for every accepted message (central; under local DP every
-        received release counts, a rejected client's being the release of 0), the noisy
-        aggregate, and the next clip norm (adaptive clipping; else the current one) from the
-        clients' ``was_clipped`` bits [K] and the ``accepted`` count. State in, state out:
-        the caller stores the returned clip norm."""
+        each of them with the round's clip norm ``clip``): unit weight for every accepted
+        message (central; under local DP every received release counts, a rejected client's
+        being the release of 0), the noisy aggregate, and the next clip norm (adaptive
+        clipping; else ``clip``) from the clients' ``was_clipped`` bits [K] and the
+        ``accepted`` count. State in, state out: the caller keeps the returned clip norm."""
         if self.config.mechanism == "local":
             weights = torch.ones_like(weights)
         messages, unit, metrics = self._accept(messages, weights, was_clipped)
-        noisy = self._noisy_mean(messages, unit, round_)
+        noisy = self._noisy_mean(messages, unit, round_, clip)
         unclipped = int((~was_clipped & (unit > 0)).sum())
-        return noisy, self.next_clip(round_, unclipped, accepted), metrics
+        return noisy, self.next_clip(round_, unclipped, accepted, clip), metrics
 
     def _accept(
         self, messages: Tree, weights: torch.Tensor, was_clipped: torch.Tensor
@@ -315,29 +319,31 @@ class UserLevelDP:
         With adaptive clipping, the clip norm then moves by the cohort bound in
         :meth:`bind_cohort` and the last :meth:`clip_step` (the round itself uses
         :meth:`server_release`, which takes them as arguments)."""
-        noisy = self._noisy_mean(messages, weights, round_)
+        noisy = self._noisy_mean(messages, weights, round_, self.clip)
         if self.config.adaptive_clip is not None and self.central:
-            self.clip = self.next_clip(round_, int(self._unclipped.sum()), self._accepted_count)
+            unclipped = int(self._unclipped.sum())
+            self.clip = self.next_clip(round_, unclipped, self._accepted_count, self.clip)
         return noisy
 
-    def _noisy_mean(self, messages: Tree, weights: torch.Tensor, round_: int) -> Tree:
+    def _noisy_mean(self, messages: Tree, weights: torch.Tensor, round_: int, clip: float) -> Tree:
         total = tree_map(lambda t: torch.tensordot(weights.to(t.dtype), t, dims=1), messages)
         if self.config.mechanism == "local":
             return tree_map(lambda t: t / max(float(weights.sum()), 1.0), total)
         noise = central_noise(total, self.stream.child("central"), round_)
-        sigma = self.update_noise * self.clip
+        sigma = self.update_noise * clip
         return tree_map(lambda t, n: (t + sigma * n) / self.cohort_size, total, noise)
 
-    def next_clip(self, round_: int, unclipped: int, accepted: int) -> float:
-        """Adaptive clipping's next clip norm C·exp(−η(b̄ − γ)) from the noisy fraction b̄ of
-        the ``accepted`` updates that were not clipped; the current C without adaptation."""
+    def next_clip(self, round_: int, unclipped: int, accepted: int, clip: float) -> float:
+        """Adaptive clipping's next clip norm C·exp(−η(b̄ − γ)) after C = ``clip``, from the
+        noisy fraction b̄ of the ``accepted`` updates that were not clipped; C without
+        adaptation."""
         a = self.config.adaptive_clip
         if a is None or self.config.mechanism == "local":
-            return self.clip
+            return clip
         centered = float(unclipped) - 0.5 * float(accepted)
         noise = float(self.stream.child("count").normal(round_))
         b = (centered + self.count_noise * noise) / self.cohort_size + 0.5
-        return self.clip * math.exp(-a.learning_rate * (b - a.target_quantile))
+        return clip * math.exp(-a.learning_rate * (b - a.target_quantile))
 
     def bind_cohort(self, client_ids: torch.Tensor, accepted: torch.Tensor) -> None:
         """For :meth:`clip_step` and :meth:`aggregate` used as a channel outside a round (the
