@@ -342,7 +342,7 @@ def test_private_run_resumes_with_ledger_intact(cli, capsys, tmp_path, monkeypat
         assert resumed_summary[key] == ref_summary[key]
     state = torch.load(out / CHECKPOINT, weights_only=False)
     assert sum(e["count"] for e in state["privacy"]["accountant"]["ledger"]) == 4
-    assert state["privacy"]["clip"] == clips[-1]
+    assert state["channel"]["clip"] == clips[-1]  # the clip norm is channel state
 
 
 # ----- Poisson vs fixed cohorts ------------------------------------------------------------------

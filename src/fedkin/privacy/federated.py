@@ -358,11 +358,12 @@ class UserLevelDP:
         return self.config.mechanism == "central"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"accountant": self.accountant.state_dict(), "clip": self.clip, "seed": self.seed}
+        """The accountant and the noise seed (a run's current clip norm is channel state:
+        :class:`fedkin.channel.runtime.ChannelState`)."""
+        return {"accountant": self.accountant.state_dict(), "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.accountant.load_state_dict(state["accountant"])
-        self.clip = state["clip"]
         self.seed = state["seed"]
         self.stream = Stream(self.seed).child("dp-noise")
         self.cohort_stream = Stream(self.seed).child("cohort")
