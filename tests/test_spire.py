@@ -171,25 +171,29 @@ def test_fedavg_ft_last_layer_moves_only_that_layer():
     assert moved == ["unet.conv_out.bias", "unet.conv_out.weight"]
 
 
+# SGD: batched kernels reassociate sums, and Adam's g/√v turns float noise on near-zero
+# gradients into whole steps of either sign, which says nothing about the engines
+SGD = ["client.optimizer.name=sgd", "client.optimizer.lr=0.05"]
+
+
 @pytest.mark.parametrize("name", ["spire", "adept-dgm", "local"])
 def test_vectorized_equals_sequential(name):
     runs = [
-        experiment(f"algorithm.name={name}", f"engine.name={engine}")
+        experiment(f"algorithm.name={name}", f"engine.name={engine}", *SGD)
         for engine in ("vectorized", "sequential")
     ]
     for exp in runs:
         train(exp, 2)
     vec, seq = runs
-    # batched kernels reassociate sums; Adam's 1/√v magnifies that on near-zero gradients
     for a, b in zip(tree_leaves(vec.population), tree_leaves(seq.population), strict=True):
-        assert torch.allclose(a, b, atol=1e-4)
+        assert torch.allclose(a, b, atol=1e-5)
     rows = torch.arange(vec.dataset.num_clients)
     for a, b in zip(
         tree_leaves(vec.groups[0].store.gather(rows)),
         tree_leaves(seq.groups[0].store.gather(rows)),
         strict=True,
     ):
-        assert torch.allclose(a, b, atol=1e-4)
+        assert torch.allclose(a, b, atol=1e-5)
     assert vec.evaluate()["personal_eps_mse"] == pytest.approx(
         seq.evaluate()["personal_eps_mse"], rel=1e-4
     )

@@ -12,7 +12,9 @@ Federated pretraining (round r, client i):
     φ ← ServerOpt(φ, −Σ p_i Δφ_i),   ē ← Σ p_i e_i'   (the cohort's mean embedding)
 
 e_i' stays in client i's state (equivalently: client i alone updates row i of a server-side
-embedding table); ē is kept only to initialize new clients.
+embedding table); ē is kept only to initialize new clients. Like the rows of an
+``nn.Embedding`` table, a training client's embedding starts at its own draw e_i ~ N(0, I)
+(counter-based in the client id, at its first round), so clients are told apart from the start.
 
 New-client adaptation (a held-out client; in fedkin's evaluation its ``client_update`` runs
 with an evaluation ``phase`` in ``ctx``, see :mod:`fedkin.experiment`): the backbone is
@@ -36,9 +38,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedkin.algorithms.base import Algorithm, ServerStep
 from fedkin.core.errors import ConfigError
+from fedkin.core.rng import Stream
 from fedkin.core.tree import Tree, tree_map
 from fedkin.models.diffusion import EMBEDDING_KEY
 from fedkin.optim.alias import adam
+
+#: the initial embedding rows e_i ~ N(0, I), keyed by client id
+INIT_STREAM = Stream(0).child("spire-embedding")
 
 
 class SpireConfig(BaseModel):
@@ -93,19 +99,30 @@ class Spire(Algorithm):
         return {"global": backbone, "embedding_mean": embedding}
 
     def init_client(self, population: Tree) -> Tree:
-        return {"embedding": tree_map(lambda t: t.clone(), population["embedding_mean"])}
+        """ē, not yet replaced by the client's own draw (``drawn`` = 0)."""
+        embedding = tree_map(lambda t: t.clone(), population["embedding_mean"])
+        return {"embedding": embedding, "drawn": torch.zeros(())}
+
+    def initial_embedding(self, client: Tree, client_id: torch.Tensor) -> Tree:
+        """The stored embedding, or e_i ~ N(0, I) keyed by ``client_id`` before its first use."""
+
+        def draw(t: torch.Tensor) -> torch.Tensor:
+            e = INIT_STREAM.normal(client_id, torch.arange(t.numel())).reshape(t.shape)
+            return torch.where(client["drawn"] > 0, t, e.to(t.dtype))
+
+        return tree_map(draw, client["embedding"])
 
     def client_update(self, population: Tree, client: Tree, batches, ctx: Tree):
-        if "phase" in ctx:  # evaluation-time solve of a held-out client: adaptation
+        done = torch.ones(())
+        if "phase" in ctx:  # evaluation-time solve of a held-out client: adaptation from ē
             embedding, loss = self.adapt_embedding(population, client["embedding"], batches)
-            return {}, {"embedding": embedding}, {"train_loss": loss}
+            return {}, {"embedding": embedding, "drawn": done}, {"train_loss": loss}
         phi = population["global"]
-        params, _, loss = self.local_solve(
-            {**phi, **client["embedding"]}, self.plain_objective, batches
-        )
+        start = self.initial_embedding(client, ctx["client_id"])
+        params, _, loss = self.local_solve({**phi, **start}, self.plain_objective, batches)
         backbone, embedding = self.split(params)
         message = {**self.delta_message(backbone, phi), "embedding": embedding}
-        return message, {"embedding": embedding}, {"train_loss": loss}
+        return message, {"embedding": embedding, "drawn": done}, {"train_loss": loss}
 
     def adapt_embedding(
         self, population: Tree, embedding: Tree, batches, steps: int | None = None
