@@ -182,6 +182,10 @@ def test_compare_reports_reconstruction_metrics(tmp_path):
     assert all(p.exists() for p in plots)
 
 
+def test_seed_range():
+    assert G.seeds(argparse.Namespace(first_seed=2, seeds=2)) == range(2, 4)
+
+
 def test_unknown_dataset_names_the_option_and_the_allowed_values():
     with pytest.raises(ConfigError, match=r"--datasets: unknown.*allowed: linear-gaussian"):
         G.pairs(argparse.Namespace(datasets=["mnist"]))

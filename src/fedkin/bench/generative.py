@@ -203,6 +203,11 @@ def rows_over_seeds(
     return rows
 
 
+def seeds(args: argparse.Namespace) -> range:
+    """``--first-seed``, …, ``--first-seed + --seeds − 1``."""
+    return range(getattr(args, "first_seed", 0), getattr(args, "first_seed", 0) + args.seeds)
+
+
 def pairs(args: argparse.Namespace) -> list[tuple[str, Pair]]:
     """The ``--datasets`` (default: all) with their configs; an unknown name is an error."""
     names = args.datasets or list(DATASETS)
@@ -217,7 +222,7 @@ def table1(args: argparse.Namespace) -> list[Row]:
     rows = []
     for dataset, pair in pairs(args):
         per_seed = []
-        for seed in range(args.seeds):
+        for seed in seeds(args):
             results: dict[str, tuple[dict[str, float], int]] = {}
             for name in (pair.pca, pair.ae):
                 raw = load_raw(name, args.overrides)
@@ -252,7 +257,7 @@ def amplification(args: argparse.Namespace) -> list[Row]:
         if n is None:
             raise SystemExit(f"configs/{pair.pca} sets no data.train_per_client")
         per_seed = []
-        for seed in range(args.seeds):
+        for seed in seeds(args):
             results = {"adept-pca (n)": run_fedkin(raw, "adept-pca", seed)}
             for k in K_GRID:
                 capped = deep_merge(raw, {"data": {"train_per_client": round(k * n)}})
@@ -417,6 +422,9 @@ def plot_amplification(rows: list[Row], path: Path) -> None:
         )
         adept = next(r for r in sub if r["method"] == "adept-pca (n)")
         ax.axhline(adept["value"], color="C3", label="ADEPT-PCA, n samples per client")
+        k = matching_k(ks, [r["value"] for r in local], adept["value"])
+        if k is not None:
+            ax.axvline(k, color="C3", linestyle=":", label=f"matching k = {k:.2f}")
         ax.set(xlabel="k", ylabel="test MSE (mean over clients)", title=dataset)
         ax.legend(fontsize="small")
     fig.tight_layout()
@@ -432,7 +440,8 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--table", choices=[*TABLES, "all"], default="all", help="table to build")
     p.add_argument("--datasets", nargs="+", help=f"subset of {', '.join(DATASETS)} (default: all)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (mean ± std over them)")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (mean ± std over them)")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds FIRST..FIRST+N-1")
     p.add_argument(
         "--set",
         dest="overrides",
