@@ -177,7 +177,7 @@ def test_compare_reports_reconstruction_metrics(tmp_path):
     base, section = plan(None, items, ["adept-ae", "local"], 1)
     results = run_all(base, section, tmp_path, progress=False)
     table, plots = write_report(results, tmp_path, "fedkin compare …")
-    assert "personal energy captured (mean)" in table and "personal test MSE × 100" in table
+    assert "personal energy (mean)" in table and "personal test mse × 100" in table
     assert "× 100" in (tmp_path / "results.md").read_text()
     assert all(p.exists() for p in plots)
 
@@ -189,3 +189,21 @@ def test_seed_range():
 def test_unknown_dataset_names_the_option_and_the_allowed_values():
     with pytest.raises(ConfigError, match=r"--datasets: unknown.*allowed: linear-gaussian"):
         G.pairs(argparse.Namespace(datasets=["mnist"]))
+
+
+def test_compare_columns_follow_the_task():
+    from fedkin.compare import COLUMNS, columns_for, tune_keys
+
+    assert columns_for({"personal_acc_mean": 0.5}) == COLUMNS
+    assert tune_keys({"personal_acc_mean": 0.5}) == ("val_personal_acc_mean", "val_personal_loss")
+    diffusion = {"personal_denoise_mean": 0.5, "personal_eps_mse": 0.5}
+    assert [k for k, _ in columns_for(diffusion)][:4] == [
+        "personal_denoise_mean",
+        "personal_denoise_p10",
+        "personal_denoise_std",
+        "personal_eps_mse",
+    ]
+    assert tune_keys({"personal_energy_mean": 1}) == (
+        "val_personal_energy_mean",
+        "val_personal_mse",
+    )

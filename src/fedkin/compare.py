@@ -40,6 +40,7 @@ from fedkin.config import (
     with_plugins,
 )
 from fedkin.core.errors import ConfigError
+from fedkin.core.tasks import CLASSIFICATION, TASKS, Task
 from fedkin.experiment import CHECKPOINT
 from fedkin.registry import ALGORITHM_REGISTRY
 from fedkin.runs import execute, new_run, read_summary, resume_run
@@ -56,31 +57,38 @@ COLUMNS = [
 ]
 
 
-#: The same for reconstruction runs (``fedkin.core.tasks.RECONSTRUCTION``: ADEPT, or any
-#: algorithm on a ``pca``/``linear-ae`` model): energy captured and test MSE, both × 100.
-RECONSTRUCTION_COLUMNS = [
-    ("personal_energy_mean", "personal energy captured (mean)"),
-    ("personal_energy_p10", "personal energy captured (p10)"),
-    ("personal_energy_std", "std over clients"),
-    ("personal_mse", "personal test MSE × 100"),
-    ("global_energy_mean", "global model energy captured"),
-    ("new_energy_mean", "new-client energy captured"),
-]
-
-#: Final-evaluation keys averaged over seeds for a tuning grid point: the selection metric
-#: (higher wins) and the tie-breaker (lower wins).
-TUNE_KEYS = ("val_personal_acc_mean", "val_personal_loss")
-RECONSTRUCTION_TUNE_KEYS = ("val_personal_energy_mean", "val_personal_mse")
-
-
-def _reconstruction(summary: dict[str, Any]) -> bool:
-    """Whether a run's summary (or final record) holds reconstruction metrics."""
-    return any(k.endswith("personal_energy_mean") for k in summary)
+def task_of(summary: dict[str, Any]) -> Task:
+    """The task whose personal score a run's summary (or an aggregated row) reports
+    (``fedkin.core.tasks``: ``personal_<score>_mean``); classification if none matches."""
+    for task in TASKS:
+        if any(k.endswith(f"personal_{task.score_name}_mean") for k in summary):
+            return task
+    return CLASSIFICATION
 
 
 def columns_for(summary: dict[str, Any]) -> list[tuple[str, str]]:
-    """The table columns for a run's task: classification's, or reconstruction's."""
-    return RECONSTRUCTION_COLUMNS if _reconstruction(summary) else COLUMNS
+    """The table columns for a run's task: :data:`COLUMNS` for classification; the same
+    statistics of the task's score (reconstruction: energy captured; diffusion: 1 − denoising
+    MSE) and its test loss for the others."""
+    task = task_of(summary)
+    if task is CLASSIFICATION:
+        return COLUMNS
+    score, loss = task.score_name, task.loss_name
+    return [
+        (f"personal_{score}_mean", f"personal {score} (mean)"),
+        (f"personal_{score}_p10", f"personal {score} (p10)"),
+        (f"personal_{score}_std", "std over clients"),
+        (f"personal_{loss}", f"personal test {loss} × 100"),
+        (f"global_{score}_mean", f"global model {score}"),
+        (f"new_{score}_mean", f"new-client {score}"),
+    ]
+
+
+def tune_keys(summary: dict[str, Any]) -> tuple[str, str]:
+    """The final-evaluation keys averaged over seeds for a tuning grid point: the task's
+    validation score (higher wins) and its validation loss (the tie-breaker, lower wins)."""
+    task = task_of(summary)
+    return f"val_personal_{task.score_name}_mean", f"val_personal_{task.loss_name}"
 
 
 def plan(
@@ -190,7 +198,7 @@ def tune_all(
                 )
                 for seed in range(section.seeds)
             ]
-            keys = RECONSTRUCTION_TUNE_KEYS if _reconstruction(runs[0]) else TUNE_KEYS
+            keys = tune_keys(runs[0])
             points.append(
                 {"options": options, **{k: statistics.fmean(r[k] for r in runs) for k in keys}}
             )
@@ -261,7 +269,8 @@ def plot(results: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
     import numpy as np
 
     score, _ = columns_for(next(iter(results.values()))[0])[0]
-    what = "energy captured" if _reconstruction({score: 0}) else "accuracy"
+    task = task_of({score: 0})
+    what = "accuracy" if task is CLASSIFICATION else task.score_name
     fig, ax = plt.subplots(figsize=(8, 5))
     for index, (algorithm, runs) in enumerate(results.items()):
         color = plt.cm.tab20(index % 20)
@@ -336,7 +345,7 @@ def write_report(
     text = (
         f"# fedkin compare\n\nCommand: `{command}`\n\n"
         f"Rounds: {first['rounds']}; seeds: {rows[0]['seeds']}; values are mean ± std over seeds "
-        f"of the final evaluation, {'× 100' if _reconstruction(first) else 'in %'}.\n\n"
+        f"of the final evaluation, {'in %' if task_of(first) is CLASSIFICATION else '× 100'}.\n\n"
         + note
         + table
     )

@@ -121,3 +121,6 @@ DIFFUSION = Task(
     "eps_mse",
     draw_diffusion_noise,
 )
+
+#: Every built-in task (``fedkin compare`` reads a run's task off its metric names).
+TASKS = (CLASSIFICATION, RECONSTRUCTION, DIFFUSION)
