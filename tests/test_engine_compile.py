@@ -87,7 +87,7 @@ def test_varying_cohorts_compile_once_per_bucket():
     algorithm, population = _fedavg()
     counter = CompileCounter()
     engine = VectorizedEngine(compile=True, plan=EnginePlan(10, 9), compiler=counter)
-    eager = VectorizedEngine(fast_path=False)  # the graph the counter runs is vmap's
+    eager = VectorizedEngine()  # the counter runs the compiled graph (the fast path) eagerly
     for r, n in enumerate((7, 6, 9, 6, 8)):
         out = _train(engine, algorithm, population, n, seed=r)
         ref = _train(eager, algorithm, population, n, seed=r)
@@ -216,3 +216,16 @@ def test_auto_falls_back_to_eager_when_compiling_fails():
     assert engine._auto[key] is False and engine._compiled == {}
     with pytest.raises(Exception, match="no compiler here"):  # compile=true does not hide it
         _train(VectorizedEngine(compile=True, compiler=failing_compiler), algorithm, population, 4)
+
+
+def test_compiled_fast_path_hands_uncovered_inputs_to_vmap():
+    """A shared non-empty client state is outside the hand-batched solve: the compiled engine
+    then compiles vmap instead, with the same numbers."""
+    torch._dynamo.reset()
+    algorithm, population = _fedavg()
+    batches, ctx = _cohort(4)
+    args = (population, {"s": torch.ones(())}, batches, ctx)
+    engine = VectorizedEngine(compile=True, compiler=CompileCounter())
+    out = engine.map(algorithm.client_update, args, (None, None, 1, 0))
+    ref = VectorizedEngine(fast_path=False).map(algorithm.client_update, args, (None, None, 1, 0))
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)

@@ -96,10 +96,19 @@ class VectorizedEngine:
         if self.compile is False or (self.compile == "auto" and not self._auto.get(key, False)):
             return None
         use_persistent_cache()
-        fn, in_dims = key
-        mapped = vmap(fn, in_dims=in_dims, randomness="error")
+        fast = self._fast_fn(key)  # compile the hand-batched solve where it applies
+        mapped = fast if fast is not None else vmap(key[0], in_dims=key[1], randomness="error")
         self._compiled[key] = torch.compile(mapped, backend=self.compiler)
         return self._compiled[key]
+
+    def _fast_fn(self, key: _Key) -> Any:
+        """The hand-batched equivalent of mapping ``key`` (:mod:`fedkin.engine.fastpath`), or
+        None where it does not apply or ``fast_path`` is off."""
+        if not self.fast_path:
+            return None
+        if key not in self._fast:
+            self._fast[key] = fast_client_update(*key)
+        return self._fast[key]
 
     def _observe(self, key: _Key, s: float) -> None:
         """``compile="auto"``: count eager calls; the timed one decides by the cost model."""
@@ -141,14 +150,11 @@ class VectorizedEngine:
     def _eager(self, key: _Key, args: list[Any]) -> Any:
         """One eager call: the hand-batched fast path where it covers the function
         (:mod:`fedkin.engine.fastpath`), else ``vmap``."""
-        fn, in_dims = key
-        if self.fast_path:
-            if key not in self._fast:
-                self._fast[key] = fast_client_update(fn, in_dims)
-            if self._fast[key] is not None:
-                with contextlib.suppress(NotCoveredError):
-                    return self._fast[key](*args)
-        return vmap(fn, in_dims=in_dims, randomness="error")(*args)
+        fast = self._fast_fn(key)
+        if fast is not None:
+            with contextlib.suppress(NotCoveredError):
+                return fast(*args)
+        return vmap(key[0], in_dims=key[1], randomness="error")(*args)
 
     def _chunks(self, key: _Key, args: Sequence[Any], size: int, compiled: Any) -> Any:
         """The mapped function over the cohort in chunks; compiled calls see padded buckets."""
@@ -164,7 +170,13 @@ class VectorizedEngine:
             self.largest = self.largest or size
             largest = min(self.chunk_size or self.largest, self.largest)
             bucket = bucket_size(n, largest, halve=self.plan is None or not self.plan.varying)
-            parts.append(unpad(compiled(*pad_args(part, in_dims, bucket - n)), n))
+            padded = pad_args(part, in_dims, bucket - n)
+            try:
+                parts.append(unpad(compiled(*padded), n))
+            except NotCoveredError:  # the fast path's inputs check: compile vmap instead
+                mapped = vmap(key[0], in_dims=in_dims, randomness="error")
+                compiled = self._compiled[key] = torch.compile(mapped, backend=self.compiler)
+                parts.append(unpad(compiled(*padded), n))
         return parts[0] if len(parts) == 1 else _combine(parts, torch.cat)
 
 
