@@ -6,9 +6,11 @@ Two measurements, each in fresh interpreters:
   FedAvg, MLP 64-128-10 or the Fashion-MNIST CNN, ``--steps`` SGD steps of batch 16) through
   the compiled engine, twice, with the same new, empty ``TORCHINDUCTOR_CACHE_DIR``: the first
   process compiles cold, the second from the persistent cache. Each reports its first
-  compiled call (``compile_s``: Dynamo tracing + Inductor, or the cache hit) and then
-  alternates eager and compiled rounds for the steady-state ratio ``compiled_speedup`` (median
-  eager round ÷ median compiled round, same process, interleaved).
+  compiled call (``compile_s``: Dynamo tracing + Inductor, or the cache hit; the engine
+  compiles the hand-batched FedAvg/MLP solve where it applies, ``compile_vmap_s`` the vmap
+  path) and then alternates eager and compiled rounds, with and without the fast path, for
+  the steady-state ratio ``compiled_speedup`` (median eager round ÷ median compiled round,
+  same process, interleaved) and ``speed_vs_eager_vmap`` (each engine against eager vmap).
 * **Whole runs.** ``fedkin run`` of the default configuration (``--run-rounds`` rounds, 60 by
   default) with ``engine.compile=false``, ``auto`` and ``true`` (warm cache), wall time of the
   whole process including start-up and compilation: the target is ``auto`` ≤ eager.
@@ -52,6 +54,8 @@ def measure(workload: str, clients: int, steps: int, rounds: int) -> dict:
     engines = {
         "eager": VectorizedEngine(plan=plan),
         "compiled": VectorizedEngine(compile=True, plan=plan),
+        "eager_vmap": VectorizedEngine(plan=plan, fast_path=False),
+        "compiled_vmap": VectorizedEngine(compile=True, plan=plan, fast_path=False),
     }
 
     def call(name: str, r: int) -> float:
@@ -62,18 +66,21 @@ def measure(workload: str, clients: int, steps: int, rounds: int) -> dict:
         )
         return time.perf_counter() - t0
 
-    compile_s = call("compiled", 0)
-    call("eager", 0)
-    times: dict[str, list[float]] = {"eager": [], "compiled": []}
+    first = {name: call(name, 0) for name in engines}
+    times: dict[str, list[float]] = {name: [] for name in engines}
     for r in range(1, rounds + 1):
         for name in times:
             times[name].append(call(name, r))
-    eager, compiled = statistics.median(times["eager"]), statistics.median(times["compiled"])
+    median = {name: statistics.median(t) for name, t in times.items()}
+    eager, compiled = median["eager"], median["compiled"]
     return {
         "workload": workload,
         "clients": clients,
         "steps": steps,
-        "compile_s": compile_s,
+        "compile_s": first["compiled"],
+        "compile_vmap_s": first["compiled_vmap"],
+        "s_per_round": median,
+        "speed_vs_eager_vmap": {name: median["eager_vmap"] / m for name, m in median.items()},
         "eager_s_per_round": eager,
         "compiled_s_per_round": compiled,
         "compiled_speedup": eager / compiled,
