@@ -25,8 +25,8 @@ over clients. ``data`` rows give the floor: KID of each client's *training* imag
 test images. Forgetting: the mean change of the old (training) clients' KID when the shared
 weights are replaced by those adapted to a new client (FedAvg: the old clients then generate
 with the fine-tuned model; averaged over new clients). SPIRE, ADEPT-DGM and Local never change
-the weights old clients generate with during adaptation — checked byte for byte, and the
-forgetting row is the measured difference of those checks' KIDs (0).
+the weights old clients generate with during adaptation: the population is checked byte for
+byte after adaptation (an error if it moved), so their forgetting is 0 without resampling.
 """
 
 from __future__ import annotations
