@@ -28,8 +28,10 @@ later replay rebuilds the same z. On the sequential engine the local solve owns 
 d/64 elements: the memory of a step is the weights, one forward's activations, and
 a chunk of z (plus Sparse MeZO's masks) — that of inference. Under ``vmap`` (the vectorized
 engine) tensors are batched views that cannot be mutated in place, so θ ± εz are
-temporaries. Chains with state (momentum, Adam), clipping, schedules or bf16 materialize ĝ
-and step as a first-order optimizer would.
+temporaries, and each z_j is generated once per step and ĝ kept dense (memory there is the
+cohort's anyway; regenerating z costs ~70 integer/float operations per element). Chains
+with state (momentum, Adam), clipping, schedules or bf16 materialize ĝ and step as a
+first-order optimizer would.
 
 **FedKSeed** restricts the directions to a pool of K shared seeds: a client's local ZO-SGD
 trajectory Δ = −η Σ_s p_s z_{k_s} is then Σ_k c_k z_k with c_k = −η Σ_{s: k_s = k} p_s, so
