@@ -229,3 +229,29 @@ def test_compiled_fast_path_hands_uncovered_inputs_to_vmap():
     out = engine.map(algorithm.client_update, args, (None, None, 1, 0))
     ref = VectorizedEngine(fast_path=False).map(algorithm.client_update, args, (None, None, 1, 0))
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_auto_goes_back_to_eager_when_the_compiled_call_is_slower(monkeypatch):
+    import time
+
+    import fedkin.engine.engines as engines
+
+    def slow_compiler(gm, example_inputs):
+        def run(*args):
+            time.sleep(0.5)  # far slower than the tiny model's eager call
+            return gm(*args)
+
+        return run
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(engines, "compile_pays", lambda plan, calls, s: True)
+    algorithm, population = _fedavg()
+    engine = VectorizedEngine(compile="auto", plan=EnginePlan(100, 4), compiler=slow_compiler)
+    key = (algorithm.client_update, (None, None, 1, 0))
+    for _ in range(3):  # eager, eager (timed: compile), compiled (compiles)
+        _train(engine, algorithm, population, 4)
+    assert engine._auto[key] and key in engine._compiled
+    _train(engine, algorithm, population, 4)  # the timed compiled call: slower than eager
+    assert not engine._auto[key] and key not in engine._compiled
+    _train(engine, algorithm, population, 4)
+    assert key not in engine._compiled  # eager from now on

@@ -79,6 +79,8 @@ class VectorizedEngine:
         self._compiled: dict[_Key, Any] = {}
         self._eager_calls: dict[_Key, int] = {}
         self._auto: dict[_Key, bool] = {}
+        self._eager_s: dict[_Key, float] = {}  # auto: the timed eager call
+        self._compiled_calls: dict[_Key, int] = {}
         retain_freed_memory(retain_freed_mb)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -116,7 +118,16 @@ class VectorizedEngine:
             return
         calls = self._eager_calls[key] = self._eager_calls.get(key, 0) + 1
         if calls == AUTO_TIMED_CALL:
+            self._eager_s[key] = s
             self._auto[key] = self.plan is not None and compile_pays(self.plan, calls, s)
+
+    def _check_compiled(self, key: _Key, s: float) -> None:
+        """``compile="auto"``: the second compiled call (the first one compiles) must beat the
+        timed eager call, else the function goes back to eager for the rest of the run."""
+        calls = self._compiled_calls[key] = self._compiled_calls.get(key, 0) + 1
+        if calls == 2 and s >= self._eager_s.get(key, float("inf")):
+            self._auto[key] = False
+            del self._compiled[key]
 
     def map(
         self, fn: Callable[..., Any], args: Sequence[Any], in_dims: Sequence[int | None]
@@ -143,8 +154,12 @@ class VectorizedEngine:
             self._auto[key] = False
             del self._compiled[key]
             out = self._chunks(key, args, size, None)
-        if compiled is None and self.compile == "auto":
-            self._observe(key, time.perf_counter() - t0)
+        if self.compile == "auto":
+            elapsed = time.perf_counter() - t0
+            if compiled is None:
+                self._observe(key, elapsed)
+            elif key in self._compiled:
+                self._check_compiled(key, elapsed)
         return out if self.device in (None, host) else tree_map(lambda t: t.to(host), out)
 
     def _eager(self, key: _Key, args: list[Any]) -> Any:

@@ -12,6 +12,11 @@ when
 
     (R − 2) · t_e · (1 − 1/σ)  >  C.
 
+The bet is checked: the second compiled call (the first one compiles) is timed too, and if it
+is not faster than ``t_e`` the function runs eagerly for the rest of the run (on a machine
+oversubscribed by other processes, Inductor's multithreaded kernels were measured slower than
+the eager fast path).
+
 σ (``COMPILED_SPEEDUP``) and the compile time ``C`` (``compile_seconds``) are measured
 constants, conservative on purpose (a compile that does not pay is the expensive mistake:
 tens of seconds; a missed one costs at most the eager run). Measurements
