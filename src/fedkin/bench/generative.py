@@ -15,7 +15,7 @@ mean over seeds of the mean over clients and ``std`` its std over seeds):
 * ``amplification`` — ADEPT-PCA trained with n samples per client (the PCA config's
   ``data.train_per_client``; linear-Gaussian: n = 10 of a pool of 80 per client) against exact
   local PCA given k·n samples per client (the nested ``data.train_per_client = k·n`` subsets of
-  the same clients, same test data), for k on a grid;
+  the same clients, same test data), for k on a grid (up to the smallest client's training set);
   the reported ``matching_k`` is the k at which local PCA's test MSE (and subspace error) falls
   to ADEPT-PCA's, linearly interpolated between grid points (``null`` above the grid).
 * ``table2`` — per-client KID/FID of personalized diffusion models (SPIRE, ADEPT-DGM, Local,
@@ -45,7 +45,7 @@ import torch
 
 from fedkin.bench.diffusion import generative_table2
 from fedkin.config import deep_merge, parse_overrides, read_yaml, validate_config
-from fedkin.core.errors import ConfigError
+from fedkin.core.errors import ConfigError, DataError
 from fedkin.core.evaluate import summarize
 from fedkin.core.tasks import RECONSTRUCTION
 from fedkin.core.tree import tree_leaves
@@ -70,6 +70,7 @@ DATASETS = {
         "adept_pca.yaml", "adept_ae.yaml", ("data.train_samples=80", "data.train_per_client=10")
     ),
     "fashion-mnist": Pair("adept_pca_fmnist.yaml", "adept_ae_fmnist.yaml"),
+    "digits": Pair("adept_pca_digits.yaml", "adept_ae_digits.yaml"),
 }
 #: multiples k of ADEPT's n samples per client given to local PCA (amplification)
 K_GRID = (1, 1.5, 2, 3, 4, 6, 8)
@@ -261,7 +262,10 @@ def amplification(args: argparse.Namespace) -> list[Row]:
             results = {"adept-pca (n)": run_fedkin(raw, "adept-pca", seed)}
             for k in K_GRID:
                 capped = deep_merge(raw, {"data": {"train_per_client": round(k * n)}})
-                results[f"local-pca (k={k:g})"] = exact_pca(capped, seed)["local-pca"]
+                try:
+                    results[f"local-pca (k={k:g})"] = exact_pca(capped, seed)["local-pca"]
+                except DataError:  # a client holds fewer than k·n samples: the grid ends here
+                    break
             _progress(args, dataset, seed, {m: r[0] for m, r in results.items()})
             per_seed.append(results)
         out = rows_over_seeds("amplification", dataset, per_seed)
