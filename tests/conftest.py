@@ -36,6 +36,58 @@ def tiny(*extra: str) -> list[str]:
     return [*TINY, *extra]
 
 
+# The reconstruction task's tiny experiment: 10 linear-Gaussian clients (d = 64), rank-5 PCA.
+TINY_RECONSTRUCTION = [
+    "data.name=linear-gaussian",
+    "data.num_clients=10",
+    "cohort.clients_per_round=5",
+    "model.name=pca",
+    "client.local_steps=2",
+    "client.batch_size=8",
+    "rounds=3",
+]
+
+# The diffusion task's: 6 digits clients, a 2-block U-Net of widths 8/16 (client embedding: 32
+# numbers), trained with SGD (Adam's g/√v turns float noise on near-zero gradients into whole
+# steps, which says nothing about engines or runtimes).
+TINY_DDPM = [
+    "data.name=digits",
+    "data.num_clients=6",
+    "data.partition.name=iid",
+    "cohort.clients_per_round=4",
+    "model.name=ddpm",
+    "model.channels=[8,16]",
+    "model.norm_groups=4",
+    "client.local_steps=2",
+    "client.batch_size=8",
+    "client.optimizer.name=sgd",
+    "client.optimizer.lr=0.05",
+    "rounds=2",
+]
+
+TINY_BY_TASK = {
+    "classification": TINY,
+    "reconstruction": TINY_RECONSTRUCTION,
+    "diffusion": TINY_DDPM,
+}
+
+
+def tiny_for(algorithm: str, *extra: str) -> list[str]:
+    """Tiny overrides of a model and data that ``algorithm``'s task trains, then
+    ``algorithm.name``, then ``extra``."""
+    from fedkin.algorithms import ALGORITHMS
+
+    base = TINY_BY_TASK[ALGORITHMS[algorithm].task.name]
+    return [*base, f"algorithm.name={algorithm}", *extra]
+
+
+def registered_algorithms() -> list[str]:
+    """Every registered algorithm (registry-wide equivalence tests)."""
+    from fedkin.algorithms import ALGORITHMS
+
+    return sorted(ALGORITHMS)
+
+
 def tiny_config(*extra: str):
     from fedkin.config import load_config
 

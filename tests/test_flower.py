@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import classification_algorithms
+from conftest import registered_algorithms, tiny_for
+from fedkin.algorithms import ALGORITHMS
 from fedkin.config import load_config
 from fedkin.core.errors import UserError
 from fedkin.core.tree import tree_leaves
@@ -90,18 +91,18 @@ def run_fake(config, duplicate: bool = False, node_configs: list[dict] | None = 
     return server, grid
 
 
-def run_both(config):
+def run_both(config, exact: bool = True):
     """The config in-process and through the Flower protocol; asserts the population is
-    bit-identical (same cohorts, batches, engine) and the records agree. Returns the Flower
-    server and grid."""
+    bit-identical (same cohorts, batches, engine) — or, not ``exact``, equal to float32
+    rounding — and the records agree. Returns the Flower server and grid."""
     expected_records, expected_population = run_in_process(config)
     server, grid = run_fake(config)
     assert not grid.errors
     for a, b in zip(
         tree_leaves(expected_population), tree_leaves(server.experiment.population), strict=True
     ):
-        assert torch.equal(a, b)
-    same_records(expected_records, server.records)
+        assert torch.equal(a, b) if exact else torch.testing.assert_close(a, b) is None
+    same_records(expected_records, server.records, rel=1e-6 if exact else 1e-4)
     return server, grid
 
 
@@ -194,12 +195,15 @@ def test_protocol_reproduces_the_in_process_run(extra):
     assert have == trained
 
 
-@pytest.mark.parametrize("algorithm", classification_algorithms())
+@pytest.mark.parametrize("algorithm", registered_algorithms())
 def test_every_algorithm_runs_through_the_protocol(algorithm):
-    """Each algorithm as a Flower app: bit-identical to its in-process run (2 rounds, holdout
-    clients so new-client evaluation crosses the wire too)."""
-    holdout = ("eval.holdout_clients=0.25", "cohort.clients_per_round=3")
-    run_both(tiny(f"algorithm.name={algorithm}", "eval.every=1", *holdout))
+    """Each algorithm as a Flower app: equal to its in-process run (2 rounds, holdout clients
+    so new-client evaluation crosses the wire too) — bit for bit on the classification MLP;
+    to float32 rounding for the PCA's QR and the U-Net's convolutions, whose batched kernels
+    (a cohort in-process, one client per node) round differently."""
+    small = ("data.num_clients=4", "cohort.clients_per_round=3", "rounds=2", "eval.every=1")
+    config = load_config(None, tiny_for(algorithm, *small, "eval.holdout_clients=0.25"))
+    run_both(config, exact=ALGORITHMS[algorithm].task.name == "classification")
 
 
 def test_empty_dp_cohort_releases_noise_and_writes_no_state():

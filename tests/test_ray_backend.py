@@ -15,7 +15,8 @@ import sys
 import pytest
 import torch
 
-from conftest import classification_algorithms, drop_timings, tiny, tiny_config
+from conftest import drop_timings, registered_algorithms, tiny, tiny_config, tiny_for
+from fedkin.config import load_config
 from fedkin.core.errors import ConfigError
 from fedkin.experiment import Experiment
 
@@ -137,11 +138,12 @@ def test_robust_compressed_attacked_run_on_ray_equals_local(ray_instance):
     assert all(r["uplink_bytes"] > 0 for r in want if r["kind"] == "train")
 
 
-@pytest.mark.parametrize("algorithm", classification_algorithms())
+@pytest.mark.parametrize("algorithm", registered_algorithms())
 def test_every_algorithm_on_ray_equals_local(ray_instance, algorithm):
     """Training and evaluation (held-out clients and ``adapt`` included) through 2 workers."""
-    overrides = (f"algorithm.name={algorithm}", "rounds=2", "eval.holdout_clients=0.2")
-    local, on_ray = Experiment(tiny_config(*overrides)), Experiment(tiny_config(*overrides, *RAY))
+    overrides = tiny_for(algorithm, "rounds=2", "eval.holdout_clients=0.2")
+    local = Experiment(load_config(None, overrides))
+    on_ray = Experiment(load_config(None, [*overrides, *RAY]))
     assert_records_close(run(on_ray, 2), run(local, 2))
     torch.testing.assert_close(on_ray.population, local.population)
 

@@ -11,6 +11,7 @@ from torch import nn
 
 pytest.importorskip("diffusers")
 
+from conftest import TINY_DDPM
 from fedkin.config import load_config
 from fedkin.core.errors import ConfigError
 from fedkin.core.rng import Stream
@@ -21,26 +22,17 @@ from fedkin.models.diffusion import VmapGroupNorm
 from fedkin.models.diffusion_metrics import FeatureMap, fid, kid
 from fedkin.models.zoo import CNN
 
-# 6 digits clients (2 held out), a 2-block U-Net of widths 8/16 (client embedding: 32 numbers)
-TINY_DDPM = [
-    "data.name=digits",
-    "data.num_clients=6",
-    "data.partition.name=iid",
+# conftest's tiny DDPM with 2 of its 6 clients held out, trained with Adam
+TINY = [
+    *TINY_DDPM,
     "eval.holdout_clients=0.34",
-    "cohort.clients_per_round=4",
-    "model.name=ddpm",
-    "model.channels=[8,16]",
-    "model.norm_groups=4",
-    "client.local_steps=2",
-    "client.batch_size=8",
     "client.optimizer.name=adam",
     "client.optimizer.lr=0.001",
-    "rounds=2",
 ]
 
 
 def experiment(*extra: str) -> Experiment:
-    return Experiment(load_config(None, [*TINY_DDPM, *extra]))
+    return Experiment(load_config(None, [*TINY, *extra]))
 
 
 def train(exp: Experiment, rounds: int) -> None:

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fedkin.algorithms.base import Algorithm, ServerStep
 from fedkin.core.errors import ConfigError
 from fedkin.core.rng import Stream
+from fedkin.core.tasks import DIFFUSION
 from fedkin.core.tree import Tree, tree_map
 from fedkin.models.diffusion import EMBEDDING_KEY
 from fedkin.optim.alias import adam
@@ -78,6 +79,7 @@ def split_embedding(params: Tree, key: str) -> tuple[Tree, Tree]:
 class Spire(Algorithm):
     name = "spire"
     Config = SpireConfig
+    task = DIFFUSION
 
     def __init__(self, config, model, client_optimizer, local_steps) -> None:
         super().__init__(config, model, client_optimizer, local_steps)

@@ -426,10 +426,11 @@ class _ClientHandlers:
         x, y = rt.experiment.dataset.client_test(cid)
         out = {"test-count": float(len(y))}
         if bool(config["global"]):
-            with torch.no_grad():
-                logits = rt.experiment.algorithm.global_logits(population["global"], x)
-            out["global-correct"] = float((logits.argmax(-1) == y).to(torch.float64).sum())
-            losses = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+            algorithm = rt.experiment.algorithm
+            with torch.no_grad():  # the task's per-sample score and loss, as in-process
+                logits = algorithm.global_logits(population["global"], x)
+                score, losses = algorithm.task.per_sample(logits, x, y)
+            out["global-correct"] = float(score.to(torch.float64).sum())
             out["global-loss"] = float(losses.to(torch.float64).sum())
         if bool(config["personal"]):
             # held-out ("adapt") client: one local run from Γ, not kept; then, as in-process,

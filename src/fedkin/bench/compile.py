@@ -45,7 +45,6 @@ def measure(workload: str, clients: int, steps: int, rounds: int) -> dict:
     from fedkin.engine.plan import EnginePlan
     from fedkin.optim import sgd
 
-    tp.STEPS = steps  # the workload's batches follow the step count
     model = tp.build_workload_model(workload)
     algorithm = FedAvg(FedAvgConfig(), model, sgd(tp.LR), steps)
     population = algorithm.init_population(algorithm.initial_params())
@@ -59,7 +58,7 @@ def measure(workload: str, clients: int, steps: int, rounds: int) -> dict:
     }
 
     def call(name: str, r: int) -> float:
-        batches = tp._batches(clients, 0, r, workload)
+        batches = tp._batches(clients, 0, r, workload, steps)
         t0 = time.perf_counter()
         engines[name].map(
             algorithm.client_update, (population, {}, batches, ctx), (None, None, 1, 0)

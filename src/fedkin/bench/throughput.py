@@ -101,7 +101,7 @@ def _digits_cache() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _batches(
-    clients: int, seed: int, round_: int, workload: str = "mlp"
+    clients: int, seed: int, round_: int, workload: str = "mlp", steps: int = STEPS
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[steps, clients, batch] draws from the workload's data, counter-based in
     (seed, round, client)."""
@@ -113,7 +113,7 @@ def _batches(
         .child("bench")
         .uniform(
             round_,
-            torch.arange(STEPS)[:, None, None],
+            torch.arange(steps)[:, None, None],
             torch.arange(clients)[None, :, None],
             torch.arange(BATCH)[None, None, :],
         )

@@ -48,13 +48,22 @@ def evaluate_global(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-client (score sum, loss_sum) of the global model on each client's test split
     (``split="val"``: validation split); the score is the task's (correct predictions for
-    classification)."""
+    classification). Samples of many clients share a chunk, unless the task's evaluation
+    depends on a sample's slot (``Task.per_client_eval``): then each client's split is one
+    batch, as a Flower node evaluates it."""
     table, _ = dataset.eval_split(split)
     mask = table >= 0
     owner = torch.arange(dataset.num_clients).unsqueeze(1).expand_as(table)[mask]
     index = table[mask]
     correct = torch.zeros(dataset.num_clients, dtype=torch.float64)
     loss_sum = torch.zeros(dataset.num_clients, dtype=torch.float64)
+    if algorithm.task.per_client_eval:
+        for c in range(dataset.num_clients):
+            idx = table[c][mask[c]]
+            logits = algorithm.global_logits(params, dataset.x[idx])
+            score, loss = algorithm.task.per_sample(logits, dataset.x[idx], dataset.y[idx])
+            correct[c], loss_sum[c] = score.to(torch.float64).sum(), loss.to(torch.float64).sum()
+        return correct, loss_sum
     for start in range(0, len(index), chunk):
         idx, who = index[start : start + chunk], owner[start : start + chunk]
         logits = algorithm.global_logits(params, dataset.x[idx])

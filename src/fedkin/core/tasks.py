@@ -53,6 +53,10 @@ class Task:
     #: ``draw(batches, stream, clients, round)``: the training batches with randomness the loss
     #: needs (diffusion noise) put in place of ``y``; None: batches are used as sampled
     draw: Draw | None = None
+    #: True if a sample's evaluation depends on its slot in the evaluated batch (the DDPM's
+    #: fixed evaluation noise is keyed by slot): evaluation then runs one client's split at a
+    #: time, so a client scores the same in-process, on a Flower node and in any chunking
+    per_client_eval: bool = False
 
 
 def _class_per_sample(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
@@ -120,6 +124,7 @@ DIFFUSION = Task(
     "denoise",
     "eps_mse",
     draw_diffusion_noise,
+    per_client_eval=True,
 )
 
 #: Every built-in task (``fedkin compare`` reads a run's task off its metric names).
