@@ -94,6 +94,17 @@ def tiny_config(*extra: str):
     return load_config(None, tiny(*extra))
 
 
+def dp_channel(privacy, clients: int):
+    """The round channel of a run with default channel options (no compression, no attack)
+    around the DP mechanism ``privacy`` (a ``UserLevelDP``) for ``clients`` clients."""
+    from fedkin.channel.pipeline import ChannelConfig
+    from fedkin.channel.runtime import RoundChannel
+
+    return RoundChannel(
+        ChannelConfig(), None, seed=0, num_clients=clients, num_classes=10, privacy=privacy
+    )
+
+
 def drop_timings(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Records without wall-clock fields (keys ending in ``_s``)."""
     return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records]

@@ -4,12 +4,13 @@
    released aggregate, by at most C (add/remove) or 2C (replace-one).
 2. Noise: the central noise on the sum has std z·C (within 1%, tolerance from the sample size),
    mean 0, a normal shape, and no correlation across rounds.
-3. Monte-Carlo distinguishing: one round of ``UserLevelDP.clip_step`` + ``aggregate`` with and
-   without a canary client (update 10⁶·e₁), many trials (one ``vmap`` over the round counter, so
-   each trial draws fresh counter-based noise through the real code); the empirical ε lower
-   bound (Clopper–Pearson, Bonferroni over thresholds) must not exceed the accountant's ε, and
-   deliberately broken mechanisms (noise std / 2, / 10, no clipping) must be caught: their
-   ε_lb exceeds the ε the accountant claims for the nominal noise.
+3. Monte-Carlo distinguishing: one round of the clients' ``UserLevelDP.device_release`` and the
+   server's ``noisy_mean`` with and without a canary client (update 10⁶·e₁), many trials (one
+   ``vmap`` over the round counter, so each trial draws fresh counter-based noise through the
+   real code); the empirical ε lower bound (Clopper–Pearson, Bonferroni over thresholds) must
+   not exceed the accountant's ε, and deliberately broken mechanisms (noise std / 2, / 10, no
+   clipping) must be caught: their ε_lb exceeds the ε the accountant claims for the nominal
+   noise.
 
 All noise is counter-based in a fixed seed, so every number here is deterministic.
 """
@@ -26,7 +27,9 @@ from dp_accounting import rdp
 from scipy import stats
 from torch.func import vmap
 
+from conftest import dp_channel
 from fedkin.bench.privacy import canary_audit, epsilon_lower_bound, local_canary_audit
+from fedkin.channel.runtime import ChannelState
 from fedkin.core.tree import tree_leaves, tree_map
 from fedkin.privacy.config import AdaptiveClipConfig, PrivacyConfig
 from fedkin.privacy.federated import UserLevelDP
@@ -79,12 +82,14 @@ def _cohort(k: int, gen: torch.Generator) -> dict:
 
 
 def _released(dp: UserLevelDP, messages, round_: int):
+    """The clipped sum and the released aggregate of one round through the channel's halves."""
     k = len(tree_leaves(messages)[0])
-    weights = torch.ones(k)
-    dp.bind_cohort(torch.arange(k), weights > 0)
-    clipped, w, _ = dp.clip_step(messages, weights, round_)
-    total = tree_map(lambda t: torch.tensordot(w.to(t.dtype), t, dims=1), clipped)
-    return total, dp.aggregate(clipped, w, round_)
+    channel, ok = dp_channel(dp, k), torch.ones(k, dtype=torch.bool)
+    up = channel.client_half(messages, torch.arange(k), ok, round_, clip=dp.clip)
+    total = tree_map(lambda t: t.sum(0), up.messages)
+    state = ChannelState(clip=dp.clip)
+    out, _, _ = channel.server_half(up.messages, ok.float(), up.was_clipped, k, round_, state)
+    return total, out
 
 
 @pytest.mark.parametrize("trial", range(5))
@@ -126,20 +131,26 @@ def test_replacing_one_client_moves_the_clipped_sum_by_at_most_2c():
     assert dp.round_event().noise_multiplier == pytest.approx(dp.noise_multiplier / 2)
 
 
-def test_nonfinite_update_is_rejected_before_clipping():
-    """A NaN update must not reach the sum (reject_nonfinite runs before clip_step)."""
-    from fedkin.core.channel import Channel, reject_nonfinite
-
+def test_nonfinite_update_is_rejected_before_the_noisy_sum():
+    """A NaN update that reaches the server (a client that sent it anyway) must not reach the
+    sum: the server half's non-finite filter drops it, and the release is the one without it."""
     dp = central()
     gen = torch.Generator().manual_seed(3)
     base = _cohort(6, gen)
     bad = tree_map(lambda t: t.clone(), base)
     bad["w"][2] = float("nan")
-    dp.bind_cohort(torch.arange(6), torch.ones(6, dtype=torch.bool))
-    out, metrics = Channel([reject_nonfinite, dp.clip_step], dp.aggregate)(bad, torch.ones(6), 0)
-    assert metrics["rejected_updates"] == 1 and all(
-        torch.isfinite(t).all() for t in tree_leaves(out)
-    )
+    channel, ids, ok = dp_channel(dp, 6), torch.arange(6), torch.ones(6, dtype=torch.bool)
+    state = ChannelState(clip=dp.clip)
+    up = channel.client_half(bad, ids, ok, 0, clip=dp.clip)
+    out, _, metrics = channel.server_half(up.messages, torch.ones(6), up.was_clipped, 6, 0, state)
+    assert metrics["rejected_updates"] == 1 and metrics["accepted_updates"] == 5
+    without = torch.ones(6)
+    without[2] = 0.0
+    clean = channel.client_half(base, ids, ok, 0, clip=dp.clip)
+    expected, _, _ = channel.server_half(clean.messages, without, clean.was_clipped, 5, 0, state)
+    assert all(torch.isfinite(t).all() for t in tree_leaves(out))
+    pairs = zip(tree_leaves(out), tree_leaves(expected), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
 
 
 # ----- 2. noise calibration ----------------------------------------------------------------------
@@ -149,10 +160,9 @@ def _noise_on_sum(dp: UserLevelDP, rounds: int, dim: int) -> np.ndarray:
     """The noise the release adds to the sum, [rounds, dim]: zero updates, many rounds."""
     k = 8
     zeros = {"a": torch.zeros(k, dim - 4), "b": {"c": torch.zeros(k, 4)}}
-    weights = torch.ones(k)
-    dp.bind_cohort(torch.arange(k), weights > 0)
-    clipped, w, _ = dp.clip_step(zeros, weights, 0)
-    out = vmap(lambda r: dp.aggregate(clipped, w, r))(torch.arange(rounds))
+    clipped, _ = dp.device_release(zeros, torch.ones(k, dtype=torch.bool), 0, torch.arange(k))
+    w = torch.ones(k)
+    out = vmap(lambda r: dp.noisy_mean(clipped, w, r, dp.clip))(torch.arange(rounds))
     flat = torch.cat([out["a"], out["b"]["c"]], dim=1).double() * dp.cohort_size
     return flat.numpy()
 
@@ -187,15 +197,15 @@ def test_adaptive_clip_update_noise_is_z_delta_times_current_clip():
     assert dp.update_noise == pytest.approx((z**-2 - (2 * sigma_b) ** -2) ** -0.5)
     k, dim = 8, 1000
     zeros = {"a": torch.zeros(k, dim)}
-    weights = torch.ones(k)
+    channel, ids, ok = dp_channel(dp, k), torch.arange(k), torch.ones(k, dtype=torch.bool)
+    state = ChannelState(clip=dp.clip)
     rows, clips = [], []
     for r in range(200):
-        dp.bind_cohort(torch.arange(k), weights > 0)
-        clipped, w, _ = dp.clip_step(zeros, weights, r)
-        clip_now = dp.clip
+        clip_now = state.clip  # the round's clip norm, passed in; the next one comes back
         clips.append(clip_now)
-        out = dp.aggregate(clipped, w, r)["a"].double() * dp.cohort_size
-        rows.append((out / clip_now).numpy())
+        up = channel.client_half(zeros, ids, ok, r, clip=clip_now)
+        out, state, _ = channel.server_half(up.messages, ok.float(), up.was_clipped, k, r, state)
+        rows.append((out["a"].double() * dp.cohort_size / clip_now).numpy())
     assert len(set(clips)) > 100  # the clip norm moved every round (all updates unclipped)
     _check_normal(np.stack(rows), dp.update_noise)
 

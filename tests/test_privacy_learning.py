@@ -18,8 +18,9 @@ import pytest
 import torch
 from dp_accounting import pld, rdp
 
-from conftest import drop_timings, tiny, tiny_config
+from conftest import dp_channel, drop_timings, tiny, tiny_config
 from fedkin.algorithms import ALGORITHMS
+from fedkin.channel.runtime import ChannelState
 from fedkin.core.tree import tree_leaves, tree_map
 from fedkin.experiment import CHECKPOINT, Experiment
 from fedkin.privacy.accountant import PrivacyAccountant, PrivacyEvent, calibrate_noise_multiplier
@@ -431,16 +432,14 @@ def test_local_dp_noise_is_per_client_with_std_zc():
     cfg = PrivacyConfig(mechanism="local", noise_multiplier=z, clip=clip, delta=1e-6)
     dp = UserLevelDP(cfg, population=100_000, cohort_size=k, sampling="poisson", rounds=1, seed=1)
     messages = {"w": torch.zeros(k, 8), "b": torch.zeros(k, 2)}
-    weights = torch.ones(k)
-    dp.bind_cohort(torch.arange(k), weights > 0)
-    noisy, _, _ = dp.clip_step(messages, weights, 0)
+    channel, ok = dp_channel(dp, k), torch.ones(k, dtype=torch.bool)
+    noisy = channel.client_half(messages, torch.arange(k), ok, 0).messages
     draws = torch.cat([t.reshape(-1) for t in tree_leaves(noisy)]).to(torch.float64)
     se = 1 / math.sqrt(2 * len(draws))  # relative standard error of a sample std
     assert float(draws.std()) == pytest.approx(z * clip, rel=5 * se)
     # a client's noise depends on its id only, not on the rest of the cohort
-    dp.bind_cohort(torch.arange(k)[:10], torch.ones(10, dtype=torch.bool))
-    alone, _, _ = dp.clip_step(tree_map(lambda t: t[:10], messages), weights[:10], 0)
-    assert torch.equal(alone["w"], noisy["w"][:10])
+    alone = channel.client_half(tree_map(lambda t: t[:10], messages), torch.arange(10), ok[:10], 0)
+    assert torch.equal(alone.messages["w"], noisy["w"][:10])
 
 
 def test_local_dp_epsilon_does_not_depend_on_cohort_sampling():
@@ -475,13 +474,13 @@ def test_adaptive_clip_tracks_the_target_quantile(quantile):
         torch.randn(k, 5, generator=torch.Generator().manual_seed(0)), dim=1
     )
     messages = {"u": (direction * norms[:, None]).float()}
-    weights = torch.ones(k)
-    dp.bind_cohort(torch.arange(k), weights > 0)
+    channel, ids, ok = dp_channel(dp, k), torch.arange(k), torch.ones(k, dtype=torch.bool)
+    state = ChannelState(clip=dp.clip)
     clips = []
-    for r in range(200):
-        clipped, w, _ = dp.clip_step(messages, weights, r)
-        dp.aggregate(clipped, w, r)
-        clips.append(dp.clip)
+    for r in range(200):  # the clip norm is state: passed in, and the next one returned
+        up = channel.client_half(messages, ids, ok, r, clip=state.clip)
+        _, state, _ = channel.server_half(up.messages, ok.float(), up.was_clipped, k, r, state)
+        clips.append(state.clip)
     assert clips[0] > 0.1  # all updates were clipped: C grows
     target = 1 + 8 * quantile
     late = torch.tensor(clips[-50:])

@@ -21,8 +21,9 @@ example-level DP-SGD (per-example gradients by ``vmap``, clip 1, noise 1) timed 
 (medians over ``--overhead-rounds`` rounds after a warm-up); the ratio is the overhead.
 
 Privacy audit (the numbers of ``tests/test_privacy_audit.py``). One round of the central DP
-aggregation (``UserLevelDP.clip_step`` + ``aggregate``, everyone participates, z = 1, C = 1)
-with and without a canary client whose update is 10⁶·e₁; the statistic is the released sum's
+aggregation (the clients' clip ``UserLevelDP.device_release``, then the server's noisy sum
+``UserLevelDP.noisy_mean`` as in ``server_release``; everyone participates, z = 1, C = 1) with
+and without a canary client whose update is 10⁶·e₁; the statistic is the released sum's
 e₁ coordinate; thresholds on a fixed grid; Clopper–Pearson bounds (Bonferroni over thresholds)
 on FPR/FNR give ε_lb = max log((1 − δ − FNR⁺)/FPR⁺). It is compared with the accountant's ε
 for the honest mechanism and for deliberately under-noised copies (noise std / 2, / 10).
@@ -224,9 +225,9 @@ def canary_audit(
         present = torch.ones(population)
         if sampling != "fixed" and world == 0:
             present[-1] = 0.0  # add/remove-one: world 0 has no canary
-        dp.bind_cohort(torch.arange(population), present > 0)
-        if clip_canary:
-            clipped, _, _ = dp.clip_step(m, present, 0)
+        if clip_canary:  # every row is released; world 0's canary then has weight 0
+            everyone = torch.ones(population, dtype=torch.bool)
+            clipped, _ = dp.device_release(m, everyone, 0, torch.arange(population), clip)
         else:
             clipped = m
         if sampling == "poisson":
@@ -235,7 +236,7 @@ def canary_audit(
         else:
             weights = present.expand(trials, population)
         rounds = torch.arange(trials) + world * trials
-        out = vmap(lambda w, r, c=clipped: dp.aggregate(c, w, r))(weights, rounds)
+        out = vmap(lambda w, r, c=clipped: dp.noisy_mean(c, w, r, clip))(weights, rounds)
         stats.append((out["a"][:, 0].double() * dp.cohort_size).numpy())
     # the statistic is centred at 0 (or −C, replace-one) without and +C with the canary
     low, high = (-clip if sampling == "fixed" else 0.0), (clip if clip_canary else 1e6)
@@ -267,7 +268,7 @@ def local_canary_audit(
     ``mechanism=local``): the server sees the message itself, so the canary client sends
     10⁶·e₁ (clipped to C·e₁) in world 1 and, in world 0, a zero update (``neighbour="zero"``:
     the client's data removed but the client still reporting) or −10⁶·e₁ (``"replace"``: any
-    other data, the usual local-DP neighbours). One ``clip_step`` over ``trials`` clients per
+    other data, the usual local-DP neighbours). One ``device_release`` of ``trials`` clients per
     world (the local noise is keyed by client id) gives all trials at once."""
     from fedkin.privacy.config import PrivacyConfig
     from fedkin.privacy.federated import UserLevelDP
@@ -287,9 +288,8 @@ def local_canary_audit(
         value = 1e6 if world else (-1e6 if neighbour == "replace" else 0.0)
         a = torch.zeros(trials, 3)
         a[:, 0] = value
-        weights = torch.ones(trials)
-        dp.bind_cohort(torch.arange(trials) + world * trials, weights > 0)
-        noisy, _, _ = dp.clip_step({"a": a, "b": torch.zeros(trials, 2)}, weights, 0)
+        ok, clients = torch.ones(trials, dtype=torch.bool), torch.arange(trials) + world * trials
+        noisy, _ = dp.device_release({"a": a, "b": torch.zeros(trials, 2)}, ok, 0, clients)
         stats.append(noisy["a"][:, 0].double().numpy())
     sigma = noise_multiplier * clip
     low = -clip if neighbour == "replace" else 0.0

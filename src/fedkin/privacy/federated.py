@@ -108,7 +108,12 @@ def client_noise(tree: Tree, stream: Stream, round_: int, clients: torch.Tensor)
 
 
 class UserLevelDP:
-    """Clipping, noise and accounting of population messages, one round at a time."""
+    """Clipping, noise and accounting of population messages, one round at a time.
+
+    The client half (:meth:`device_release`) and the server half (:meth:`server_release`) are
+    functions of their arguments: the round's clip norm goes in and adaptive clipping's next one
+    comes out (the caller keeps it, :class:`fedkin.channel.runtime.ChannelState`). What this
+    object holds between rounds is configuration and the accountant's ledger."""
 
     def __init__(
         self,
@@ -130,7 +135,7 @@ class UserLevelDP:
         self.seed = seed
         self.stream = Stream(seed).child("dp-noise")
         self.cohort_stream = Stream(seed).child("cohort")
-        self.clip = config.clip
+        self.clip = config.clip  # the configured (first round's) clip norm; never updated
         # replace-one neighbours (fixed-size cohorts; and local DP, where the released message is
         # one client's own) double the sensitivity of a clipped sum
         self.sensitivity_factor = 2.0 if sampling == "fixed" or config.mechanism == "local" else 1.0
@@ -231,22 +236,7 @@ class UserLevelDP:
             "planned_epsilon": self.planned_epsilon,
         }
 
-    # ----- channel steps ------------------------------------------------------------------------
-    def clip_step(
-        self, messages: Tree, weights: torch.Tensor, round_: int
-    ) -> tuple[Tree, torch.Tensor, dict[str, Any]]:
-        """Clip every accepted message to C (central), or release every message as its client
-        does under local DP (:meth:`device_release`; a rejected one, weight 0, releases 0)."""
-        if self.config.mechanism == "local":
-            released, was_clipped = self.device_release(
-                messages, weights > 0, round_, self._client_ids
-            )
-            weights = torch.ones_like(weights)
-        else:
-            released, norms = clip_rows(messages, len(weights), self.clip)
-            was_clipped = norms > self.clip
-        return self._accept(released, weights, was_clipped)
-
+    # ----- the channel's two halves (pure: every input is an argument) ---------------------------
     def device_release(
         self,
         messages: Tree,
@@ -264,7 +254,7 @@ class UserLevelDP:
         * local: :meth:`release` of m_i, or of 0 where ``ok`` is False — a rejected client
           still sends a noised message, so the untrusted server cannot tell that it failed.
 
-        ``clip``: the round's clip norm as the server broadcast it (default: this object's).
+        ``clip``: the round's clip norm as the server broadcast it (default: the configured one).
         """
         clip = self.clip if clip is None else clip
         if self.config.mechanism == "local":
@@ -300,32 +290,20 @@ class UserLevelDP:
         ``accepted`` count. State in, state out: the caller keeps the returned clip norm."""
         if self.config.mechanism == "local":
             weights = torch.ones_like(weights)
-        messages, unit, metrics = self._accept(messages, weights, was_clipped)
-        noisy = self._noisy_mean(messages, unit, round_, clip)
+        unit = (weights > 0).to(weights.dtype)  # the clipped sum's sensitivity is C
+        noisy = self.noisy_mean(messages, unit, round_, clip)
         unclipped = int((~was_clipped & (unit > 0)).sum())
-        return noisy, self.next_clip(round_, unclipped, accepted, clip), metrics
+        fraction = float((was_clipped & (unit > 0)).sum() / max(len(weights), 1))
+        next_clip = self.next_clip(round_, unclipped, accepted, clip)
+        return noisy, next_clip, {"clipped_fraction": fraction}
 
-    def _accept(
-        self, messages: Tree, weights: torch.Tensor, was_clipped: torch.Tensor
-    ) -> tuple[Tree, torch.Tensor, dict[str, Any]]:
-        """Unit weight for every accepted message (the clipped sum's sensitivity is C)."""
-        accepted = weights > 0
-        self._unclipped = ~was_clipped & accepted
-        fraction = float((was_clipped & accepted).sum() / max(len(weights), 1))
-        return messages, accepted.to(weights.dtype), {"clipped_fraction": fraction}
+    def noisy_mean(self, messages: Tree, weights: torch.Tensor, round_: int, clip: float) -> Tree:
+        """The release of the weighted sum Σ_k w_k m_k with the round's clip norm C = ``clip``.
 
-    def aggregate(self, messages: Tree, weights: torch.Tensor, round_: int) -> Tree:
-        """Central: (Σ clipped + N(0, z_Δ²C²)) / m.  Local: mean of the received noisy messages.
-        With adaptive clipping, the clip norm then moves by the cohort bound in
-        :meth:`bind_cohort` and the last :meth:`clip_step` (the round itself uses
-        :meth:`server_release`, which takes them as arguments)."""
-        noisy = self._noisy_mean(messages, weights, round_, self.clip)
-        if self.config.adaptive_clip is not None and self.central:
-            unclipped = int(self._unclipped.sum())
-            self.clip = self.next_clip(round_, unclipped, self._accepted_count, self.clip)
-        return noisy
-
-    def _noisy_mean(self, messages: Tree, weights: torch.Tensor, round_: int, clip: float) -> Tree:
+        Central: (Σ_k w_k m_k + z_Δ·C·ξ) / m, ξ ~ N(0, I) a function of (round, leaf, element)
+        and m the expected cohort size; local (the messages already carry their noise):
+        Σ_k w_k m_k / max(Σ_k w_k, 1). Pure, so ``vmap`` over ``weights`` and ``round_`` draws
+        independent trials of the release (the audits do)."""
         total = tree_map(lambda t: torch.tensordot(weights.to(t.dtype), t, dims=1), messages)
         if self.config.mechanism == "local":
             return tree_map(lambda t: t / max(float(weights.sum()), 1.0), total)
@@ -344,13 +322,6 @@ class UserLevelDP:
         noise = float(self.stream.child("count").normal(round_))
         b = (centered + self.count_noise * noise) / self.cohort_size + 0.5
         return clip * math.exp(-a.learning_rate * (b - a.target_quantile))
-
-    def bind_cohort(self, client_ids: torch.Tensor, accepted: torch.Tensor) -> None:
-        """For :meth:`clip_step` and :meth:`aggregate` used as a channel outside a round (the
-        audits and ``fedkin bench privacy``): the client ids (local-noise counters) and the
-        accepted count (adaptive clip)."""
-        self._client_ids = client_ids
-        self._accepted_count = int(accepted.sum())
 
     # ----- checkpoints --------------------------------------------------------------------------
     @property
