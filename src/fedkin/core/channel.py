@@ -2,9 +2,9 @@
 
 Each step is a function of the stacked messages ``[K, …]``, per-client weights ``[K]`` and the
 round number that returns new messages and weights plus metrics (e.g. how many were
-rejected); the aggregator turns them into one message. Steps so far: the non-finite filter,
-and DP clipping with a noisy aggregator (:mod:`fedkin.privacy.federated`); compression and
-robust aggregators plug in the same way.
+rejected); the aggregator turns them into one message. A run's channel — compression, robust
+rules, attacks and DP, with explicit state — is :mod:`fedkin.channel.runtime`, built on the
+non-finite filter and the weighted mean here.
 """
 
 from __future__ import annotations
