@@ -311,11 +311,20 @@ class ExperimentConfig(_Section):
                 "only (attack.name=scaled|gaussian|nonfinite|label_flip, or sign_flip with "
                 "attack.reference=own) or privacy.mechanism=none"
             )
-        if self.privacy.mechanism == "local" and self.channel != ChannelConfig():
+        if (
+            self.privacy.mechanism == "local"
+            and self.channel.model_copy(update={"momentum": None}) != ChannelConfig()
+        ):
             raise ValueError(
                 "privacy.mechanism=local noises each message on its client, so the server's "
                 "robust rules and the uplink compressors do not apply; keep channel at its "
-                "defaults (or use privacy.mechanism=central)"
+                "defaults, channel.momentum aside (or use privacy.mechanism=central)"
+            )
+        if self.channel.momentum is not None and not ALGORITHMS[self.algorithm.name].robust_delta:
+            raise ValueError(
+                f"channel.momentum: algorithm.name={self.algorithm.name} sends its model delta "
+                "masked by cluster, and a client's momentum would carry it into the next "
+                "cluster it picks; remove channel.momentum (and use a rule other than monna)"
             )
         if self.privacy.mechanism == "central":
             conflict = central_dp_conflict(self.channel)

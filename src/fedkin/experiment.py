@@ -143,8 +143,8 @@ class Experiment:
             ),
         )
         self.channel_state = ChannelState(clip=self.privacy.clip if self.privacy else None)
-        #: per-client channel state (error-feedback residuals), sized by d on first use
-        self.residuals: ClientStore | None = None
+        #: per-client channel state (error-feedback residuals, momenta), sized by d on first use
+        self.channel_clients: ClientStore | None = None
         self.participation = torch.zeros(self.dataset.num_clients, dtype=torch.long)
         #: DP-SGD gradients on each batch of one client_update (measured in the first round)
         self.dp_sgd_uses: list[int] = []
@@ -156,17 +156,18 @@ class Experiment:
         self.stop_reason = ""
         self.dead_rounds = 0  # consecutive rounds in which every client update was rejected
 
-    def residual_store(self, d: int) -> ClientStore:
-        """The clients' error-feedback residuals ``{"residual": [d]}``, one row per client (a
-        disk store under ``client_state/channel`` with ``store.backend=disk``)."""
-        if self.residuals is None:
-            self.residuals = make_store(
+    def channel_store(self, d: int) -> ClientStore:
+        """The clients' channel state (:meth:`RoundChannel.client_template`: error-feedback
+        ``"residual"``, ``"momentum"``, each ``[d]``), one row per client (a disk store under
+        ``client_state/channel`` with ``store.backend=disk``)."""
+        if self.channel_clients is None:
+            self.channel_clients = make_store(
                 self.config.store,
-                {"residual": torch.zeros(d)},
+                self.channel.client_template(d),
                 self.dataset.num_clients,
                 self.run_dir / "client_state" / "channel" if self.run_dir else None,
             )
-        return self.residuals
+        return self.channel_clients
 
     def _build_groups(self) -> list[ClientGroup]:
         """One group per personal architecture (and precision); clients are assigned by a seeded
@@ -518,11 +519,11 @@ class Experiment:
             "dp_sgd_uses": self.dp_sgd_uses,
             "stores": [g.store.state_dict() for g in self.groups],
             "channel": dataclasses.asdict(self.channel_state),
-            "residuals": None
-            if self.residuals is None
+            "channel_clients": None
+            if self.channel_clients is None
             else {
-                "d": self.residuals.template["residual"].numel(),
-                "store": self.residuals.state_dict(),
+                "d": next(iter(self.channel_clients.template.values())).numel(),
+                "store": self.channel_clients.state_dict(),
             },
         }
 
@@ -537,9 +538,9 @@ class Experiment:
         for group, store_state in zip(self.groups, state["stores"], strict=True):
             group.store.load_state_dict(store_state, self.round)
         self.channel_state = ChannelState(**state["channel"])
-        if state["residuals"] is not None:
-            store = self.residual_store(state["residuals"]["d"])
-            store.load_state_dict(state["residuals"]["store"], self.round)
+        if state["channel_clients"] is not None:
+            store = self.channel_store(state["channel_clients"]["d"])
+            store.load_state_dict(state["channel_clients"]["store"], self.round)
 
     def save_checkpoint(self, run_dir: Path) -> None:
         """Atomic write: a crash mid-write leaves the previous checkpoint intact."""
@@ -548,8 +549,8 @@ class Experiment:
         os.replace(tmp, run_dir / CHECKPOINT)
         for group in self.groups:
             group.store.commit(self.round)
-        if self.residuals is not None:
-            self.residuals.commit(self.round)
+        if self.channel_clients is not None:
+            self.channel_clients.commit(self.round)
 
     def load_checkpoint(self, run_dir: Path) -> None:
         self.load_state_dict(torch.load(run_dir / CHECKPOINT, weights_only=False))

@@ -5,8 +5,9 @@ A round is two halves with the channel between them:
 * :func:`train_cohort` — the clients' side, in this process: draw the cohort's batches
   (Byzantine clients' labels poisoned if the attack does that) → each client group through the
   engine (vectorized, sequential or Ray shards) → non-finite results rejected, accepted states
-  written to the group's store → the channel's client half (attack, compression with the
-  error-feedback residuals read from and written to their client-state store, the DP release).
+  written to the group's store → the channel's client half (Polyak momentum, attack,
+  compression, the DP release; momenta and error-feedback residuals read from and written to
+  the channel's client-state store).
   A Flower ClientApp runs the same steps on its node for its own client.
 * :func:`server_update` — the server's side, wherever the messages came from: the channel's
   server half (non-finite filter, robust rule or DP noise) → the algorithm's population update
@@ -130,13 +131,16 @@ def train_cohort(exp: Experiment, r: int, cohort: torch.Tensor, phantom: bool) -
     if not phantom:
         exp.participation[cohort] += 1
     d = model_size(sent)
-    store = exp.residual_store(d) if exp.channel.error_feedback and d is not None else None
-    residuals = store.gather(clients)["residual"] if store is not None else None
+    store = exp.channel_store(d) if exp.channel.client_keys and d is not None else None
+    kept = store.gather(clients) if store is not None else {}
+    sent, kept = exp.channel.momentum_step(sent, kept, torch.cat(oks))
     up = exp.channel.client_half(
-        sent, clients, torch.cat(oks), r, residuals, exp.channel_state.clip
+        sent, clients, torch.cat(oks), r, kept.get("residual"), exp.channel_state.clip
     )
     if store is not None and not phantom:
-        store.scatter(clients, {"residual": up.residuals})
+        if up.residuals is not None:
+            kept["residual"] = up.residuals
+        store.scatter(clients, kept)
     return Arrivals(
         messages=up.messages,
         weights=torch.cat(kept_weights) * up.ok,

@@ -19,23 +19,23 @@ What crosses the wire, per round (everything else stays where it is):
   and ``ok`` only with ``privacy.release_diagnostics=true``.
 
 The personal state s_i (personal model, optimizer state, algorithm extras) and the channel
-state (error-feedback residual) live only in the node's ``context.state`` (``ArrayRecord``s
-``"fedkin-state"`` and ``"fedkin-channel"``) and never leave it. Evaluation runs on the nodes
-too: the server broadcasts Γ and each node returns its correct/loss sums on its own test split
-(held-out "new" clients first adapt from Γ, as in-process); under DP it does not run, and a
-node refuses to evaluate.
+state (error-feedback residual, momentum) live only in the node's ``context.state``
+(``ArrayRecord``s ``"fedkin-state"`` and ``"fedkin-channel"``) and never leave it. Evaluation
+runs on the nodes too: the server broadcasts Γ and each node returns its correct/loss sums on
+its own test split (held-out "new" clients first adapt from Γ, as in-process); under DP it does
+not run, and a node refuses to evaluate.
 
 The node runs the algorithm's own ``client_update`` through the configured engine (a cohort of
-one), then the run's channel client half (:class:`~fedkin.channel.runtime.RoundChannel`: attack
-simulation, compression, DP release) — the same functions the in-process round runs for the
-whole cohort. The server samples cohorts with the experiment's counter-based sampler and hands
-what arrives to :func:`fedkin.round.server_update` (the channel's server half, the population
-update with the server optimizer, the guards) inside :func:`fedkin.round.run` (stop reasons,
-evaluation, checkpoints of the server side, trackers). Nothing about an algorithm or the
-channel is re-implemented here, so one config gives the same population through either
-runtime. A Flower run cannot be resumed: its ``checkpoint.pt`` holds the server side (Γ, server
-optimizer, accountant, the channel's server state and the simulated adversary's residuals),
-while the clients' states live on their nodes.
+one), then the run's channel client half (:class:`~fedkin.channel.runtime.RoundChannel`: momentum,
+attack simulation, compression, DP release) — the same functions the in-process round runs for the
+whole cohort. The server samples cohorts with the experiment's counter-based sampler and hands what
+arrives to :func:`fedkin.round.server_update` (the channel's server half, the population update
+with the server optimizer, the guards) inside :func:`fedkin.round.run` (stop reasons, evaluation,
+checkpoints of the server side, trackers). Nothing about an algorithm or the channel is
+re-implemented here, so one config gives the same population through either runtime. A Flower run
+cannot be resumed: its ``checkpoint.pt`` holds the server side (Γ, server optimizer, accountant,
+the channel's server state and the simulated adversary's residuals), while the clients' states live
+on their nodes.
 
 Use it in Python (``flwr.simulation.run_simulation``)::
 
@@ -348,7 +348,8 @@ class _ClientHandlers:
 
     def train(self, message, context):
         """Train this node's client, then run the channel's client half on its message (attack
-        simulation, compression with the residual kept in ``context.state``, the DP release)
+        simulation, compression; momentum and residual kept in ``context.state``; the DP
+        release)
         and reply with what the release policy allows (:mod:`fedkin.backends.flower_channel`)."""
         from flwr.app import Message, MetricRecord, RecordDict
 
@@ -379,27 +380,32 @@ class _ClientHandlers:
         channel, ids = exp.channel, torch.tensor([cid])
         content = RecordDict()
         info: dict[str, float] = {}
+        d = model_size(msg)
+        kept: dict[str, torch.Tensor] = {}  # this node's channel state (residual, momentum)
+        if channel.client_keys and d is not None:
+            kept = (
+                record_to_tree(context.state[wire.CHANNEL_KEY])
+                if wire.CHANNEL_KEY in context.state
+                else channel.client_template(d)
+            )
+            kept = {k: v[None] for k, v in kept.items()}
+        msg, kept = channel.momentum_step(msg, kept, torch.tensor([ok]))
         if channel.omniscient and bool(channel.byzantine[cid]):
             # the simulated omniscient adversary forms this client's message on the server
             content["message"] = tree_to_record(_row(msg))
         else:
             if channel.omniscient:  # what the simulated adversary sees of an honest client
                 content["adversary-view"] = tree_to_record(_row(msg))
-            residual, d = None, model_size(msg)
-            if channel.error_feedback and d is not None:
-                residual = (
-                    record_to_tree(context.state[wire.RESIDUAL_KEY])["residual"][None]
-                    if wire.RESIDUAL_KEY in context.state
-                    else torch.zeros(1, d)
-                )
             clip = float(config["clip"]) if "clip" in config else None
-            up = channel.client_half(msg, ids, torch.tensor([ok]), r, residual, clip)
-            if up.residuals is not None and not phantom:
-                context.state[wire.RESIDUAL_KEY] = tree_to_record({"residual": up.residuals[0]})
+            up = channel.client_half(msg, ids, torch.tensor([ok]), r, kept.get("residual"), clip)
+            if up.residuals is not None:
+                kept["residual"] = up.residuals
             for key, record in wire.pack(up).items():
                 content[key] = record
             if exp.release.node_sends_clip_bit:
                 info["clipped"] = int(up.was_clipped[0])
+        if kept and not phantom:
+            context.state[wire.CHANNEL_KEY] = tree_to_record(_row(kept))
         if exp.release.node_reports:  # exact client-derived values: never under DP by default
             content["metrics"] = tree_to_record(_row(metrics))
             info.update({"num-examples": float(exp.dataset.train_sizes[cid]), "ok": int(ok)})
@@ -680,7 +686,8 @@ class FlowerServer:
 
     def _adversary(self, cohort, replies, received, stacked, ok, was_clipped, phantom):
         """The Byzantine rows of an omniscient attack: the client half over the cohort's raw
-        messages (the Byzantine clients' own, the honest ones' ``adversary-view``), with the
+        messages after the nodes' momentum (the Byzantine clients' own, the honest ones'
+        ``adversary-view``), with the
         Byzantine clients' residuals kept by the adversary (the server's residual store).
         Returns the messages, ok, clip bits with those rows replaced and their bytes."""
         from fedkin.channel.runtime import model_size
@@ -699,14 +706,15 @@ class FlowerServer:
                 raw_rows.append(record_to_tree(reply["adversary-view"]))
         raw = _stack(raw_rows)
         d = model_size(raw)
-        store = exp.residual_store(d) if channel.error_feedback and d is not None else None
-        residuals = store.gather(cohort)["residual"] if store is not None else None
+        store = exp.channel_store(d) if channel.error_feedback and d is not None else None
+        kept = store.gather(cohort) if store is not None else {}
         clip = exp.channel_state.clip
         present = torch.tensor([c in replies for c in cohort.tolist()])
-        up = channel.client_half(raw, cohort, ok & present, r, residuals, clip)
+        up = channel.client_half(raw, cohort, ok & present, r, kept.get("residual"), clip)
         rows = byz & present
-        if store is not None and not phantom:
-            store.scatter(cohort[rows], {"residual": up.residuals[rows]})
+        if store is not None and not phantom:  # (the momenta stay on the nodes)
+            kept["residual"] = up.residuals
+            store.scatter(cohort[rows], {k: v[rows] for k, v in kept.items()})
         messages = tree_map(
             lambda a, b: torch.where(rows.reshape(-1, *([1] * (a.dim() - 1))), b, a),
             stacked,

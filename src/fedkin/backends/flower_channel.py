@@ -16,8 +16,9 @@ counts them, so records agree across runtimes.
 
 **Omniscient attacks** (sign flip of the honest mean, ALIE, IPM, mimic) see the round's honest
 messages, which no single node holds. The attack is a simulation, so the server plays the
-adversary: a Byzantine client's node sends its raw trained message, an honest node adds its raw
-message as ``"adversary-view"`` (not counted as uplink), and the server runs the client half for
+adversary: a Byzantine client's node sends its raw trained message (after its momentum step, the
+node's own state), an honest node adds its raw message (its momentum, if the channel has one) as
+``"adversary-view"`` (not counted as uplink), and the server runs the client half for
 the Byzantine rows with the adversary's residuals (:func:`adversary_rows`). Non-omniscient
 attacks (scaled, Gaussian, NaN/Inf, label flip) run on the Byzantine node itself.
 """
@@ -35,7 +36,7 @@ from fedkin.channel.pipeline import MODEL_KEY
 from fedkin.channel.runtime import RoundChannel, Uplink, tree_bytes
 from fedkin.core.tree import Tree, tree_map
 
-RESIDUAL_KEY = "fedkin-channel"  # the node's context.state entry holding its residual
+CHANNEL_KEY = "fedkin-channel"  # the node's context.state entry: its residual and momentum
 
 
 def _row(tree: Tree) -> Tree:

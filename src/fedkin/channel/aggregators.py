@@ -485,8 +485,9 @@ class MonnaConfig(_WithF):
     """MoNNA's nearest-neighbour averaging: mean of the n − f messages closest to a pivot.
 
     In MoNNA (Farhadkhani et al. 2023) each node's pivot is its own model; a server has none,
-    so the pivot is the coordinate-wise median. The client half of MoNNA is Polyak momentum in
-    the local optimizer (``client.optimizer.momentum``)."""
+    so the pivot is the coordinate-wise median. The client half of MoNNA is the clients' Polyak
+    momentum across rounds (``channel.momentum``, :mod:`fedkin.channel.momentum`), which this
+    rule implies (β = 0.9 unless set; ``channel.momentum.beta=0`` is the averaging alone)."""
 
     name: Literal["monna"] = "monna"
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedkin.channel.aggregators import (
     Aggregator,
@@ -26,6 +26,7 @@ from fedkin.channel.aggregators import (
 from fedkin.channel.attacks import Attack
 from fedkin.channel.compressors import Compressor, CompressorConfig, NoneConfig
 from fedkin.channel.flat import flatten, unflatten
+from fedkin.channel.momentum import MomentumConfig
 from fedkin.core.tree import Tree, tree_leaves
 
 MODEL_KEY = "delta"
@@ -45,6 +46,20 @@ class ChannelConfig(BaseModel):
         default_factory=NoneConfig,
         description="uplink compressor for the model delta (fedkin list compressors)",
     )
+    momentum: MomentumConfig | None = Field(
+        None,
+        description="client-side Polyak momentum of the model delta, kept per client and sent "
+        "instead of the delta, before attack, compression and the DP clip (fedkin list "
+        "client_steps); channel.aggregator.name=monna sets it to {beta: 0.9} when absent",
+    )
+
+    @model_validator(mode="after")
+    def _monna_has_momentum(self) -> ChannelConfig:
+        """MoNNA is momentum plus nearest-neighbour averaging: the rule implies the client step
+        (β = 0.9 unless given; ``channel.momentum.beta=0`` is averaging alone)."""
+        if self.aggregator.name == "monna" and self.momentum is None:
+            self.momentum = MomentumConfig()
+        return self
 
 
 def central_dp_conflict(config: ChannelConfig) -> str | None:

@@ -4,16 +4,18 @@
 immutable pieces (compressor, attack, aggregation rule, the seeded Byzantine clients, the DP
 mechanism) and two halves that take their state as arguments and return the new state.
 
-* **Client half** (:meth:`RoundChannel.client_half`, on the clients: in-process for the whole
-  cohort, on a Flower node for its own client): attack simulation → compress (error-feedback
-  residuals in and out) → the DP release (clip; under local DP also noise). Label flipping
-  poisons the Byzantine clients' batches before they train (:meth:`RoundChannel.poison`).
+* **Client half** (on the clients: in-process for the whole cohort, on a Flower node for its
+  own client): Polyak momentum (:meth:`RoundChannel.momentum_step`, momenta in and out) →
+  attack simulation → compress (error-feedback residuals in and out) → the DP release (clip;
+  under local DP also noise) (:meth:`RoundChannel.client_half`). Label flipping poisons the
+  Byzantine clients' batches before they train (:meth:`RoundChannel.poison`).
 * **Server half** (:meth:`RoundChannel.server_half`): reject non-finite messages → aggregate
   (the configured rule with its state in and out; under DP the clipped sum plus central noise,
   whose adaptive clip norm is returned as the next state) → the round's metrics.
 
-Per-client state (error-feedback residuals) lives in a client-state store
-(:mod:`fedkin.core.store`; memory or disk, checkpointed with the run); the server's state
+Per-client state (error-feedback residuals, momenta: :meth:`RoundChannel.client_template`)
+lives in a client-state store (:mod:`fedkin.core.store`; memory or disk, checkpointed with the
+run; on a Flower node in its ``context.state``); the server's state
 (:class:`ChannelState`: the rule's state and the byte totals) is part of the run's checkpoint.
 
 A channel with default options (weighted mean, no compression, no attack) takes the plain path:
@@ -30,7 +32,8 @@ import torch
 
 from fedkin.channel.aggregators import AggState, TrustedUpdates
 from fedkin.channel.attacks import byzantine_clients, flip_labels
-from fedkin.channel.flat import flatten
+from fedkin.channel.flat import flatten, unflatten
+from fedkin.channel.momentum import polyak_momentum
 from fedkin.channel.pipeline import MODEL_KEY, ChannelConfig, client_half, server_half
 from fedkin.core.channel import finite_rows, reject_nonfinite, weighted_mean
 from fedkin.core.tree import Tree, tree_leaves
@@ -108,11 +111,35 @@ class RoundChannel:
         )
         self.num_classes = num_classes
         self.privacy = privacy
+        self.beta = channel.momentum.beta if channel.momentum is not None else 0.0
 
     @property
     def error_feedback(self) -> bool:
         """Whether clients keep a residual (their per-client channel state)."""
         return self.compressed and self.compressor.error_feedback
+
+    @property
+    def client_keys(self) -> tuple[str, ...]:
+        """The per-client channel state kept: ``"residual"`` (error feedback), ``"momentum"``."""
+        kept = (("residual", self.error_feedback), ("momentum", self.beta > 0))
+        return tuple(key for key, on in kept if on)
+
+    def client_template(self, d: int) -> dict[str, torch.Tensor]:
+        """One client's channel state for a model delta of size ``d`` before its first round."""
+        return {key: torch.zeros(d) for key in self.client_keys}
+
+    def momentum_step(
+        self, messages: Tree, state: dict[str, torch.Tensor], ok: torch.Tensor
+    ) -> tuple[Tree, dict[str, torch.Tensor]]:
+        """The first client step: the model delta of ``messages`` [K, …] replaced by the
+        clients' Polyak momentum (:mod:`fedkin.channel.momentum`) and ``state`` (the clients'
+        channel state, [K, d] per key) with the new momenta (kept where not ``ok``); both
+        unchanged without momentum."""
+        if "momentum" not in state or MODEL_KEY not in messages:
+            return messages, state
+        flat, spec = flatten(messages[MODEL_KEY])
+        sent, momentum = polyak_momentum(state["momentum"], flat, self.beta, ok)
+        return {**messages, MODEL_KEY: unflatten(sent, spec)}, {**state, "momentum": momentum}
 
     # ----- client half --------------------------------------------------------------------------
     def poison(self, batches: tuple[torch.Tensor, ...], cohort: torch.Tensor):

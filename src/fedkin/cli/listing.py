@@ -1,5 +1,5 @@
 """`fedkin list`: the available datasets, partitioners, models, algorithms, optimizers, and the
-channel's aggregators, pre-aggregators, compressors and attacks."""
+channel's aggregators, pre-aggregators, compressors, attacks and client steps."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from rich.table import Table
 def catalog() -> dict[str, dict[str, type[BaseModel]]]:
     from fedkin.algorithms import ALGORITHMS
     from fedkin.channel import AGGREGATORS, ATTACKS, COMPRESSORS, PREAGGREGATORS
+    from fedkin.channel.momentum import MomentumConfig
     from fedkin.data import DATASETS, PARTITIONS
     from fedkin.models import MODELS
     from fedkin.optim import OPTIMIZERS
@@ -28,6 +29,7 @@ def catalog() -> dict[str, dict[str, type[BaseModel]]]:
         "preaggregators": dict(PREAGGREGATORS),
         "compressors": dict(COMPRESSORS),
         "attacks": dict(ATTACKS),
+        "client_steps": {"momentum": MomentumConfig},
     }
 
 
@@ -51,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "list",
         help="show datasets, partitioners, models, algorithms, optimizers, aggregators, "
-        "compressors, attacks",
+        "compressors, attacks, client steps",
     )
     p.add_argument("kind", nargs="?", choices=sorted(catalog_kinds()), help="show only this kind")
     p.set_defaults(func=cmd_list)
@@ -89,4 +91,5 @@ def _config_key(kind: str) -> str:
         "preaggregators": "channel.aggregator.pre: [{name: …}]",
         "compressors": "channel.compress.name",
         "attacks": "attack.name",
+        "client_steps": "channel.momentum",
     }[kind]
