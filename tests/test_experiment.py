@@ -202,6 +202,18 @@ RESUME_CASES = {
         "attack.name=alie",
         "attack.fraction=0.2",
     ],
+    # MoNNA with the clients' momentum and top-k error feedback: momenta and residuals share
+    # the channel's client-state store, which must survive the checkpoint
+    "channel-monna-momentum": [
+        "algorithm.name=fedavg",
+        "channel.aggregator.name=monna",
+        "channel.aggregator.f=1",
+        "channel.momentum.beta=0.8",
+        "channel.compress.name=top_k",
+        "channel.compress.density=0.1",
+        "attack.name=sign_flip",
+        "attack.fraction=0.2",
+    ],
     # trusted-direction step refreshed every 3 rounds: its basis and refresh round must survive
     # the checkpoint of round 2 (a fresh basis in round 2 would change rounds 3 and 4)
     "channel-trusted-direction": [
@@ -270,8 +282,9 @@ def test_resume_after_interrupt_matches_uninterrupted(cli, tmp_path, reference_r
         ("local-client-momentum", []),
         ("local-client-momentum", ["store.backend=disk"]),
         ("channel-robust-compressed", ["store.backend=disk"]),
+        ("channel-monna-momentum", ["store.backend=disk"]),
     ],
-    ids=["fedavg", "local", "local-disk-store", "channel-disk-store"],
+    ids=["fedavg", "local", "local-disk-store", "channel-disk-store", "momentum-disk-store"],
 )
 def test_resume_with_sparse_checkpoints_recomputes_truncated_rounds(
     cli, tmp_path, reference_runs, case, extra

@@ -325,8 +325,24 @@ ROBUST_COMPRESSED = (
             "cohort.sampling=fixed",
             "privacy.accountant=rdp",
         ),
+        # MoNNA with the clients' momentum on the nodes, top-k error feedback, and ALIE: the
+        # server's simulated adversary sees the honest nodes' momenta
+        (
+            "channel.aggregator.name=monna",
+            "channel.aggregator.f=1",
+            "channel.momentum.beta=0.8",
+            "channel.compress.name=top_k",
+            "channel.compress.density=0.1",
+            "attack.name=alie",
+            "attack.fraction=0.25",
+        ),
     ],
-    ids=["trimmed-topk-ef-signflip", "median-qsgd-scaled", "central-dp-topk-gaussian"],
+    ids=[
+        "trimmed-topk-ef-signflip",
+        "median-qsgd-scaled",
+        "central-dp-topk-gaussian",
+        "monna-momentum-topk-alie",
+    ],
 )
 def test_compressed_robust_attacked_channel_equals_the_in_process_run(extra):
     """The channel's client half on the nodes (compressed deltas on the wire, residuals in the
@@ -344,6 +360,18 @@ def test_compressed_robust_attacked_channel_equals_the_in_process_run(extra):
     error_feedback = "channel.compress.name=top_k" in extra
     residuals = [c for c in grid.contexts.values() if "fedkin-channel" in c.state]
     assert bool(residuals) == error_feedback
+    if "channel.momentum.beta=0.8" in extra:  # each node's momentum equals the in-process one
+        from fedkin.experiment import Experiment
+
+        reference = Experiment(config)
+        for _ in range(config.rounds):
+            reference.run_round()
+        for context in residuals:
+            c = int(context.node_config["partition-id"])
+            node = record_to_tree(context.state["fedkin-channel"])["momentum"]
+            assert torch.equal(
+                node, reference.channel_clients.gather(torch.tensor([c]))["momentum"][0]
+            )
     train = [r for r in server.records if r["kind"] == "train"]
     assert all(r["uplink_bytes"] > 0 and r["downlink_bytes"] > 0 for r in train)
 

@@ -138,6 +138,27 @@ def test_robust_compressed_attacked_run_on_ray_equals_local(ray_instance):
     assert all(r["uplink_bytes"] > 0 for r in want if r["kind"] == "train")
 
 
+def test_momentum_monna_run_on_ray_equals_local(ray_instance):
+    """The clients' momenta (channel client-state store) and MoNNA under ALIE: same records,
+    personal states and momenta on Ray as in-process."""
+    channel = (
+        "channel.aggregator.name=monna",
+        "channel.aggregator.f=1",
+        "channel.momentum.beta=0.8",
+        "attack.name=alie",
+        "attack.fraction=0.2",
+    )
+    local = Experiment(tiny_config(*SMALL, *channel))
+    want = run(local, 2)
+    e = Experiment(tiny_config(*SMALL, *channel, *RAY))
+    assert_records_close(run(e, 2), want)
+    assert_same_state(e, local)
+    everyone = torch.arange(e.dataset.num_clients)
+    torch.testing.assert_close(
+        e.channel_clients.gather(everyone), local.channel_clients.gather(everyone)
+    )
+
+
 @pytest.mark.parametrize("algorithm", registered_algorithms())
 def test_every_algorithm_on_ray_equals_local(ray_instance, algorithm):
     """Training and evaluation (held-out clients and ``adapt`` included) through 2 workers."""
