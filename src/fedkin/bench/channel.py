@@ -12,12 +12,15 @@ Robust. Every attack × every aggregation rule, with 10% and 20% of the populati
 (a fixed seeded subset, so about 2 or 4 of the 20 in a cohort); rules that take f declare
 f = fraction × cohort. Each row also carries the rule's clean accuracy (no attack, same f), and
 the run reports clean FedAvg (weighted mean, no attack). Attacks and rules use their default
-options (``fedkin list attacks`` / ``aggregators``), plus three labelled variants:
+options (``fedkin list attacks`` / ``aggregators``), plus labelled variants:
 ``sign_flip×5`` (sign flip with scale 5: a unit flip leaves the mean's aggregate
 (1 − 2f/n)·μ, still a descent direction, while s > n/f − 1 = 4 reverses it at 20%);
 ``centered_clipping τ=0.2 L=3`` (the default τ = 1 never binds here — honest updates lie
 0.33–0.53 from the round mean in clean FedAvg — so that row equals the mean; τ = 0.2 is about half
-that distance, with the 3 iterations of Karimireddy et al.'s experiments);
+that distance, with the 3 iterations of Karimireddy et al.'s experiments), and the same with the
+clients' momentum β = 0.9 (``channel.momentum``, as Karimireddy et al. pair it); ``monna`` is
+the clients' momentum (β = 0.9, implied) then nearest-neighbour averaging, ``monna β=0`` the
+averaging alone;
 ``trusted_direction+mean`` (the mean after the trusted-direction step: the orthogonal part of
 each update clipped to its norm inside the top-8 singular directions of 16 updates the server
 computes on 64 trusted examples every 5 rounds). ``nnm+trimmed_mean`` is trimmed mean after
@@ -77,8 +80,15 @@ def _aggregators(f: int) -> dict[str, list[str]]:
             "channel.aggregator.tau=0.2",
             "channel.aggregator.iterations=3",
         ],
+        "centered_clipping τ=0.2 L=3 β=0.9": [
+            "channel.aggregator.name=centered_clipping",
+            "channel.aggregator.tau=0.2",
+            "channel.aggregator.iterations=3",
+            "channel.momentum.beta=0.9",
+        ],
         "mda": ["channel.aggregator.name=mda", fr],
         "monna": ["channel.aggregator.name=monna", fr],
+        "monna β=0": ["channel.aggregator.name=monna", fr, "channel.momentum.beta=0"],
         "edit": ["channel.aggregator.name=edit"],
         "nnm+trimmed_mean": [
             "channel.aggregator.name=trimmed_mean",
