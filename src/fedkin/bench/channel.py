@@ -285,7 +285,7 @@ def robust_heatmap(result: dict[str, Any], path: Path) -> None:
         ax.set_xticks(range(len(attacks)), attacks, rotation=45, ha="right")
         ax.set_yticks(range(len(aggs)), aggs)
         for i in range(len(aggs)):
-            for j in range(len(ATTACKS)):
+            for j in range(len(attacks)):
                 text = "div" if np.isnan(grid[i, j]) else f"{grid[i, j]:.2f}"
                 ax.text(j, i, text, ha="center", va="center", fontsize=7, color="w")
         ax.set_title(f"{fraction:.0%} Byzantine (clean FedAvg {result['clean_fedavg']:.2f})")
