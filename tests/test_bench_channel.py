@@ -48,3 +48,15 @@ def test_bench_robust_filters_name_the_allowed_labels(cli, capsys):
         cli(["bench", "robust", "--rules", "mean,medain"])
     err = capsys.readouterr().err
     assert "unknown ['medain']" in err and "trusted_direction+mean" in err
+
+
+def test_robust_heatmap_draws_a_subset_of_the_attacks(tmp_path):
+    """``--attacks`` with fewer attacks than the bench has: one labelled cell per run."""
+    from fedkin.bench.channel import robust_heatmap
+
+    rows = [
+        {"attack": a, "aggregator": "monna", "fraction": 0.2, "accuracy": acc}
+        for a, acc in (("sign_flip", 0.8), ("alie", float("nan")))
+    ]
+    robust_heatmap({"clean_fedavg": 0.9, "rows": rows}, tmp_path / "h.png")
+    assert (tmp_path / "h.png").stat().st_size > 0
