@@ -58,3 +58,23 @@ def test_backprop_needs_more_than_inference_and_mezo_about_as_much():
     assert sgd > 2.5 * inference
     assert adam > sgd + 1.9 * weights
     assert inference <= mezo <= 1.3 * inference
+
+
+def test_held_bytes_are_the_stored_tensors_bf16_halves_weights_and_state():
+    from fedkin.optim import AdamWConfig
+    from fedkin.optim.memory import held_bytes, storage_bytes
+
+    t = torch.zeros(100)
+    assert storage_bytes({"a": t, "b": t[:10]}) == 400  # one storage, counted once
+    assert storage_bytes(torch.zeros(10, dtype=torch.bfloat16)) == 20
+    _, objective, params, x, y = _mlp()
+    d = sum(v.numel() for v in params.values())
+    held = {
+        p: held_bytes(objective, AdamWConfig(precision=p).build(), params, x, y)
+        for p in ("fp32", "bf16-nearest", "bf16-stochastic")
+    }
+    assert held["fp32"][0] == 4 * d and 8 * d <= held["fp32"][1] <= 8 * d + 64
+    for p in ("bf16-nearest", "bf16-stochastic"):
+        weights, state = held[p]
+        assert weights == 2 * d and 4 * d <= state <= 4 * d + 64
+        assert weights + state <= 0.5 * sum(held["fp32"]) + 64

@@ -48,8 +48,11 @@ def test_nearest_stalls_where_stochastic_rounding_follows_fp32():
 
 
 def test_states_are_bf16_and_step_counts_exact():
-    params = {"w": torch.randn(5, 3), "b": torch.randn(3)}
-    grads = [{k: torch.randn_like(v) for k, v in params.items()} for _ in range(300)]
+    gen = torch.Generator().manual_seed(0)  # seeded: torch's default seed is per process
+    params = {"w": torch.randn(5, 3, generator=gen), "b": torch.randn(3, generator=gen)}
+    grads = [
+        {k: torch.randn(v.shape, generator=gen) for k, v in params.items()} for _ in range(300)
+    ]
     opt = AdamWConfig(lr=1e-3, precision="bf16-stochastic").build()
     new, state = _run(opt, params, grads)
     assert state["inner"]["0"]["0"]["m"]["w"].dtype == torch.bfloat16
@@ -75,3 +78,55 @@ def test_bf16_optimizers_vmap_over_clients():
     for i in range(3):
         one = run({"w": params["w"][i]}, [{"w": g["w"][i]} for g in grads])
         assert_close(batched["w"][i], one["w"], rtol=0, atol=0)
+
+
+def test_chunked_rounding_draws_the_same_bits():
+    x = torch.randn(3, 1000, generator=torch.Generator().manual_seed(2))
+    whole = stochastic_round_bf16(x, 5, 7, chunk=x.numel())
+    assert torch.equal(stochastic_round_bf16(x, 5, 7, chunk=128), whole)
+    assert torch.equal(stochastic_round_bf16(x, 5, 7), whole)
+    assert not torch.equal(stochastic_round_bf16(x, 5, 8), whole)
+
+
+def _spied_fedavg(precision: str, seen: list):
+    from fedkin.algorithms.fedavg import FedAvg, FedAvgConfig
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    opt = AdamWConfig(lr=1e-2, precision=precision).build()
+    alg = FedAvg(FedAvgConfig(), model, opt, local_steps=3)
+
+    def objective(params, x, y):
+        seen.append({t.dtype for t in (*params.values(), x)})
+        return alg.plain_objective(params, x, y)
+
+    def solve(p, xs, ys):
+        return alg.local_solve(p, objective, (xs, ys))[:2]
+
+    return alg, solve
+
+
+def test_local_solve_holds_weights_inputs_and_state_in_bf16_over_the_cohort():
+    gen = torch.Generator().manual_seed(3)
+    xs, ys = torch.randn(4, 2, 5, 6, generator=gen), torch.randint(0, 3, (4, 2, 5), generator=gen)
+    seen: list = []
+    alg, solve = _spied_fedavg("bf16-stochastic", seen)
+    start = {
+        k: torch.stack([v + 0.1 * i for i in range(4)]) for k, v in alg.initial_params().items()
+    }
+    new, state = vmap(solve)(start, xs, ys)
+    assert seen and all(s == {torch.bfloat16} for s in seen)  # forward/backward in bf16
+    m = state["inner"]["0"]["0"]["m"]
+    assert all(t.dtype == torch.bfloat16 for t in m.values())
+    for k, w in new.items():  # returned in the received dtype, bf16 values, moved
+        assert w.dtype == torch.float32
+        assert torch.equal(w.bfloat16().float(), w)
+        assert not torch.equal(w, start[k].bfloat16().float())
+    for i in range(4):
+        one, _ = solve({k: v[i] for k, v in start.items()}, xs[i], ys[i])
+        # bf16 forward/backward: batched and single matmuls round differently, so equal up to
+        # a bf16 ulp of the gradient, which Adam's g/√v can turn into up to 2η (η = 1e-2)
+        assert_close({k: v[i] for k, v in new.items()}, one, rtol=0, atol=2e-2)
+    seen.clear()
+    _, solve32 = _spied_fedavg("fp32", seen)
+    solve32({k: v[0] for k, v in start.items()}, xs[0], ys[0])
+    assert all(s == {torch.float32} for s in seen)

@@ -36,6 +36,7 @@ from fedkin.core.rng import Stream
 from fedkin.core.tasks import CLASSIFICATION, DIFFUSION, RECONSTRUCTION, Task
 from fedkin.core.tree import Tree, tree_map, tree_sub
 from fedkin.optim import Optimizer
+from fedkin.optim.optimizer import working
 from fedkin.optim.transform import apply_updates, differentially_private_aggregate
 from fedkin.optim.zeroth import mutable
 from fedkin.privacy.config import DpSgdConfig
@@ -195,6 +196,8 @@ class Algorithm(ABC):
         (:class:`~fedkin.optim.zeroth.ZerothOrder`; directions keyed by ``ctx``, ``noise_tag``
         and the step); outside ``vmap`` the solve works on its own copy of ``params``, which
         the estimator perturbs in place.
+        An optimizer with a ``dtype`` (bf16, :mod:`fedkin.optim.precision`) gets the weights and
+        inputs in it for every step; the result is returned in the received dtype.
         With DP-SGD on, ``batches`` are Poisson batches ``(xs, ys, masks)`` (see
         :meth:`~fedkin.data.federated.FederatedDataset.sample_poisson_batches`) and each step's
         gradient is the clipped, noised per-example gradient (:meth:`private_grad`); ``ctx``
@@ -202,6 +205,8 @@ class Algorithm(ABC):
         ``client_update`` or ``adapt``) key the noise.
         """
         optimizer = optimizer or self.client_optimizer
+        received = params
+        params, batches = working(optimizer, params), (working(optimizer, batches[0]), *batches[1:])
         if self.dp_sgd is not None and optimizer.perturbation is not None:
             raise RuntimeError("DP-SGD with a sharpness-aware optimizer (sam, asam): unsupported")
         state = optimizer.init(params) if opt_state is None else opt_state
@@ -227,6 +232,8 @@ class Algorithm(ABC):
                 g, data_loss = self.private_grad(objective, params, x, y, mask, ctx, noise_tag, s)
             params, state = optimizer.step(g, state, params)
             loss_sum = loss_sum + data_loss.detach()
+        if optimizer.dtype is not None:
+            params = tree_map(lambda new, old: new.to(old.dtype), params, received)
         return params, state, loss_sum / max(steps, 1)
 
     @staticmethod

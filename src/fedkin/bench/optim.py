@@ -5,9 +5,12 @@ each optimizer (and FedKSeed's zeroth-order clients) the learning rate is chosen
 grid ``GRIDS`` (+ ``DIGITS_UP`` on the MLP) on the validation split
 (``data.validation_fraction``), then the test accuracy of the global model after the same
 number of rounds is reported with the optimizer's state bytes per parameter (measured from its
-stored state) and the uplink bytes per client and round (4·d for an fp32 delta; 8 per local
-step for FedKSeed's (index, scalar) pairs). Rows ``…@1e-4`` use one fixed small learning rate
-instead of a grid (the regime where bf16 round-to-nearest loses Adam's steps).
+stored state), the storage bytes per parameter of the weights a client holds during its
+local solve (``weight_bytes_per_param``: 4 in fp32, 2 for the bf16 optimizers, which hold them
+as bf16 tensors; measured after one local step) and the uplink bytes per client and round (4·d
+for an fp32 delta; 8 per local step for FedKSeed's (index, scalar) pairs). Rows ``…@1e-4`` use
+one fixed small learning rate instead of a grid (the regime where bf16 round-to-nearest loses
+Adam's steps).
 ``peak_mem_mb`` is one client's measured peak for one local step on one batch (weights,
 optimizer state and batch held, plus the peak of live tensor allocations while the step runs;
 :mod:`fedkin.optim.memory`), and ``inference_peak_mem_mb`` the same model's forward pass on the
@@ -137,15 +140,16 @@ def run_one(
     params = exp.population["global"]
     d = sum(t.numel() for t in tree_leaves(params))
     alg = exp.groups[0].algorithm
-    step_mb, inference_mb = memory_mb(exp)
+    step_mb, inference_mb, weight_bytes = memory_mb(exp)
     if name == "fedkseed":
-        state, uplink, step_mb = 0.0, 8 * cfg.client.local_steps, None
+        state, uplink, step_mb, weight_bytes = 0.0, 8 * cfg.client.local_steps, None, None
     else:
         state, uplink = state_bytes_per_param(alg.client_optimizer, params), 4 * d
     return {
         "val": record.get("val_global_acc_mean"),
         "accuracy": record.get("global_acc_mean"),
         "state_bytes_per_param": state,
+        "weight_bytes_per_param": None if weight_bytes is None else weight_bytes / d,
         "peak_mem_mb": step_mb,
         "inference_peak_mem_mb": inference_mb,
         "uplink_bytes_per_round": uplink,
@@ -153,12 +157,13 @@ def run_one(
     }
 
 
-def memory_mb(exp) -> tuple[float, float]:
+def memory_mb(exp) -> tuple[float, float, int]:
     """(one local step's peak, the forward pass's peak) in MB for one client batch of ``exp``'s
-    global model and client optimizer (:mod:`fedkin.optim.memory`)."""
+    global model and client optimizer, and the storage bytes of the client's weights after
+    that step (bf16 optimizers hold them in bf16; :mod:`fedkin.optim.memory`)."""
     import torch
 
-    from fedkin.optim.memory import MB, inference_bytes, step_bytes
+    from fedkin.optim.memory import MB, held_bytes, inference_bytes, step_bytes
 
     alg = exp.groups[0].algorithm
     size = exp.config.client.batch_size
@@ -168,7 +173,9 @@ def memory_mb(exp) -> tuple[float, float]:
     x, y = xs[0, 0], ys[0, 0]
     params = exp.population["global"]
     step = step_bytes(alg.plain_objective, alg.client_optimizer, params, x, y)
-    return round(step / MB, 4), round(inference_bytes(alg.logits, params, x) / MB, 4)
+    weights, _ = held_bytes(alg.plain_objective, alg.client_optimizer, params, x, y)
+    inference = inference_bytes(alg.logits, params, x)
+    return round(step / MB, 4), round(inference / MB, 4), weights
 
 
 def run_diloco(rounds: int, seed: int, every: int) -> dict[str, Any]:
@@ -210,6 +217,7 @@ def run(
                     "val_accuracy": best["val"],
                     "accuracy": best["accuracy"],
                     "state_bytes_per_param": round(best["state_bytes_per_param"], 3),
+                    "weight_bytes_per_param": best["weight_bytes_per_param"],
                     "peak_mem_mb": best["peak_mem_mb"],
                     "uplink_bytes_per_round": best["uplink_bytes_per_round"],
                     "params": best["params"],
@@ -278,13 +286,16 @@ def cmd_optim(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=1))
         return 0
     print(
-        f"{'workload':11} {'optimizer':27} {'lr':>7} {'val':>6} {'test':>6} {'state B/p':>9} "
-        f"{'peak MB':>8} {'uplink B':>9}"
+        f"{'workload':11} {'optimizer':27} {'lr':>7} {'val':>6} {'test':>6} {'weights B/p':>11} "
+        f"{'state B/p':>9} {'peak MB':>8} {'uplink B':>9}"
     )
     for r in result["rows"]:
+        weights = r.get("weight_bytes_per_param")
         print(
             f"{r['workload']:11} {r['optimizer']:27} {r['lr']:>7} {r['val_accuracy']:6.3f} "
-            f"{r['accuracy']:6.3f} {r['state_bytes_per_param']:9.2f} "
+            f"{r['accuracy']:6.3f} "
+            f"{weights if weights is not None else '-':>11} "
+            f"{r['state_bytes_per_param']:9.2f} "
             f"{r['peak_mem_mb'] if r['peak_mem_mb'] is not None else '-':>8} "
             f"{r['uplink_bytes_per_round']:9d}"
         )

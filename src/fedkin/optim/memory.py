@@ -18,6 +18,10 @@ weights θ, its optimizer state, the batch) plus the peak of what the computatio
     inference = |θ| + |x| + peak(forward, no autograd),
     step      = |θ| + |state| + |x, y| + peak(one step: gradient or SPSA estimate, update).
 
+The weights, state and batch input are held in the dtypes the local solver holds them in (an
+optimizer with a ``dtype``, e.g. bf16: :func:`~fedkin.optim.optimizer.working`);
+:func:`held_bytes` measures the storage behind the weights and state after one step.
+
 A step works on weights the client owns (as a deployed client, or the sequential engine's
 local solve, which copies the received model once): MeZO's step perturbs and updates them in
 place; a first-order step keeps the gradient, the activations saved for backward and, being
@@ -34,7 +38,7 @@ from torch._C._autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from fedkin.core.tree import Tree, tree_leaves, tree_map
-from fedkin.optim.optimizer import Optimizer
+from fedkin.optim.optimizer import Optimizer, working
 
 Objective = Callable[[Tree, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 MB = 1e6
@@ -76,6 +80,37 @@ def inference_bytes(forward: Callable[[Tree, torch.Tensor], Any], params: Tree, 
     return tree_bytes(params) + tree_bytes(x) + peak_bytes(run)
 
 
+def storage_bytes(tree: Any) -> int:
+    """Bytes of the storages behind a tree's tensors (``untyped_storage().nbytes()``, each
+    storage once): what holding them costs, whatever their dtype or views."""
+    storages = {}
+    for t in tree_leaves(tree) if not isinstance(tree, torch.Tensor) else [tree]:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def _client(optimizer: Optimizer, params: Tree, x: torch.Tensor) -> tuple[Tree, Tree, Any]:
+    """What a client holds before a local step: its own copy of θ, the optimizer state and the
+    batch input, in the local solver's working dtype."""
+    params = tree_map(lambda t: t.clone(memory_format=torch.contiguous_format), params)
+    params = working(optimizer, params)
+    return params, optimizer.init(params), working(optimizer, x)
+
+
+def _step(objective: Objective, optimizer: Optimizer, params: Tree, state: Tree, x, y):
+    """One local step as a function of nothing (its SPSA key made beforehand)."""
+    from fedkin.algorithms.base import Algorithm  # the local solver's step (algorithms → optim)
+
+    key = None if optimizer.estimator is None else optimizer.estimator.key(0)
+
+    def run() -> tuple[Tree, Tree]:
+        g, _ = Algorithm.local_gradient(objective, params, optimizer, x, y, key)
+        return optimizer.step(g, state, params)
+
+    return run
+
+
 def step_bytes(
     objective: Objective, optimizer: Optimizer, params: Tree, x: torch.Tensor, y: torch.Tensor
 ) -> int:
@@ -83,14 +118,20 @@ def step_bytes(
     θ — exactly what :meth:`~fedkin.algorithms.base.Algorithm.local_solve` does per step
     (``local_gradient``: backprop, SAM's two gradients or the SPSA estimate; then
     ``optimizer.step``) — on a private copy of θ that the step may update in place."""
-    from fedkin.algorithms.base import Algorithm  # the local solver's step (algorithms → optim)
+    params, state, x = _client(optimizer, params, x)
+    return (
+        tree_bytes(params)
+        + tree_bytes(state)
+        + tree_bytes((x, y))
+        + peak_bytes(_step(objective, optimizer, params, state, x, y))
+    )
 
-    params = tree_map(lambda t: t.clone(memory_format=torch.contiguous_format), params)
-    state = optimizer.init(params)
-    key = None if optimizer.estimator is None else optimizer.estimator.key(0)
 
-    def run() -> None:
-        g, _ = Algorithm.local_gradient(objective, params, optimizer, x, y, key)
-        optimizer.step(g, state, params)
-
-    return tree_bytes(params) + tree_bytes(state) + tree_bytes((x, y)) + peak_bytes(run)
+def held_bytes(
+    objective: Objective, optimizer: Optimizer, params: Tree, x: torch.Tensor, y: torch.Tensor
+) -> tuple[int, int]:
+    """(weights, optimizer state): the storage bytes (:func:`storage_bytes`) of what a client
+    holds after one local step of ``optimizer`` from θ, as the local solver holds them."""
+    params, state, x = _client(optimizer, params, x)
+    params, state = _step(objective, optimizer, params, state, x, y)()
+    return storage_bytes(params), storage_bytes(state)

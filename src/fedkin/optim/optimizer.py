@@ -36,6 +36,21 @@ class Optimizer(NamedTuple):
     #: (:class:`~fedkin.optim.zeroth.ZerothOrder`): the local solver then passes ``step`` its
     #: estimate from forward passes instead of a gradient
     estimator: Any = None
+    #: None: the local solver steps the weights in the dtype it received them in; a floating
+    #: dtype (bf16 optimizers, :mod:`fedkin.optim.precision`): the local solver holds the
+    #: weights in it across its steps and feeds the model inputs in it (:func:`working`)
+    dtype: torch.dtype | None = None
+
+
+def working(optimizer: Optimizer, tree: Any) -> Any:
+    """The floating tensors of ``tree`` (or a tensor) in ``optimizer.dtype``: what the local
+    solver holds its weights and inputs in (unchanged, without a copy, if ``dtype`` is None)."""
+    dtype = optimizer.dtype
+    if dtype is None:
+        return tree
+    if isinstance(tree, torch.Tensor):
+        return tree.to(dtype) if tree.is_floating_point() else tree
+    return tree_map(lambda t: working(optimizer, t), tree)
 
 
 def from_transform(transform: GradientTransformation, lr: float | None = None) -> Optimizer:
