@@ -26,6 +26,12 @@ def test_bench_optim_rows_measure_the_configured_run():
     assert mezo["peak_mem_mb"] <= 1.3 * inference and zo["peak_mem_mb"] is None
     assert set(GRIDS) >= {"muon", "mada", "fedkseed", "adamw-bf16-stochastic", "sparse-mezo"}
     json.dumps(sgd)
+    # bf16: the weights a client holds are bf16 storage, and with the state half of fp32's
+    sr = run_one("adamw-bf16-stochastic", 1e-3, rounds=1, seed=0)
+    assert sgd["weight_bytes_per_param"] == adam["weight_bytes_per_param"] == 4.0
+    assert sr["weight_bytes_per_param"] == 2.0 and zo["weight_bytes_per_param"] is None
+    bf16, fp32 = (r["weight_bytes_per_param"] + r["state_bytes_per_param"] for r in (sr, adam))
+    assert bf16 <= 0.5 * fp32 + 1e-2  # up to the 0-d step counts
 
 
 @pytest.mark.slow

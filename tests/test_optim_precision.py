@@ -91,7 +91,9 @@ def test_chunked_rounding_draws_the_same_bits():
 def _spied_fedavg(precision: str, seen: list):
     from fedkin.algorithms.fedavg import FedAvg, FedAvgConfig
 
-    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    with torch.random.fork_rng():  # a fixed init: torch's default seed differs per process
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     opt = AdamWConfig(lr=1e-2, precision=precision).build()
     alg = FedAvg(FedAvgConfig(), model, opt, local_steps=3)
 
@@ -124,8 +126,8 @@ def test_local_solve_holds_weights_inputs_and_state_in_bf16_over_the_cohort():
     for i in range(4):
         one, _ = solve({k: v[i] for k, v in start.items()}, xs[i], ys[i])
         # bf16 forward/backward: batched and single matmuls round differently, so equal up to
-        # a bf16 ulp of the gradient, which Adam's g/√v can turn into up to 2η (η = 1e-2)
-        assert_close({k: v[i] for k, v in new.items()}, one, rtol=0, atol=2e-2)
+        # a bf16 ulp of a gradient, which Adam's g/√v can turn into ~2η per step (3 steps)
+        assert_close({k: v[i] for k, v in new.items()}, one, rtol=0, atol=3 * 2 * 1e-2)
     seen.clear()
     _, solve32 = _spied_fedavg("fp32", seen)
     solve32({k: v[0] for k, v in start.items()}, xs[0], ys[0])

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fedkin.optim import AdamWConfig
+from fedkin.optim.optimizer import working
 from fedkin.optim.precision import stochastic_round_bf16
 
 torchao_optim = pytest.importorskip("torchao.optim")
@@ -42,12 +43,15 @@ def test_stochastic_rounding_has_torchaos_law():
 
 
 def _fedkin(precision: str, w0: torch.Tensor, grads: list[torch.Tensor], lr: float):
+    """Held as the local solver holds them: bf16 tensors for the bf16 optimizers (as torchao's
+    bf16 parameters), fp32 for fp32."""
     opt = AdamWConfig(lr=lr, weight_decay=0.0, precision=precision).build()
-    params = {"w": w0.clone()}
+    params = working(opt, {"w": w0.clone()})
     state = opt.init(params)
     for g in grads:
         params, state = opt.step({"w": g}, state, params)
-    return params["w"]
+    assert params["w"].dtype == (opt.dtype or torch.float32)
+    return params["w"].float()
 
 
 def _torchao(stochastic: bool, w0: torch.Tensor, grads: list[torch.Tensor], lr: float):
