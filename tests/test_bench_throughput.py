@@ -30,6 +30,7 @@ def test_throughput_bench_reports_both_implementations(capsys):
     assert r["speedup_vs_sequential"] == r["fedkin_updates_per_s"] / r["sequential_updates_per_s"]
     # the FLOP limit: the counted update, a positive sgemm rate, and the share they imply
     assert r["workload"] == "mlp" and r["data"] == "digits"
+    assert r["fedkin_path"] == "fast:mlp"  # the hand-batched solve, not vmap
     assert r["flops_per_update"] == mlp_update_flops()
     assert r["sgemm_gflops"] > 0
     assert r["fraction_of_limit"] == pytest.approx(
@@ -70,8 +71,20 @@ def test_cnn_workload_runs_all_three_implementations_on_the_same_rounds(capsys):
     (r,) = out["results"]
     assert r["workload"] == "cnn" and r["data"].startswith(("fashion-mnist", "synthetic"))
     assert r["final_max_abs_diff"] < 1e-5
+    assert r["fedkin_path"] == "fast:cnn"  # grouped convolutions, not vmap
     # the CNN's update costs far more than the MLP's (conv layers on 28×28 images)
     assert r["flops_per_update"] > 1000 * mlp_update_flops()
+
+
+def test_profile_names_the_path_each_engine_ran():
+    from fedkin.bench.throughput import profile_paths
+
+    torch.set_num_threads(1)
+    profiles = profile_paths(2, "mlp", rows=3)
+    assert [p["path"] for p in profiles.values()] == ["fast:mlp", "vmap", "sequential"]
+    for p in profiles.values():
+        assert len(p["top"]) == 3 and p["self_cpu_ms"] > 0
+        assert sum(e["share"] for e in p["top"]) <= 1 + 1e-9
 
 
 def test_throughput_bench_rejects_bad_sizes(capsys):

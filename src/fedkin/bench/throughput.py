@@ -14,7 +14,8 @@ Four implementations consume the same pre-drawn batches in the same process:
 * fedkin: the FedAvg local solver through the vectorized engine, the channel (non-finite
   filter + weighted mean) and the population update — the code path of ``fedkin run``.
 * fedkin vmap: the same with ``engine.fast_path=false`` (``vmap`` even where the hand-batched
-  FedAvg/MLP/SGD local solve applies; ``fast_path_speedup`` = vmap round ÷ fedkin round).
+  FedAvg/SGD local solve of the MLP or CNN applies; ``fast_path_speedup`` = vmap round ÷ fedkin
+  round; ``fedkin_path`` says which path fedkin's engine ran, e.g. ``fast:cnn``).
 * fedkin sequential: the same through the sequential engine (one client at a time).
 * reference: the loop people write by hand — for each client deep-copy the global model,
   ``torch.optim.SGD``, 5 steps, then a weighted average of the client models.
@@ -61,6 +62,7 @@ WORKLOADS = ("mlp", "cnn")
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 #: side of the square matrices of the sgemm measurement (2·n³ ≈ 2.1 GFLOP per product)
 SGEMM_N = 1024
+LOOP_CAP = 1000
 
 
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,7 +206,7 @@ def measure(
             engine = EngineConfig(fast_path=False).build()
         else:
             engine = EngineConfig(name=engine_name).build()
-        state = {"population": algorithm.init_population(dict(initial))}
+        state = {"population": algorithm.init_population(dict(initial)), "engine": engine}
         ctx = {"client_id": torch.arange(n), "round": torch.zeros(n, dtype=torch.long)}
 
         def run(batches) -> None:
@@ -290,15 +292,77 @@ def measure(
         "speedup_vs_sequential": fedkin_ups / seq_ups,
         "vmap_updates_per_s": clients / statistics.median(times["vmap"]),
         "fast_path_speedup": statistics.median(times["vmap"]) / fedkin_s,
+        "fedkin_path": vec_state["engine"].last_path,
         "fedkin_us_per_update": 1e6 * fedkin_s / clients,
         "flops_per_update": flops,
         "sgemm_gflops": gflops,
         "fraction_of_limit": fedkin_ups * flops / (gflops * 1e9),
+        "sequential_fraction_of_limit": seq_ups * flops / (gflops * 1e9),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
         "final_max_abs_diff": diff,
         **compiled,
     }
+
+
+def profile_paths(clients: int, workload: str, seed: int = 0, rows: int = 8) -> dict:
+    """``torch.profiler`` over one cohort's local solve (after a warm-up call) through each
+    engine path — fedkin's default (the hand-batched solve where it applies), ``vmap`` and the
+    sequential engine: total self CPU time and the ``rows`` operators with the most."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fedkin.algorithms.fedavg import FedAvg, FedAvgConfig
+    from fedkin.engine import SequentialEngine, VectorizedEngine
+    from fedkin.optim import sgd
+
+    algorithm = FedAvg(FedAvgConfig(), build_workload_model(workload, seed), sgd(LR), STEPS)
+    population = algorithm.init_population(algorithm.initial_params())
+    ctx = {"client_id": torch.arange(clients), "round": torch.zeros(clients, dtype=torch.long)}
+    args = (population, {}, _batches(clients, seed, 0, workload), ctx)
+    engines = {
+        "fedkin": VectorizedEngine(),
+        "vmap": VectorizedEngine(fast_path=False),
+        "sequential": SequentialEngine(),
+    }
+    out = {}
+    for name, engine in engines.items():
+        engine.map(algorithm.client_update, args, (None, None, 1, 0))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            engine.map(algorithm.client_update, args, (None, None, 1, 0))
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events)
+        out[name] = {
+            "path": getattr(engine, "last_path", "sequential"),
+            "self_cpu_ms": total / 1e3,
+            "top": [
+                {
+                    "op": e.key,
+                    "calls": e.count,
+                    "self_cpu_ms": e.self_cpu_time_total / 1e3,
+                    "share": e.self_cpu_time_total / total,
+                }
+                for e in events[:rows]
+            ],
+        }
+    return out
+
+
+def print_profile(profiles: dict, clients: int, command: str, console: Console) -> None:
+    for name, p in profiles.items():
+        table = Table(
+            title=f"{name} ({p['path']}), {clients} clients: {p['self_cpu_ms']:,.0f} ms self CPU"
+        )
+        for col in ("operator", "calls", "self ms", "share"):
+            table.add_column(col, justify="left" if col == "operator" else "right")
+        for e in p["top"]:
+            table.add_row(
+                e["op"],
+                str(e["calls"]),
+                f"{e['self_cpu_ms']:,.0f}",
+                f"{100 * e['share']:.0f}%",
+            )
+        print_table(table, console)
+    console.print(f"reproduce with: {command}", soft_wrap=True, markup=False)
 
 
 def run_isolated(
@@ -339,8 +403,8 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--loop-cap",
         type=int,
-        default=1000,
-        help="max clients timed for the sequential engine and the loop",
+        default=LOOP_CAP,
+        help=f"max clients timed for the sequential engine and the loop (default {LOOP_CAP})",
     )
     p.add_argument(
         "--threads", type=int, default=0, help="torch threads for all (0: torch's default)"
@@ -349,6 +413,12 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
         "--compile",
         action="store_true",
         help="also time the compiled engine (engine.compile=true; its warm-up compiles)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of timing: torch.profiler over one local solve of the first cohort size "
+        "through fedkin's path, vmap and the sequential engine (top operators by self CPU)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_throughput)
@@ -375,6 +445,19 @@ def cmd_throughput(args: argparse.Namespace) -> int:
         raise UserError(f"--clients {clients!r}: give integers, e.g. 100,1000") from None
     if any(s < 1 for s in sizes) or args.rounds < 1 or args.loop_cap < 1 or args.threads < 0:
         raise UserError("--clients, --rounds and --loop-cap must be positive, --threads >= 0")
+    if args.profile:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        command = (
+            f"fedkin bench throughput --workload {args.workload} --clients {sizes[0]} --profile"
+            + (f" --threads {args.threads}" if args.threads else "")
+        )
+        profiles = profile_paths(sizes[0], args.workload)
+        if args.json:
+            print(json.dumps({"command": command, "profiles": profiles}, indent=2))
+        else:
+            print_profile(profiles, sizes[0], command, Console())
+        return 0
     results = [
         run_isolated(n, args.rounds, args.loop_cap, args.threads, args.workload, args.compile)
         for n in sizes
@@ -383,6 +466,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
         "fedkin bench throughput"
         + (f" --workload {args.workload}" if args.workload != "mlp" else "")
         + f" --clients {clients} --rounds {args.rounds}"
+        + (f" --loop-cap {args.loop_cap}" if args.loop_cap != LOOP_CAP else "")
         + (f" --threads {args.threads}" if args.threads else "")
         + (" --compile" if args.compile else "")
     )
@@ -453,7 +537,8 @@ def cmd_throughput(args: argparse.Namespace) -> int:
         soft_wrap=True,
     )
     console.print(
-        f"data={results[0]['data']}; threads={results[0]['threads']}; reproduce with: {command}",
+        f"data={results[0]['data']}; threads={results[0]['threads']}; "
+        f"fedkin ran: {results[0]['fedkin_path']}; reproduce with: {command}",
         soft_wrap=True,
         markup=False,
     )

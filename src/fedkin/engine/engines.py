@@ -75,8 +75,12 @@ class VectorizedEngine:
         self.device = None if device is None else torch.device(device)
         self.fast_path = fast_path
         self._fast: dict[_Key, Any] = {}
+        #: which path the last ``map`` ran: ``fast:<model>`` (the hand-batched solve) or
+        #: ``vmap``, prefixed ``compiled `` when compiled
+        self.last_path = ""
         self.largest = plan.largest_cohort if plan is not None else 0  # 0: first cohort seen
         self._compiled: dict[_Key, Any] = {}
+        self._compiled_path: dict[_Key, str] = {}
         self._eager_calls: dict[_Key, int] = {}
         self._auto: dict[_Key, bool] = {}
         self._eager_s: dict[_Key, float] = {}  # auto: the timed eager call
@@ -101,6 +105,8 @@ class VectorizedEngine:
         fast = self._fast_fn(key)  # compile the hand-batched solve where it applies
         mapped = fast if fast is not None else vmap(key[0], in_dims=key[1], randomness="error")
         self._compiled[key] = torch.compile(mapped, backend=self.compiler)
+        path = "vmap" if fast is None else f"fast:{fast.model}"
+        self._compiled_path[key] = f"compiled {path}"
         return self._compiled[key]
 
     def _fast_fn(self, key: _Key) -> Any:
@@ -168,7 +174,10 @@ class VectorizedEngine:
         fast = self._fast_fn(key)
         if fast is not None:
             with contextlib.suppress(NotCoveredError):
-                return fast(*args)
+                out = fast(*args)
+                self.last_path = f"fast:{fast.model}"
+                return out
+        self.last_path = "vmap"
         return vmap(key[0], in_dims=key[1], randomness="error")(*args)
 
     def _chunks(self, key: _Key, args: Sequence[Any], size: int, compiled: Any) -> Any:
@@ -191,7 +200,9 @@ class VectorizedEngine:
             except NotCoveredError:  # the fast path's inputs check: compile vmap instead
                 mapped = vmap(key[0], in_dims=in_dims, randomness="error")
                 compiled = self._compiled[key] = torch.compile(mapped, backend=self.compiler)
+                self._compiled_path[key] = "compiled vmap"
                 parts.append(unpad(compiled(*padded), n))
+            self.last_path = self._compiled_path[key]
         return parts[0] if len(parts) == 1 else _combine(parts, torch.cat)
 
 
@@ -253,9 +264,9 @@ class EngineConfig(BaseModel):
 
     fast_path: bool = Field(
         True,
-        description="vectorized engine, eager: run FedAvg on the zoo MLP with plain SGD through "
-        "a hand-batched local solve instead of vmap (fedkin.engine.fastpath; same numbers up "
-        "to float reassociation; other workloads always use vmap)",
+        description="vectorized engine: run FedAvg on the zoo MLP or CNN with plain SGD "
+        "through a hand-batched local solve instead of vmap (fedkin.engine.fastpath; same "
+        "numbers up to float reassociation; other workloads always use vmap)",
     )
     device: str = Field(
         "cpu",

@@ -1,37 +1,50 @@
-"""A hand-batched local solve for the commonest workload: FedAvg on an MLP with plain SGD.
+"""A hand-batched local solve for the commonest workloads: FedAvg on the zoo MLP or CNN
+with plain SGD.
 
 Under ``vmap(grad(...))`` every local step pays functorch's per-operator batching and the
-autograd engine's bookkeeping on top of the matmuls. For FedAvg's local solve on the zoo MLP
-(flatten → [Linear → ReLU]* → Linear) with the classification task (mean cross-entropy) and
-plain SGD, the gradients are short enough to write out for the whole cohort at once, with the
-client as the batch dimension of ``bmm``. For client ``i``, step ``s``, batch ``x`` of ``B``
-rows, layers ``l = 1..L`` (``h_0 = x``):
+autograd engine's bookkeeping on top of the arithmetic, and for a convolution with per-client
+weights functorch's batching rule of the backward does about half as much arithmetic again
+as the per-client backward (benchmarks/results/throughput.md). For FedAvg's local solve with
+the classification task (mean cross-entropy) and plain SGD, the gradients are short enough to
+write out for the whole cohort at once (:mod:`fedkin.engine.batched_layers`: the client is the
+batch dimension of ``bmm`` for linear layers and the group of a grouped convolution for
+convolutions). For client ``i``, step ``s``, batch ``x`` of ``B`` rows and the model's layers
+``f_l(·; θ_l)``, ``l = 1..L`` (``h_0 = x``):
 
-    a_l = h_{l−1} W_lᵀ + b_l,   h_l = relu(a_l) (l < L),   z = a_L
+    h_l = f_l(h_{l−1}; θ_l),   z = h_L
     ℓ = (1/B) Σ_b [logsumexp(z_b) − z_{b, y_b}],   δ_L = (softmax(z) − onehot(y)) / B
-    ∇W_l = δ_lᵀ h_{l−1},   ∇b_l = Σ_b δ_l,   δ_{l−1} = (δ_l W_l) ⊙ 1[a_{l−1} > 0]
-    W_l ← W_l − η ∇W_l,   b_l ← b_l − η ∇b_l
+    ∇θ_l = (∂h_l/∂θ_l)ᵀ δ_l,   δ_{l−1} = (∂h_l/∂h_{l−1})ᵀ δ_l   (not below the first θ)
+    θ_l ← θ_l − η ∇θ_l
 
-and the message is ``Δ_i = θ_i − w``, the metric the mean of ``ℓ`` over steps — the outputs
-of :meth:`FedAvg.client_update <fedkin.algorithms.fedavg.FedAvg.client_update>`, equal to the
+— for a linear layer ``∇W_l = δ_lᵀ h_{l−1}``, ``∇b_l = Σ_b δ_l``, ``δ_{l−1} = δ_l W_l``; for
+ReLU ``δ_{l−1} = δ_l ⊙ 1[h_l > 0]`` — and the message is ``Δ_i = θ_i − w``, the metric the
+mean of ``ℓ`` over steps: the outputs of
+:meth:`FedAvg.client_update <fedkin.algorithms.fedavg.FedAvg.client_update>`, equal to the
 vmap path's up to float reassociation (tested).
 
-It applies only when all of these hold, and the engine falls back to ``vmap`` otherwise: the
-algorithm is exactly FedAvg, without DP-SGD, on the classification task; the model is the zoo
-``MLP`` (and the population model the same module); the client optimizer is plain SGD —
-checked by its behaviour: ``init`` gives an empty state (no momentum, no step count for a
-schedule) and one step on a probe is exactly ``θ − η g`` (no weight decay, no clipping), and
-it is neither sharpness-aware nor zeroth-order.
+It applies only when all of these hold, and the engine falls back to ``vmap`` otherwise (its
+``last_path`` says which ran): the algorithm is exactly FedAvg, without DP-SGD, on the
+classification task; the model is the zoo ``MLP`` or ``CNN`` built from layers
+:func:`~fedkin.engine.batched_layers.batched_layer` covers (and the population model the same
+module); the client optimizer is plain SGD — checked by its behaviour: ``init`` gives an empty
+state (no momentum, no step count for a schedule) and one step on a probe is exactly
+``θ − η g`` (no weight decay, no clipping), and it is neither sharpness-aware nor zeroth-order.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from fedkin.core.tree import tree_leaves
+from fedkin.engine.batched_layers import ClientFlatten, ClientImages, Layer, batched_layer
+
+#: CNN activations in channels-last memory (NHWC): the grouped convolutions run much faster
+#: so on this CPU (see benchmarks/results/throughput.md, CNN fast path)
+CHANNELS_LAST = True
 
 
 def _plain_sgd(optimizer: Any) -> bool:
@@ -49,22 +62,86 @@ def _plain_sgd(optimizer: Any) -> bool:
     return torch.equal(new["w"], params["w"] - lr * grads["w"])
 
 
-def _linear_layers(model: torch.nn.Module) -> list[str] | None:
-    """Parameter-name prefixes of the zoo MLP's Linear layers, or None for another model."""
-    from fedkin.models.zoo import MLP
+def _layers(model: torch.nn.Module) -> list[Layer] | None:
+    """The batched layers of the zoo MLP or CNN (:mod:`fedkin.engine.batched_layers`), or None
+    for another model or a layer they do not cover."""
+    from fedkin.models.zoo import CNN, MLP
 
-    if type(model) is not MLP:
+    if type(model) is MLP:
+        layers: list[Layer] = [ClientFlatten()]
+        blocks = [("net", model.net)]
+    elif type(model) is CNN:
+        layers = [ClientImages(tuple(model.image_shape), CHANNELS_LAST)]
+        blocks = [("features", model.features), ("head", model.head)]
+    else:
         return None
-    names = []
-    for i, layer in enumerate(model.net):
-        if isinstance(layer, torch.nn.Linear):
-            names.append(f"net.{i}")
-        elif not isinstance(layer, torch.nn.ReLU):
-            return None
-    return names
+    for name, block in blocks:
+        for i, module in enumerate(block):
+            layer = batched_layer(module, f"{name}.{i}")
+            if layer is None:
+                return None
+            layers.append(layer)
+    covered = {k for layer in layers for k in layer.names}
+    return layers if covered == {k for k, _ in model.named_parameters()} else None
 
 
-def fast_client_update(fn: Callable[..., Any], in_dims: tuple[int | None, ...]) -> Any:
+def sgd_step(
+    layers: tuple[Layer, ...],
+    params: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lr: float,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One plain-SGD step of every client on its mean cross-entropy: the new parameters
+    (client dimension leading) and each client's loss ``[n]`` before the step."""
+    n = x.shape[0]
+    h, saved = x, []
+    for layer in layers:
+        h, kept = layer.forward(h, tuple(params[k] for k in layer.names), n)
+        saved.append(kept)
+    log_p = torch.log_softmax(h, -1)  # [n, B, K]
+    loss = -log_p.gather(2, y.unsqueeze(2)).squeeze(2).mean(1)
+    delta = log_p.exp()  # B·δ_L: the 1/B goes into the step size
+    minus_one = torch.full(y.unsqueeze(2).shape, -1.0, dtype=delta.dtype, device=delta.device)
+    delta.scatter_add_(2, y.unsqueeze(2), minus_one)
+    first = next(i for i, layer in enumerate(layers) if layer.names)  # no δ below it
+    new = dict(params)
+    for i in range(len(layers) - 1, first - 1, -1):
+        layer = layers[i]
+        p = tuple(params[k] for k in layer.names)
+        delta, updated = layer.backward(delta, saved[i], p, lr / y.shape[1], i > first)
+        new.update(zip(layer.names, updated, strict=True))
+    return new, loss
+
+
+@dataclass(frozen=True)
+class FastSolve:
+    """FedAvg's ``client_update`` for a whole cohort through :func:`sgd_step`; ``model`` names
+    the covered model (``mlp`` or ``cnn``)."""
+
+    model: str
+    layers: tuple[Layer, ...]
+    lr: float
+    steps: int
+    in_dims: tuple[int | None, ...]
+
+    def __call__(self, population: dict, client: Any, batches: tuple, ctx: Any) -> tuple:
+        if len(batches) != 2 or (self.in_dims[1] is None and tree_leaves(client)):
+            raise NotCoveredError
+        xs, ys = batches
+        n = xs.shape[1]
+        w = population["global"]
+        params = {k: v.expand(n, *v.shape) for k, v in w.items()}
+        loss_sum = torch.zeros(n, device=xs.device)
+        for s in range(self.steps):
+            b = s % xs.shape[0]
+            params, loss = sgd_step(self.layers, params, xs[b], ys[b], self.lr)
+            loss_sum = loss_sum + loss
+        delta = {k: params[k] - v for k, v in w.items()}
+        return {"delta": delta}, client, {"train_loss": loss_sum / max(self.steps, 1)}
+
+
+def fast_client_update(fn: Callable[..., Any], in_dims: tuple[int | None, ...]) -> FastSolve | None:
     """The hand-batched equivalent of mapping ``fn`` over a cohort with ``in_dims``, or None
     when ``fn`` is not a FedAvg ``client_update`` this module covers."""
     from fedkin.algorithms.fedavg import FedAvg
@@ -82,50 +159,12 @@ def fast_client_update(fn: Callable[..., Any], in_dims: tuple[int | None, ...]) 
         or not _plain_sgd(algorithm.client_optimizer)
     ):
         return None
-    layers = _linear_layers(algorithm.model)
+    layers = _layers(algorithm.model)
     if layers is None:
         return None
-    lr, steps = float(algorithm.client_optimizer.lr), algorithm.local_steps
-
-    def run(population: dict, client: Any, batches: tuple, ctx: Any) -> tuple:
-        if len(batches) != 2 or (in_dims[1] is None and tree_leaves(client)):
-            raise NotCoveredError
-        xs, ys = batches
-        n = xs.shape[1]
-        w = population["global"]
-        weights = [w[f"{p}.weight"].expand(n, -1, -1) for p in layers]
-        biases = [w[f"{p}.bias"].expand(n, -1) for p in layers]
-        loss_sum = torch.zeros(n)
-        for s in range(steps):
-            b = s % xs.shape[0]
-            x, y = xs[b].flatten(2), ys[b]
-            hs, pre = [x], []
-            for i, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
-                a = torch.baddbmm(bias.unsqueeze(1), hs[-1], weight.transpose(1, 2))
-                pre.append(a)
-                if i < len(layers) - 1:
-                    hs.append(a.relu())
-            log_p = torch.log_softmax(pre[-1], -1)
-            loss_sum = loss_sum - log_p.gather(2, y.unsqueeze(2)).squeeze(2).mean(1)
-            delta = log_p.exp()  # B·δ_L: the 1/B goes into the step size
-            delta.scatter_add_(2, y.unsqueeze(2), torch.full(y.unsqueeze(2).shape, -1.0))
-            step = -lr / x.shape[1]
-            new_w, new_b = [], []
-            for i in range(len(layers) - 1, -1, -1):
-                # W − η/B · (Bδ)ᵀh in one fused baddbmm; b − η/B · Σ_b Bδ
-                new_w.append(torch.baddbmm(weights[i], delta.transpose(1, 2), hs[i], alpha=step))
-                new_b.append(torch.add(biases[i], delta.sum(1), alpha=step))
-                if i > 0:  # relu's backward: keep δ where the pre-activation was positive
-                    back = torch.bmm(delta, weights[i])
-                    delta = torch.ops.aten.threshold_backward(back, pre[i - 1], 0.0)
-            weights, biases = new_w[::-1], new_b[::-1]
-        delta_tree = {}
-        for p, weight, bias in zip(layers, weights, biases, strict=True):
-            delta_tree[f"{p}.weight"] = weight - w[f"{p}.weight"]
-            delta_tree[f"{p}.bias"] = bias - w[f"{p}.bias"]
-        return {"delta": delta_tree}, client, {"train_loss": loss_sum / max(steps, 1)}
-
-    return run
+    model = type(algorithm.model).__name__.lower()
+    lr = float(algorithm.client_optimizer.lr)
+    return FastSolve(model, tuple(layers), lr, algorithm.local_steps, tuple(in_dims))
 
 
 class NotCoveredError(Exception):
