@@ -7,6 +7,13 @@ resumed run reproduces an uninterrupted one exactly.
 
 The hash is Chris Wellons' ``lowbias32`` integer mixer applied in a chain, vectorized with
 int64 tensor ops (values are kept in ``[0, 2**32)``; products are masked back to 32 bits).
+
+Devices: the integer prefix of a chain (the seed, a stream's path, integer counters) is hashed
+in Python, so a draw creates tensors only from its tensor counters and lands on their device
+(the data's device, ``engine.device``); a draw from integer counters alone is a CPU tensor.
+Keys are exact integer arithmetic and uniforms ``(h + 1/2) / 2^32`` are exact in float64, so
+both are bitwise the same on every device; normals go through float64 ``log``/``cos``, whose
+last bit may differ between device math libraries (float64 is also what MPS lacks).
 """
 
 from __future__ import annotations
@@ -14,6 +21,16 @@ from __future__ import annotations
 import torch
 
 _MASK32 = 0xFFFFFFFF
+
+
+def _mix32_int(x: int) -> int:
+    """:func:`_mix32` on a Python int (the same 32-bit arithmetic, no tensor)."""
+    x &= _MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -27,19 +44,22 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _extend(h: torch.Tensor, *counters: int | torch.Tensor) -> torch.Tensor:
-    """The chain step: the hash of ``(…, *counters)`` from the hash ``h`` of ``(…)``."""
+def _extend(h: int | torch.Tensor, *counters: int | torch.Tensor) -> torch.Tensor:
+    """The chain step: the hash of ``(…, *counters)`` from the hash ``h`` of ``(…)`` (a Python
+    int while every counter so far was one; a tensor on the counters' device after)."""
     for c in counters:
-        c = torch.as_tensor(c, dtype=torch.int64)
-        h = _mix32(h ^ _mix32(c + 0x632BE5AB))
+        if isinstance(h, int) and not isinstance(c, torch.Tensor):
+            h = _mix32_int(h ^ _mix32_int(int(c) + 0x632BE5AB))
+        else:
+            h = _mix32(h ^ _mix32(torch.as_tensor(c, dtype=torch.int64) + 0x632BE5AB))
+    if isinstance(h, int):
+        return torch.tensor(h, dtype=torch.int64, device="cpu")
     return h
 
 
 def hash_counters(seed: int, *counters: int | torch.Tensor) -> torch.Tensor:
     """32-bit hash of ``(seed, *counters)``; tensor counters broadcast against each other."""
-    return _extend(
-        _mix32(torch.as_tensor(seed & _MASK32, dtype=torch.int64) ^ 0x9E3779B9), *counters
-    )
+    return _extend(_mix32_int((seed & _MASK32) ^ 0x9E3779B9), *counters)
 
 
 def _to_uniform(h: torch.Tensor) -> torch.Tensor:
@@ -90,6 +110,6 @@ class Stream:
     def generator(self, *counters: int) -> torch.Generator:
         """A torch.Generator seeded from this stream, for code that needs a conventional RNG
         (data generation, model init); never used on the per-client training path."""
-        g = torch.Generator()
+        g = torch.Generator(device="cpu")
         g.manual_seed(int(hash_counters(self.seed, *self.path, *counters).item()))
         return g

@@ -12,6 +12,11 @@ millions costs memory or disk only for the clients that actually trained.
   old value of every written row first overwritten since the last checkpoint is saved before
   the write (never-written rows need none: the checkpoint marks them fresh),
   so resuming from a checkpoint restores exactly the rows that checkpoint saw.
+
+Devices: a store's rows are read and written on its ``device`` (``engine.device``): a
+:class:`MemoryStore` keeps them there; a :class:`DiskStore` keeps its memory map on the CPU,
+moves gathered rows to the device and scattered rows back. Row indices, the ``initialized``
+mask and checkpoints (``state_dict``) are CPU tensors, so a checkpoint loads on any device.
 """
 
 from __future__ import annotations
@@ -30,52 +35,74 @@ from fedkin.core.tree import Tree, tree_map
 
 
 class MemoryStore:
-    """Client states in RAM, lazily initialized from ``template``."""
+    """Client states in RAM (or the memory of ``device``), lazily initialized from ``template``
+    (``device`` None: the template's device)."""
 
-    def __init__(self, template: Tree, num_clients: int) -> None:
+    def __init__(
+        self, template: Tree, num_clients: int, device: str | torch.device | None = None
+    ) -> None:
         self.num_clients = num_clients
         self.template = TensorDict(template, batch_size=[])
-        self.initialized = torch.zeros(num_clients, dtype=torch.bool)
+        first = next(iter(self.template.values(True, True)), None)
+        self.device = torch.device(
+            device if device is not None else first.device if first is not None else "cpu"
+        )
+        self.template = self.template.to(self.device)
+        self.initialized = torch.zeros(num_clients, dtype=torch.bool, device="cpu")
         self.data = self._allocate()
 
     def _allocate(self) -> TensorDict:
         n = self.num_clients
         return self.template.apply(
-            lambda t: torch.empty((n, *t.shape), dtype=t.dtype), batch_size=[n]
+            lambda t: torch.empty((n, *t.shape), dtype=t.dtype, device=self.device),
+            batch_size=[n],
         )
 
     def gather(self, rows: torch.Tensor) -> Tree:
-        """States of ``rows`` as a tree stacked along dim 0 (never-written rows = template)."""
+        """States of ``rows`` (CPU indices) as a tree stacked along dim 0 on the store's
+        device (never-written rows = template)."""
         if not self.data.keys():
             return {}
+        rows = rows.cpu()
         fresh = ~self.initialized[rows]
         if not fresh.any():
-            return self.data[rows].to_dict()
+            return self._read(rows).to_dict()
         # never-written rows are not read at all (on disk they are holes of a sparse file)
         out = self.template.expand(rows.shape).clone()
         if not fresh.all():
-            out[~fresh] = self.data[rows[~fresh]]
+            out[~fresh] = self._read(rows[~fresh])
         return out.to_dict()
+
+    def _read(self, rows: torch.Tensor) -> TensorDict:
+        return self.data[rows]
 
     def scatter(self, rows: torch.Tensor, values: Tree, keep: torch.Tensor | None = None) -> None:
         """Write cohort rows back; rows where ``keep`` is False are left unchanged."""
         if not self.data.keys():
             return
+        rows = rows.cpu()
         values_td = TensorDict(values, batch_size=[len(rows)])
         if keep is not None:
-            rows, values_td = rows[keep], values_td[keep]
+            rows, values_td = rows[keep.cpu()], values_td[torch.nonzero(keep.cpu()).squeeze(1)]
         self._write(rows, values_td)
 
     def _write(self, rows: torch.Tensor, values: TensorDict) -> None:
-        self.data[rows] = values
+        self.data[rows] = values.to(self._home)
         self.initialized[rows] = True
+
+    @property
+    def _home(self) -> torch.device:
+        """Where the rows live."""
+        return self.device
 
     def commit(self, round_: int | None = None) -> None:
         """Called after the checkpoint of ``round_`` has been written (nothing to do in RAM)."""
 
     def state_dict(self) -> dict:
+        """The written rows and their values, as CPU tensors (loadable on any device)."""
         rows = torch.nonzero(self.initialized).squeeze(1)
-        return {"rows": rows, "values": self.data[rows].to_dict() if self.data.keys() else {}}
+        values = self._read(rows).to("cpu").to_dict() if self.data.keys() else {}
+        return {"rows": rows, "values": values}
 
     def load_state_dict(self, state: dict, round_: int | None = None) -> None:
         self.initialized.zero_()
@@ -84,25 +111,42 @@ class MemoryStore:
 
 
 class DiskStore(MemoryStore):
-    """Client states in memory-mapped files under ``path`` (reopened on resume)."""
+    """Client states in memory-mapped files under ``path`` (reopened on resume). The map stays
+    on the CPU: gathered rows move to ``device``, scattered rows come back from it."""
 
     UNDO = "undo.pt"
 
-    def __init__(self, template: Tree, num_clients: int, path: str | Path) -> None:
+    def __init__(
+        self,
+        template: Tree,
+        num_clients: int,
+        path: str | Path,
+        device: str | torch.device | None = None,
+    ) -> None:
         self.path = Path(path)
-        self._undo_rows = torch.empty(0, dtype=torch.long)  # first written since the checkpoint
-        self._undo_saved = torch.empty(0, dtype=torch.long)  # those of them initialized before
+        self._undo_rows = _no_rows()  # first written since the checkpoint
+        self._undo_saved = _no_rows()  # those of them initialized before
         self._undo_values: list[TensorDict] = []
         self._base_round = 0
-        super().__init__(template, num_clients)
+        super().__init__(template, num_clients, device)
 
     def _allocate(self) -> TensorDict:
         rows_dir = self.path / "rows"
         if (rows_dir / "meta.json").exists():
             return _advise_random(TensorDict.load_memmap(rows_dir))
         rows_dir.mkdir(parents=True, exist_ok=True)
-        data = self.template.expand(self.num_clients).memmap_like(prefix=rows_dir, existsok=True)
+        # shapes and dtypes only: the template may live where it cannot be read (meta)
+        template = self.template.apply(lambda t: torch.empty_like(t, device="cpu"))
+        template = template.expand(self.num_clients)
+        data = template.memmap_like(prefix=rows_dir, existsok=True)
         return _advise_random(data)
+
+    def _read(self, rows: torch.Tensor) -> TensorDict:
+        return self.data[rows].to(self.device)
+
+    @property
+    def _home(self) -> torch.device:
+        return torch.device("cpu")
 
     def _write(self, rows: torch.Tensor, values: TensorDict) -> None:
         first = rows[~torch.isin(rows, self._undo_rows)]
@@ -113,7 +157,7 @@ class DiskStore(MemoryStore):
             old = first[self.initialized[first]]
             if len(old):
                 self._undo_saved = torch.cat([self._undo_saved, old])
-                self._undo_values.append(self.data[old].clone())
+                self._undo_values.append(self.data[old].clone())  # CPU, like the map
                 self._save_undo()
         super()._write(rows, values)
 
@@ -130,8 +174,8 @@ class DiskStore(MemoryStore):
     def commit(self, round_: int | None = None) -> None:
         """The checkpoint of ``round_`` now covers every write: drop the undo log."""
         (self.path / self.UNDO).unlink(missing_ok=True)
-        self._undo_rows = torch.empty(0, dtype=torch.long)
-        self._undo_saved = torch.empty(0, dtype=torch.long)
+        self._undo_rows = _no_rows()
+        self._undo_saved = _no_rows()
         self._undo_values = []
         if round_ is not None:
             self._base_round = round_
@@ -143,12 +187,16 @@ class DiskStore(MemoryStore):
         """Restore rows written after the checkpoint of ``round_`` (from the undo log)."""
         undo_path = self.path / self.UNDO
         if undo_path.exists():
-            undo = torch.load(undo_path, weights_only=False)
+            undo = torch.load(undo_path, weights_only=False, map_location="cpu")
             if round_ is None or undo["base_round"] == round_:
                 rows = undo["rows"]
                 self.data[rows] = TensorDict(undo["values"], batch_size=[len(rows)])
-        self.initialized = state["initialized"].clone()
+        self.initialized = state["initialized"].to("cpu", copy=True)
         self.commit(round_)
+
+
+def _no_rows() -> torch.Tensor:
+    return torch.empty(0, dtype=torch.long, device="cpu")
 
 
 def _advise_random(data: TensorDict) -> TensorDict:
@@ -194,12 +242,18 @@ class StoreConfig(BaseModel):
 
 
 def make_store(
-    config: StoreConfig, template: Tree, num_clients: int, path: Path | None
+    config: StoreConfig,
+    template: Tree,
+    num_clients: int,
+    path: Path | None,
+    device: str | torch.device | None = None,
 ) -> MemoryStore | DiskStore:
+    """The configured store; its rows are read and written on ``device`` (None: the
+    template's device)."""
     if config.backend == "memory":
-        return MemoryStore(template, num_clients)
+        return MemoryStore(template, num_clients, device)
     if path is None:
         from fedkin.core.errors import ConfigError
 
         raise ConfigError("store.backend=disk needs a run directory (use `fedkin run`)")
-    return DiskStore(template, num_clients, path)
+    return DiskStore(template, num_clients, path, device)
