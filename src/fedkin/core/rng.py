@@ -18,6 +18,8 @@ last bit may differ between device math libraries (float64 is also what MPS lack
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 _MASK32 = 0xFFFFFFFF
@@ -48,10 +50,12 @@ def _extend(h: int | torch.Tensor, *counters: int | torch.Tensor) -> torch.Tenso
     """The chain step: the hash of ``(…, *counters)`` from the hash ``h`` of ``(…)`` (a Python
     int while every counter so far was one; a tensor on the counters' device after)."""
     for c in counters:
-        if isinstance(h, int) and not isinstance(c, torch.Tensor):
-            h = _mix32_int(h ^ _mix32_int(int(c) + 0x632BE5AB))
-        else:
-            h = _mix32(h ^ _mix32(torch.as_tensor(c, dtype=torch.int64) + 0x632BE5AB))
+        if isinstance(c, numbers.Integral):
+            c = _mix32_int(int(c) + 0x632BE5AB)
+        else:  # a tensor stays where it is; arrays and lists are CPU counters
+            where = c.device if isinstance(c, torch.Tensor) else "cpu"
+            c = _mix32(torch.as_tensor(c, dtype=torch.int64, device=where) + 0x632BE5AB)
+        h = _mix32_int(h ^ c) if isinstance(h, int) and isinstance(c, int) else _mix32(h ^ c)
     if isinstance(h, int):
         return torch.tensor(h, dtype=torch.int64, device="cpu")
     return h

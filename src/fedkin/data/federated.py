@@ -12,6 +12,11 @@ A process may hold the data of only some clients (``local_clients``): a Flower d
 server holds none (the shapes come from the config), each SuperNode only its own
 (:mod:`fedkin.data.local_files`). The other clients' splits are empty, and asking for their
 samples raises :class:`~fedkin.core.errors.DataError` instead of returning nothing.
+
+Devices: :meth:`FederatedDataset.to` puts ``x``, ``y`` and the index tables on a device
+(``engine.device``); the cohort's batches are then drawn and gathered there (the counter-based
+keys included), never on the CPU. The per-client sizes and ``local_clients`` are bookkeeping
+read on the host and stay on the CPU; client ids may be given on either.
 """
 
 from __future__ import annotations
@@ -32,14 +37,14 @@ _PAD_KEY = 2**33
 def pad_index(parts: Sequence[np.ndarray | torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack per-client index arrays into an int64 table ``[num_clients, max_len]`` padded
     with ``-1``, and return it with the int64 sizes ``[num_clients]``."""
-    sizes = torch.tensor([len(p) for p in parts], dtype=torch.int64)
+    sizes = torch.tensor([len(p) for p in parts], dtype=torch.int64, device="cpu")
     width = int(sizes.max()) if len(parts) else 0
-    table = torch.full((len(parts), width), -1, dtype=torch.int64)
+    table = torch.full((len(parts), width), -1, dtype=torch.int64, device="cpu")
     if width:
         flat = torch.cat([torch.as_tensor(np.asarray(p), dtype=torch.int64) for p in parts])
-        owner = torch.repeat_interleave(torch.arange(len(parts)), sizes)
+        owner = torch.repeat_interleave(torch.arange(len(parts), device="cpu"), sizes)
         starts = torch.cumsum(sizes, 0) - sizes
-        rank = torch.arange(len(flat)) - starts[owner]
+        rank = torch.arange(len(flat), device="cpu") - starts[owner]
         table[owner, rank] = flat
     return table, sizes
 
@@ -66,14 +71,19 @@ def _gather_padded(
     x: torch.Tensor, y: torch.Tensor, table: torch.Tensor, sizes: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows of a padded index table (already selected for a cohort), cut to the cohort's
-    largest size; padded slots get x = 0, y = 0 and mask = False."""
+    largest size; padded slots get x = 0, y = 0 and mask = False. ``sizes`` may be on the CPU."""
     width = int(sizes.max()) if len(sizes) else 0
     idx = table[:, :width]
     mask = idx >= 0
     safe = idx.clamp(min=0)
     xs = x[safe] * mask.view(*mask.shape, *([1] * (x.dim() - 1))).to(x.dtype)
-    ys = torch.where(mask, y[safe], torch.zeros((), dtype=y.dtype))
+    ys = y[safe].masked_fill(~mask, 0)
     return xs, ys, mask
+
+
+def _ids(clients: torch.Tensor | int | Sequence[int]) -> torch.Tensor:
+    """Client ids as a CPU int64 tensor (for the host-side sizes and checks)."""
+    return torch.as_tensor(clients, dtype=torch.int64, device="cpu")
 
 
 @dataclass
@@ -85,7 +95,8 @@ class FederatedDataset:
     ``train_sizes`` / ``test_sizes``: int64 ``[num_clients]``; ``image_shape``: ``(C, H, W)``
     view of one sample for CNNs (``None`` for tabular data); ``val_index`` / ``val_sizes``:
     the optional per-client validation split (``None``: none); ``local_clients``: the sorted
-    ids of the clients whose samples this process holds (``None``: all of them).
+    ids of the clients whose samples this process holds (``None``: all of them). ``x``, ``y``
+    and the index tables share one device (:meth:`to`); sizes and ``local_clients`` are CPU.
     """
 
     name: str
@@ -118,7 +129,7 @@ class FederatedDataset:
         """Raise :class:`DataError` if a client's samples are not in this process."""
         if self.local_clients is None:
             return
-        ids = torch.as_tensor(clients, dtype=torch.int64).reshape(-1)
+        ids = _ids(clients).reshape(-1)
         missing = ids[~torch.isin(ids, self.local_clients)]
         if len(missing):
             here = self.local_clients[:10].tolist()
@@ -158,6 +169,27 @@ class FederatedDataset:
         )
 
     @property
+    def device(self) -> torch.device:
+        """Where the samples and index tables are (batches are made there)."""
+        return self.x.device
+
+    def to(self, device: str | torch.device) -> FederatedDataset:
+        """This dataset with ``x``, ``y`` and the index tables on ``device`` (a no-op for
+        tensors already there); sizes and ``local_clients`` stay on the CPU."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return replace(
+            self,
+            x=move(self.x),
+            y=move(self.y),
+            train_index=move(self.train_index),
+            test_index=move(self.test_index),
+            val_index=move(self.val_index),
+        )
+
+    @property
     def num_clients(self) -> int:
         """Number of clients."""
         return int(self.train_index.shape[0])
@@ -191,16 +223,16 @@ class FederatedDataset:
         and the batches depend only on (seed, round, client id) — never on which other clients
         are in the cohort or on their order. One vectorized gather, no loop over clients.
 
-        Returns ``x [steps, K, B, *feature_shape]`` and ``y [steps, K, B]``.
+        Returns ``x [steps, K, B, *feature_shape]`` and ``y [steps, K, B]`` on :attr:`device`.
         """
-        clients = torch.as_tensor(clients, dtype=torch.int64, device=self.train_index.device)
-        self.require_local(clients)
-        sizes = self.train_sizes[clients]  # [K]
-        width = int(sizes.max()) if len(clients) else 0
+        ids = _ids(clients)
+        self.require_local(ids)
+        width = int(self.train_sizes[ids].max()) if len(ids) else 0
+        clients, sizes = ids.to(self.device), self.train_sizes[ids].to(self.device)  # [K]
         table = self.train_index[clients, :width]  # [K, M]
         positions = torch.arange(width, device=table.device)
-        keys = stream.keys(round, clients[:, None], positions[None, :]).to(table.device)
-        keys = torch.where(positions[None, :] < sizes[:, None], keys, _PAD_KEY)
+        keys = stream.keys(round, clients[:, None], positions[None, :])
+        keys = keys.masked_fill(positions[None, :] >= sizes[:, None], _PAD_KEY)
         perm = torch.argsort(keys, dim=1, stable=True)  # [K, M]; valid positions first
         slots = torch.arange(steps * batch_size, device=table.device)
         order = torch.gather(perm, 1, slots[None, :] % sizes[:, None])  # [K, S·B]
@@ -215,10 +247,11 @@ class FederatedDataset:
         a function of (stream, client, position) only."""
         if self.val_index is not None:
             raise ValueError("this dataset already has a validation split")
-        sizes, table = self.train_sizes, self.train_index
-        positions = torch.arange(table.shape[1])
-        keys = stream.keys(torch.arange(self.num_clients)[:, None], positions[None, :])
-        keys = torch.where(positions[None, :] < sizes[:, None], keys, _PAD_KEY)
+        sizes, table = self.train_sizes, self.train_index.cpu()  # built on the host
+        positions = torch.arange(table.shape[1], device="cpu")
+        clients = torch.arange(self.num_clients, device="cpu")
+        keys = stream.keys(clients[:, None], positions[None, :])
+        keys = keys.masked_fill(positions[None, :] >= sizes[:, None], _PAD_KEY)
         shuffled = torch.gather(table, 1, torch.argsort(keys, dim=1, stable=True))
         n_val = torch.round(fraction * sizes.to(torch.float64)).long()
         n_val = torch.minimum(n_val, (sizes - 1).clamp(min=0))  # clients without data: none
@@ -230,9 +263,9 @@ class FederatedDataset:
         val_index, val_sizes = pad_index(val)
         return replace(
             self,
-            train_index=train_index,
+            train_index=train_index.to(self.device),
             train_sizes=train_sizes,
-            val_index=val_index,
+            val_index=val_index.to(self.device),
             val_sizes=val_sizes,
         )
 
@@ -247,12 +280,14 @@ class FederatedDataset:
                 f"samples of client {int(short[0])} ({len(short)} clients hold fewer than {n}); "
                 f"allowed: 1..{int(self.train_sizes.min())} or null (all)"
             )
-        positions = torch.arange(self.train_index.shape[1])
-        keys = stream.keys(torch.arange(self.num_clients)[:, None], positions[None, :])
-        keys = torch.where(positions[None, :] < self.train_sizes[:, None], keys, _PAD_KEY)
+        table = self.train_index.cpu()  # built on the host
+        positions = torch.arange(table.shape[1], device="cpu")
+        clients = torch.arange(self.num_clients, device="cpu")
+        keys = stream.keys(clients[:, None], positions[None, :])
+        keys = keys.masked_fill(positions[None, :] >= self.train_sizes[:, None], _PAD_KEY)
         order = torch.argsort(keys, dim=1, stable=True)[:, :n]
-        train_index, train_sizes = pad_index(list(torch.gather(self.train_index, 1, order)))
-        return replace(self, train_index=train_index, train_sizes=train_sizes)
+        train_index, train_sizes = pad_index(list(torch.gather(table, 1, order)))
+        return replace(self, train_index=train_index.to(self.device), train_sizes=train_sizes)
 
     def eval_split(self, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
         """The padded index table and sizes of the ``"test"`` or ``"val"`` split."""
@@ -275,19 +310,20 @@ class FederatedDataset:
         the axis is as wide as the largest batch drawn for the cohort (at least 1), and the
         remaining slots hold x = 0, y = 0, mask = False.
 
-        Returns ``x [steps, K, W, *feature_shape]``, ``y [steps, K, W]``, ``mask [steps, K, W]``.
+        Returns ``x [steps, K, W, *feature_shape]``, ``y [steps, K, W]``, ``mask [steps, K, W]``
+        on :attr:`device`.
         """
-        clients = torch.as_tensor(clients, dtype=torch.int64, device=self.train_index.device)
-        self.require_local(clients)
-        sizes = self.train_sizes[clients]  # [K]
-        width = int(sizes.max()) if len(clients) else 0
+        ids = _ids(clients)
+        self.require_local(ids)
+        width = int(self.train_sizes[ids].max()) if len(ids) else 0
+        clients, sizes = ids.to(self.device), self.train_sizes[ids].to(self.device)  # [K]
         table = self.train_index[clients, :width]  # [K, M]
         q = (batch_size / sizes.to(torch.float64)).clamp(max=1.0)
         positions = torch.arange(width, device=table.device)
         u = stream.uniform(
             round,
             clients[:, None, None],
-            torch.arange(steps)[None, :, None],
+            torch.arange(steps, device=table.device)[None, :, None],
             positions[None, None, :],
         )  # [K, S, M]
         take = (u < q[:, None, None]) & (positions < sizes[:, None])[:, None, :]
@@ -296,12 +332,12 @@ class FederatedDataset:
         order = torch.where(take, positions, width + positions).sort(dim=-1).values
         order = order[..., :batch_width]  # [K, S, W]
         mask = order < width
-        safe = torch.where(mask, order, 0).clamp(max=max(width - 1, 0))
+        safe = order.masked_fill(~mask, 0).clamp(max=max(width - 1, 0))
         rows = torch.gather(table[:, None, :].expand(-1, steps, -1), 2, safe)  # [K, S, W]
         rows, mask = rows.transpose(0, 1), mask.transpose(0, 1)  # [S, K, W]
         shape = (*mask.shape, *([1] * (self.x.dim() - 1)))
         xs = self.x[rows] * mask.view(shape).to(self.x.dtype)
-        ys = torch.where(mask, self.y[rows], torch.zeros((), dtype=self.y.dtype))
+        ys = self.y[rows].masked_fill(~mask, 0)
         return xs, ys, mask
 
     def test_batches(
@@ -309,19 +345,20 @@ class FederatedDataset:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every test (or ``split="val"``: validation) sample of a cohort, padded to the
         largest such split among ``clients``: ``x [K, T, *feature_shape]``, ``y [K, T]``,
-        ``mask [K, T]`` (bool; padded slots hold x = 0, y = 0, mask = False)."""
+        ``mask [K, T]`` (bool; padded slots hold x = 0, y = 0, mask = False), on :attr:`device`."""
         index, sizes = self.eval_split(split)
-        clients = torch.as_tensor(clients, dtype=torch.int64, device=index.device)
-        self.require_local(clients)
-        return _gather_padded(self.x, self.y, index[clients], sizes[clients])
+        ids = _ids(clients)
+        self.require_local(ids)
+        return _gather_padded(self.x, self.y, index[ids.to(index.device)], sizes[ids])
 
     def train_batches(
         self, clients: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every train sample of a cohort, padded like :meth:`test_batches`."""
-        clients = torch.as_tensor(clients, dtype=torch.int64, device=self.train_index.device)
-        self.require_local(clients)
-        return _gather_padded(self.x, self.y, self.train_index[clients], self.train_sizes[clients])
+        ids = _ids(clients)
+        self.require_local(ids)
+        table = self.train_index[ids.to(self.device)]
+        return _gather_padded(self.x, self.y, table, self.train_sizes[ids])
 
     def label_counts(self, split: str = "train") -> torch.Tensor:
         """Per-client label histogram, int64 ``[num_clients, num_classes]``, of the ``"train"``,
@@ -330,12 +367,12 @@ class FederatedDataset:
         tables["all"] = tables["train"] + tables["test"]
         if split not in tables:
             raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
-        counts = torch.zeros(self.num_clients, self.num_classes, dtype=torch.int64)
+        counts = self.y.new_zeros(self.num_clients, self.num_classes)
         for table in tables[split]:
             mask = table >= 0
-            labels = torch.where(mask, self.y[table.clamp(min=0)], 0)
+            labels = self.y[table.clamp(min=0)].masked_fill(~mask, 0)
             counts.scatter_add_(1, labels, mask.to(torch.int64))
-        return counts
+        return counts.cpu()
 
     def summary(self) -> dict[str, object]:
         """Sizes and heterogeneity at a glance (plain Python values, JSON-serializable); the
