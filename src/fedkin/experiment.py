@@ -7,6 +7,14 @@ guards — and the run loop are :mod:`fedkin.round`, shared with the Ray and Flo
 
 All randomness is a function of (seed, round, client), so a run resumed from its checkpoint
 produces exactly the records an uninterrupted run produces.
+
+Devices (``engine.device``): the dataset's samples and index tables, the models, the
+population, the client groups' stores (a disk store's map stays on the CPU; its rows move) and
+every input of the engine are placed on the device, so a cohort trains without host copies.
+The channel (attack, compression and its residuals, the DP release and noise) and the run's
+bookkeeping (cohorts, sizes, records) run on the CPU: a round's messages cross to the host
+once, and the aggregate comes back for the population update. Checkpoints hold CPU tensors
+and load onto the configured device.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from fedkin.core.errors import UserError
 from fedkin.core.evaluate import evaluate_global, evaluate_personal, summarize
 from fedkin.core.rng import Stream
 from fedkin.core.store import ClientStore, MemoryStore, StackedStates, make_store
-from fedkin.core.tree import Tree, tree_map
+from fedkin.core.tree import Tree, to_device, tree_map
 from fedkin.data import build_dataset
 from fedkin.data.federated import FederatedDataset
 from fedkin.engine import SequentialEngine
@@ -87,7 +95,10 @@ class Experiment:
         self.config = config
         self.run_dir = run_dir
         self.stream = Stream(config.seed)
-        self.dataset = build_dataset(config.data, config.seed) if dataset is None else dataset
+        #: where the engine computes, and where its inputs (data, models, states) are made
+        self.device = torch.device(config.engine.device)
+        built = build_dataset(config.data, config.seed) if dataset is None else dataset
+        self.dataset = built.to(self.device)
         self.engine = config.backend.wrap(config.engine.build(engine_plan(config, self.dataset)))
         self.groups = self._build_groups()
         self.algorithm: Algorithm = self.groups[0].algorithm
@@ -101,6 +112,7 @@ class Experiment:
                 group.algorithm.init_client(self.population),
                 len(group.members),
                 run_dir / "client_state" / f"group{g}" if run_dir else None,
+                self.device,
             )
         self.server = ServerStep(OPTIMIZER_REGISTRY.build(config.server.optimizer))
         self.round = 0  # rounds completed
@@ -159,13 +171,15 @@ class Experiment:
     def channel_store(self, d: int) -> ClientStore:
         """The clients' channel state (:meth:`RoundChannel.client_template`: error-feedback
         ``"residual"``, ``"momentum"``, each ``[d]``), one row per client (a disk store under
-        ``client_state/channel`` with ``store.backend=disk``)."""
+        ``client_state/channel`` with ``store.backend=disk``), on the CPU with the channel
+        that reads them."""
         if self.channel_clients is None:
             self.channel_clients = make_store(
                 self.config.store,
                 self.channel.client_template(d),
                 self.dataset.num_clients,
                 self.run_dir / "client_state" / "channel" if self.run_dir else None,
+                "cpu",
             )
         return self.channel_clients
 
@@ -180,12 +194,13 @@ class Experiment:
         bounds = [round(n * sum(s.fraction for s in specs[: g + 1])) for g in range(len(specs))]
         global_model = build_model(
             cfg.model, ds.feature_shape, ds.image_shape, ds.num_classes, cfg.seed
-        )
+        ).to(self.device)  # initialized on the CPU: the same numbers on every device
         global_model.requires_grad_(False)
         groups, start = [], 0
         for g, (spec, stop) in enumerate(zip(specs, bounds, strict=True)):
             seed = cfg.seed if g == 0 else cfg.seed + 7919 * g
             model = build_model(spec.model, ds.feature_shape, ds.image_shape, ds.num_classes, seed)
+            model = model.to(self.device)
             model.requires_grad_(False)
             alg_cfg = cfg.algorithm
             if cfg.client_models and "centers" in type(alg_cfg).model_fields:
@@ -442,12 +457,16 @@ class Experiment:
         exactly the in-process numbers."""
 
         def ctx(phase: int) -> Tree:  # a phase of its own keys the DP-SGD noise of each solve
-            return {
-                "client_id": clients,
-                "num_samples": self.dataset.train_sizes[clients].to(torch.float32),
-                "round": torch.full_like(clients, round_),
-                "phase": torch.full_like(clients, phase),
-            }
+            ids = clients.cpu()
+            return to_device(
+                {
+                    "client_id": ids,
+                    "num_samples": self.dataset.train_sizes[ids].to(torch.float32),
+                    "round": torch.full_like(ids, round_),
+                    "phase": torch.full_like(ids, phase),
+                },
+                self.device,
+            )
 
         if states is None:
             template = MemoryStore(algorithm.init_client(population), len(clients))
@@ -510,10 +529,11 @@ class Experiment:
         return experiment
 
     def state_dict(self) -> dict[str, Any]:
+        """The run's state as CPU tensors, whatever ``engine.device`` (loadable on any)."""
         return {
             "round": self.round,
-            "population": self.population,
-            "server": self.server.state,
+            "population": to_device(self.population, "cpu"),
+            "server": to_device(self.server.state, "cpu"),
             "privacy": self.privacy.state_dict() if self.privacy else None,
             "participation": self.participation,
             "dp_sgd_uses": self.dp_sgd_uses,
@@ -529,8 +549,8 @@ class Experiment:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.round = state["round"]
-        self.population = state["population"]
-        self.server.state = state["server"]
+        self.population = to_device(state["population"], self.device)
+        self.server.state = to_device(state["server"], self.device)
         if self.privacy is not None:
             self.privacy.load_state_dict(state["privacy"])
         self.participation = state["participation"]
@@ -553,7 +573,8 @@ class Experiment:
             self.channel_clients.commit(self.round)
 
     def load_checkpoint(self, run_dir: Path) -> None:
-        self.load_state_dict(torch.load(run_dir / CHECKPOINT, weights_only=False))
+        state = torch.load(run_dir / CHECKPOINT, weights_only=False, map_location="cpu")
+        self.load_state_dict(state)
 
     # ----- the loop -----------------------------------------------------------------------------
     def run(self, run_dir: Path, trackers: list[Tracker]) -> dict[str, Any]:

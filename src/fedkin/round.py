@@ -34,7 +34,7 @@ import torch
 from fedkin.channel.runtime import model_size
 from fedkin.core.channel import finite_rows
 from fedkin.core.errors import NonFiniteModelError
-from fedkin.core.tree import Tree, tree_leaves
+from fedkin.core.tree import Tree, to_device, tree_leaves
 
 if TYPE_CHECKING:
     from fedkin.experiment import Experiment
@@ -70,7 +70,7 @@ def take_rows(tree: Any, positions: torch.Tensor, dim: int) -> Any:
         return {k: take_rows(v, positions, dim) for k, v in tree.items()}
     if isinstance(tree, tuple):
         return tuple(take_rows(v, positions, dim) for v in tree)
-    return tree.index_select(dim, positions)
+    return tree.index_select(dim, positions.to(tree.device))
 
 
 def cat_rows(parts: list[Any]) -> Any:
@@ -99,6 +99,7 @@ def train_cohort(exp: Experiment, r: int, cohort: torch.Tensor, phantom: bool) -
     batches = exp.channel.poison(exp.client_batches(cohort, "batches", r), cohort)
     n_i = ds.train_sizes[cohort].to(torch.float32)
     ctx = {"client_id": cohort, "num_samples": n_i, "round": torch.full_like(cohort, r)}
+    ctx = to_device(ctx, exp.device)  # every input of the engine is on its device
     weights = n_i if cfg.cohort.weighting == "samples" else torch.ones(len(cohort))
     messages, oks, client_metrics, kept_weights, ids = [], [], [], [], []
     dropped = 0
@@ -119,12 +120,13 @@ def train_cohort(exp: Experiment, r: int, cohort: torch.Tensor, phantom: bool) -
         dropped += lost
         k = len(pos)
         ok = finite_rows(msg, k) & finite_rows(states, k) & finite_rows(metrics, k)
+        ok = ok.cpu()
         if phantom:
             ok = torch.zeros_like(ok)
         group.store.scatter(rows, states, keep=ok)
-        messages.append(msg)
+        messages.append(to_device(msg, "cpu"))  # the channel runs on the host
         oks.append(ok)
-        client_metrics.append(metrics)
+        client_metrics.append(to_device(metrics, "cpu"))
         kept_weights.append(weights[pos])
         ids.append(cohort[pos])
     clients, sent = torch.cat(ids), cat_rows(messages)
@@ -168,6 +170,7 @@ def server_update(
         state, got.uplink_bytes, exp.population, clients
     )
     if ok.any() or exp.privacy is not None:
+        aggregate = to_device(aggregate, exp.device)  # back from the host channel
         exp.population = exp.algorithm.population_update(exp.population, aggregate, exp.server)
     if not all(torch.isfinite(t).all() for t in tree_leaves(exp.population)):
         raise NonFiniteModelError(

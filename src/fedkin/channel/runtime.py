@@ -149,7 +149,7 @@ class RoundChannel:
         if self.attack is None or not self.attack.poisons_labels:
             return batches
         x, y, *rest = batches
-        bad = self.byzantine[cohort][None, :, None]
+        bad = self.byzantine[cohort.cpu()][None, :, None].to(y.device)
         return (x, torch.where(bad, flip_labels(y, self.num_classes), y), *rest)
 
     def client_half(

@@ -26,8 +26,9 @@ def finite_rows(tree: Tree, size: int) -> torch.Tensor:
     all-finite rows (an elementwise ``isfinite`` pass costs ~25x more); only rows whose sum is
     not finite — a bad entry, or finite entries whose sum overflows — are checked entry by entry.
     """
-    ok = torch.ones(size, dtype=torch.bool)
-    for leaf in tree_leaves(tree):
+    leaves = tree_leaves(tree)
+    ok = torch.ones(size, dtype=torch.bool, device=leaves[0].device if leaves else "cpu")
+    for leaf in leaves:
         rows = leaf.reshape(size, -1)
         leaf_ok = torch.isfinite(rows.sum(dim=1))
         suspects = (~leaf_ok).nonzero().squeeze(1)

@@ -53,23 +53,27 @@ def evaluate_global(
     batch, as a Flower node evaluates it."""
     table, _ = dataset.eval_split(split)
     mask = table >= 0
-    owner = torch.arange(dataset.num_clients).unsqueeze(1).expand_as(table)[mask]
+    owner = torch.arange(dataset.num_clients, device=table.device)
+    owner = owner.unsqueeze(1).expand_as(table)[mask]
     index = table[mask]
-    correct = torch.zeros(dataset.num_clients, dtype=torch.float64)
-    loss_sum = torch.zeros(dataset.num_clients, dtype=torch.float64)
+    # sums on the host in float64 (which MPS lacks); the forward passes on the data's device
+    correct = torch.zeros(dataset.num_clients, dtype=torch.float64, device="cpu")
+    loss_sum = torch.zeros(dataset.num_clients, dtype=torch.float64, device="cpu")
     if algorithm.task.per_client_eval:
         for c in range(dataset.num_clients):
             idx = table[c][mask[c]]
             logits = algorithm.global_logits(params, dataset.x[idx])
             score, loss = algorithm.task.per_sample(logits, dataset.x[idx], dataset.y[idx])
-            correct[c], loss_sum[c] = score.to(torch.float64).sum(), loss.to(torch.float64).sum()
+            score, loss = score.cpu().to(torch.float64), loss.cpu().to(torch.float64)
+            correct[c], loss_sum[c] = score.sum(), loss.sum()
         return correct, loss_sum
     for start in range(0, len(index), chunk):
         idx, who = index[start : start + chunk], owner[start : start + chunk]
         logits = algorithm.global_logits(params, dataset.x[idx])
         score, loss = algorithm.task.per_sample(logits, dataset.x[idx], dataset.y[idx])
-        correct.index_add_(0, who, score.to(torch.float64))
-        loss_sum.index_add_(0, who, loss.to(torch.float64))
+        who = who.cpu()
+        correct.index_add_(0, who, score.cpu().to(torch.float64))
+        loss_sum.index_add_(0, who, loss.cpu().to(torch.float64))
     return correct, loss_sum
 
 
@@ -88,6 +92,7 @@ def evaluate_personal(
     (``split="val"``: validation split).
 
     ``clients[j]`` is the dataset id of the client whose state is row ``j`` of ``store``.
+    Results are CPU tensors, wherever the engine computed.
     """
 
     def one_client(pop: Tree, state: Tree, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor):
@@ -98,11 +103,11 @@ def evaluate_personal(
 
     corrects, losses = [], []
     for start in range(0, len(clients), chunk):
-        rows = torch.arange(start, min(start + chunk, len(clients)))
+        rows = torch.arange(start, min(start + chunk, len(clients)), device="cpu")
         x, y, m = dataset.test_batches(clients[rows], split)
         c, loss = engine.map(
             one_client, (population, store.gather(rows), x, y, m), (None, 0, 0, 0, 0)
         )
         corrects.append(c)
         losses.append(loss)
-    return torch.cat(corrects).to(torch.float64), torch.cat(losses).to(torch.float64)
+    return torch.cat(corrects).cpu().to(torch.float64), torch.cat(losses).cpu().to(torch.float64)

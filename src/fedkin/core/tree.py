@@ -10,8 +10,15 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils import _pytree
 
 Tree = dict[str, Any]
+
+
+def to_device(tree: Any, device: str | torch.device) -> Any:
+    """Every tensor of a nested container (dicts, lists, tuples, named tuples) on ``device``;
+    other leaves unchanged (a no-op for tensors already there)."""
+    return _pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, tree)
 
 
 def tree_map(fn: Callable[..., torch.Tensor], tree: Tree, *rest: Tree) -> Tree:
