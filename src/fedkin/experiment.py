@@ -397,8 +397,8 @@ class Experiment:
         """Per-client personal (correct, loss_sum) on ``split``; ``states_of(group)`` gives a
         store and the client ids of its rows. Clients not covered stay zero."""
         n = self.dataset.num_clients
-        correct = torch.zeros(n, dtype=torch.float64)
-        loss = torch.zeros(n, dtype=torch.float64)
+        correct = torch.zeros(n, dtype=torch.float64, device="cpu")
+        loss = torch.zeros(n, dtype=torch.float64, device="cpu")
         for g in self.groups:
             store, clients = states_of(g)
             if len(clients):

@@ -205,7 +205,11 @@ class AdaPeD(Algorithm):
         xs, _ = batches
         kd = self.kd(self.logits(params["theta"], xs[0]), self.logits(params["w"], xs[0]))
         message = {**self.delta_message(params["w"], w), "psi_delta": psi_i - psi}
-        new_client = {"theta": params["theta"], "opt": state["theta"], "seen": torch.ones(())}
+        new_client = {
+            "theta": params["theta"],
+            "opt": state["theta"],
+            "seen": torch.ones((), device=xs.device),
+        }
         return message, new_client, {"train_loss": loss, "psi": psi_i, "kd": kd.detach()}
 
     def population_update(self, population: Tree, aggregate: Tree, server: ServerStep) -> Tree:

@@ -68,7 +68,7 @@ class Apfl(Algorithm):
         opt_w = self.client_optimizer.init(w)
         w_i, v, opt_v, alpha = w, client["params"], client["opt"], client["alpha"]
         grad_fn = grad(self.plain_objective, has_aux=True)
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=batches[0].device)
         for s in range(self.local_steps):
             x, y = xs[s % xs.shape[0]], ys[s % xs.shape[0]]
             g_w, loss = grad_fn(w_i, x, y)

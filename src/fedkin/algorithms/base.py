@@ -219,7 +219,7 @@ class Algorithm(ABC):
         if zo is not None and mutable():
             params = tree_map(lambda t: t.clone(memory_format=torch.contiguous_format), params)
         where = () if ctx is None else (ctx["round"], ctx["client_id"], ctx.get("phase", 0))
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=batches[0].device)
         for s in range(steps):
             b = s % batches[0].shape[0] if batch is None else batch
             if self.dp_sgd is None:

@@ -50,8 +50,8 @@ class FedKSeed(Algorithm):
         w = population["global"]
         xs, ys = batches
         theta = w
-        scalars = torch.zeros(cfg.pool_size)
-        loss_sum = torch.zeros(())
+        scalars = torch.zeros(cfg.pool_size, device=xs.device)
+        loss_sum = torch.zeros((), device=xs.device)
         for s in range(self.local_steps):
             b = s % xs.shape[0]
             k = hash_counters(cfg.pool_seed, ctx["round"], ctx["client_id"], s) % cfg.pool_size

@@ -84,7 +84,11 @@ class Fml(Algorithm):
             optimizer=self.solver,
             opt_state={"v": client["opt"], "w": self.client_optimizer.init(w)},
         )
-        new_client = {"v": params["v"], "opt": state["v"], "seen": torch.ones(())}
+        new_client = {
+            "v": params["v"],
+            "opt": state["v"],
+            "seen": torch.ones((), device=loss.device),
+        }
         return self.delta_message(params["w"], w), new_client, {"train_loss": loss}
 
     def personal_params(self, population: Tree, client: Tree) -> Tree:

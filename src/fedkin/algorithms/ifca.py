@@ -116,7 +116,9 @@ class Ifca(Algorithm):
             new,
             w,
         )
-        cluster_id = (onehot * torch.arange(len(onehot), dtype=onehot.dtype)).sum()
+        cluster_id = (
+            onehot * torch.arange(len(onehot), dtype=onehot.dtype, device=onehot.device)
+        ).sum()
         metrics = {"train_loss": loss, "cluster": cluster_id}
         return {"delta": delta, "assign": onehot}, {"assign": onehot}, metrics
 

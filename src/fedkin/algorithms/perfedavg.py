@@ -101,7 +101,7 @@ class PerFedAvg(Algorithm):
         w = population["global"]
         outer = self.outer_optimizer
         theta, opt = w, outer.init(w)
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=batches[0].device)
         for t in range(self.local_steps):
             g, loss = self.meta_grad(theta, batches, t)
             theta, opt = outer.step(g, opt, theta)

@@ -56,7 +56,7 @@ class PFedMe(Algorithm):
         inner = sgd(cfg.personal_lr)
         w_i, theta = w, w
         opt = self.client_optimizer.init(w_i)
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=batches[0].device)
         for s in range(self.local_steps):
             b = s % batches[0].shape[0]
             theta, _, loss = self.local_solve(

@@ -82,7 +82,9 @@ class QuantizedPersonal(Algorithm):
     def frozen(self, ctx: Tree) -> torch.Tensor:
         """0-d bool: is this round in the final freeze-and-fine-tune phase?"""
         r = self.config.freeze_round
-        return ctx["round"] >= r if r is not None else torch.zeros((), dtype=torch.bool)
+        if r is not None:
+            return ctx["round"] >= r
+        return torch.zeros((), dtype=torch.bool, device=ctx["round"].device)
 
     def solver(self, ctx: Tree) -> Optimizer:
         """The alternating proximal step of this round (λ_r, freeze flag from ``ctx``)."""

@@ -63,7 +63,7 @@ def seed_direction(params: Tree, seed: int, *index: torch.Tensor | int) -> Tree:
     leaf = iter(range(len(tree_leaves(params))))
 
     def draw(v: torch.Tensor) -> torch.Tensor:
-        z = normal(seed, *index, next(leaf), torch.arange(v.numel()))
+        z = normal(seed, *index, next(leaf), torch.arange(v.numel(), device=v.device))
         return z.reshape(v.shape).to(v.dtype)
 
     return tree_map(draw, params)
