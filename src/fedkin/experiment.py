@@ -97,7 +97,8 @@ class Experiment:
         self.stream = Stream(config.seed)
         #: where the engine computes, and where its inputs (data, models, states) are made
         self.device = torch.device(config.engine.device)
-        built = build_dataset(config.data, config.seed) if dataset is None else dataset
+        with torch.device("cpu"):  # built on the host whatever torch's default device
+            built = build_dataset(config.data, config.seed) if dataset is None else dataset
         self.dataset = built.to(self.device)
         self.engine = config.backend.wrap(config.engine.build(engine_plan(config, self.dataset)))
         self.groups = self._build_groups()
@@ -119,10 +120,10 @@ class Experiment:
         self.client_accuracy: dict[str, list[float]] = {}  # per-client, from the last evaluate()
         n_new = holdout_count(self.dataset.num_clients, config.eval.holdout_clients)
         order = torch.argsort(
-            self.stream.child("holdout").keys(torch.arange(self.dataset.num_clients))
+            self.stream.child("holdout").keys(torch.arange(self.dataset.num_clients, device="cpu"))
         )
         self.new_clients = order[len(order) - n_new :].sort().values
-        self.is_training = torch.ones(self.dataset.num_clients, dtype=torch.bool)
+        self.is_training = torch.ones(self.dataset.num_clients, dtype=torch.bool, device="cpu")
         self.is_training[self.new_clients] = False
         self.training_clients = torch.nonzero(self.is_training).squeeze(1)
         self.privacy: UserLevelDP | None = None
@@ -157,7 +158,7 @@ class Experiment:
         self.channel_state = ChannelState(clip=self.privacy.clip if self.privacy else None)
         #: per-client channel state (error-feedback residuals, momenta), sized by d on first use
         self.channel_clients: ClientStore | None = None
-        self.participation = torch.zeros(self.dataset.num_clients, dtype=torch.long)
+        self.participation = torch.zeros(self.dataset.num_clients, dtype=torch.long, device="cpu")
         #: DP-SGD gradients on each batch of one client_update (measured in the first round)
         self.dp_sgd_uses: list[int] = []
         if config.privacy.dp_sgd is not None:
@@ -190,17 +191,20 @@ class Experiment:
         cfg, ds = self.config, self.dataset
         n = ds.num_clients
         specs = cfg.client_models or [ClientModelGroup(model=cfg.model, fraction=1.0)]
-        order = torch.argsort(self.stream.child("model-groups").keys(torch.arange(n)))
+        order = torch.argsort(self.stream.child("model-groups").keys(torch.arange(n, device="cpu")))
         bounds = [round(n * sum(s.fraction for s in specs[: g + 1])) for g in range(len(specs))]
-        global_model = build_model(
-            cfg.model, ds.feature_shape, ds.image_shape, ds.num_classes, cfg.seed
-        ).to(self.device)  # initialized on the CPU: the same numbers on every device
+        with torch.device("cpu"):  # initialized on the host: the same numbers on every device
+            global_model = build_model(
+                cfg.model, ds.feature_shape, ds.image_shape, ds.num_classes, cfg.seed
+            ).to(self.device)
         global_model.requires_grad_(False)
         groups, start = [], 0
         for g, (spec, stop) in enumerate(zip(specs, bounds, strict=True)):
             seed = cfg.seed if g == 0 else cfg.seed + 7919 * g
-            model = build_model(spec.model, ds.feature_shape, ds.image_shape, ds.num_classes, seed)
-            model = model.to(self.device)
+            with torch.device("cpu"):
+                model = build_model(
+                    spec.model, ds.feature_shape, ds.image_shape, ds.num_classes, seed
+                ).to(self.device)
             model.requires_grad_(False)
             alg_cfg = cfg.algorithm
             if cfg.client_models and "centers" in type(alg_cfg).model_fields:
@@ -213,7 +217,7 @@ class Experiment:
             members = order[start:stop].sort().values
             groups.append(ClientGroup(algorithm, members, store=None))  # type: ignore[arg-type]
             start = stop
-        self.group_of = torch.empty(n, dtype=torch.long)
+        self.group_of = torch.empty(n, dtype=torch.long, device="cpu")
         for g, group in enumerate(groups):
             self.group_of[group.members] = g
         return groups

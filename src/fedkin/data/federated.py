@@ -41,7 +41,8 @@ def pad_index(parts: Sequence[np.ndarray | torch.Tensor]) -> tuple[torch.Tensor,
     width = int(sizes.max()) if len(parts) else 0
     table = torch.full((len(parts), width), -1, dtype=torch.int64, device="cpu")
     if width:
-        flat = torch.cat([torch.as_tensor(np.asarray(p), dtype=torch.int64) for p in parts])
+        flat = [torch.as_tensor(np.asarray(p), dtype=torch.int64, device="cpu") for p in parts]
+        flat = torch.cat(flat)
         owner = torch.repeat_interleave(torch.arange(len(parts), device="cpu"), sizes)
         starts = torch.cumsum(sizes, 0) - sizes
         rank = torch.arange(len(flat), device="cpu") - starts[owner]
