@@ -270,9 +270,10 @@ class EngineConfig(BaseModel):
     )
     device: str = Field(
         "cpu",
-        description="where the engine computes: cpu, cuda, cuda:N or mps (a cohort's inputs "
-        "move there and its outputs back to the stores' device; no GPU figure has been "
-        "measured yet)",
+        description="where a run computes and keeps what a cohort trains on: cpu, cuda, "
+        "cuda:N or mps (the data, models, population, client stores and batches live there; "
+        "a disk store's map stays on the CPU and moves rows; the channel runs on the CPU; "
+        "no GPU figure has been measured yet)",
     )
 
     @field_validator("device")
