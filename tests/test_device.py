@@ -54,6 +54,8 @@ COVERED = (
     "fedkin/data/federated.py",
     "fedkin/engine/",
     "fedkin/algorithms/",
+    "fedkin/optim/transform.py",
+    "fedkin/optim/schedules.py",
     "fedkin/experiment.py",
     "fedkin/round.py",
 )
@@ -119,15 +121,22 @@ def _run(config, run_dir: Path) -> list[dict[str, Any]]:
     return drop_timings(tracker.records)
 
 
-@pytest.mark.parametrize("algorithm", ["fedavg", "ditto"])
-def test_cpu_device_run_equals_the_default_and_creates_nothing_on_the_default_device(
-    tmp_path, algorithm
-):
+RUNS = {
+    "fedavg": ("algorithm.name=fedavg",),
+    "ditto": ("algorithm.name=ditto",),
+    "dp-sgd": ("privacy.dp_sgd.clip=0.5", "privacy.dp_sgd.noise_multiplier=1.0"),
+    "adam-cnn": ("client.optimizer.name=adam", "model.name=cnn", "model.hidden=16"),
+}
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_cpu_device_run_equals_the_default_and_creates_nothing_on_the_default_device(tmp_path, run):
     """An ``engine.device=cpu`` run (through the placement code: data, models, stores,
     batches, evaluation, checkpoints) gives the default run's records; and while it runs, no
     covered module makes a tensor from nothing — one would land on torch's default device,
-    not engine.device. (ditto keeps client state, so its stores and personal evaluation run.)"""
-    args = (f"algorithm.name={algorithm}", "rounds=2", "eval.every=1")
+    not engine.device. (ditto keeps client state, so its stores and personal evaluation run;
+    DP-SGD draws its noise inside the solve; Adam keeps a step counter.)"""
+    args = (*RUNS[run], "rounds=2", "eval.every=1")
     expected = _run(tiny_config(*args), tmp_path / "default")
     with DefaultDeviceFactories() as watch:
         got = _run(tiny_config(*args, "engine.device=cpu"), tmp_path / "cpu")

@@ -277,8 +277,9 @@ class Experiment:
         (sorted), from a dry run on the cohort's first client in this process — the engine may
         run remotely. Its noise has a phase of its own and nothing it computes is kept."""
         population, states, batches, ctx = args
-        first = torch.tensor([0])
-        ctx = {**take_rows(ctx, first, 0), "phase": torch.tensor([PHASE_DRY_RUN])}
+        first = torch.tensor([0], device="cpu")
+        phase = torch.tensor([PHASE_DRY_RUN], device=ctx["client_id"].device)
+        ctx = {**take_rows(ctx, first, 0), "phase": phase}
         algorithm.dp_uses.clear()
         SequentialEngine().map(
             algorithm.client_update,

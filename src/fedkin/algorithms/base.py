@@ -296,7 +296,7 @@ class Algorithm(ABC):
 
         def noise(count: torch.Tensor, leaf: int, numel: int) -> torch.Tensor:
             keys = (ctx["round"], ctx["client_id"], phase, noise_tag, count, leaf)
-            return self.dp_stream.normal(*keys, torch.arange(numel))
+            return self.dp_stream.normal(*keys, torch.arange(numel, device=x.device))
 
         aggregate = differentially_private_aggregate(
             cfg.clip,
@@ -304,7 +304,7 @@ class Algorithm(ABC):
             ctx["num_samples"].clamp(max=self.dp_batch_size),
             noise,
         )
-        noised, _ = aggregate.update(g, {"count": torch.tensor(step)}, params)
+        noised, _ = aggregate.update(g, {"count": torch.tensor(step, device=x.device)}, params)
         return noised, (losses * taken).sum() / taken.sum().clamp(min=1)
 
     def gaussian_objective(self, center: Tree, lam: float):

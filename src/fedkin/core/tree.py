@@ -31,6 +31,13 @@ def tree_map(fn: Callable[..., torch.Tensor], tree: Tree, *rest: Tree) -> Tree:
     }
 
 
+def tree_device(tree: Tree) -> torch.device:
+    """The device of a tree's first tensor (the CPU for an empty tree): where state that goes
+    with it (step counters) is made."""
+    leaves = tree_leaves(tree)
+    return leaves[0].device if leaves else torch.device("cpu")
+
+
 def tree_leaves(tree: Tree) -> list[torch.Tensor]:
     out: list[torch.Tensor] = []
     for v in tree.values():

@@ -24,7 +24,7 @@ Schedule = Callable[[torch.Tensor], torch.Tensor]
 
 def constant_schedule(value: float) -> Schedule:
     """η_t = η."""
-    return lambda t: torch.full((), value, dtype=torch.float32)
+    return lambda t: torch.full((), value, dtype=torch.float32, device=t.device)
 
 
 def linear_schedule(init: float, end: float, steps: int) -> Schedule:

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from fedkin.core.tree import Tree, tree_leaves, tree_map, tree_zeros_like
+from fedkin.core.tree import Tree, tree_device, tree_leaves, tree_map, tree_zeros_like
 from fedkin.optim.schedules import Schedule
 
 
@@ -164,7 +164,7 @@ def scale_by_learning_rate(lr: float | Schedule) -> GradientTransformation:
         return scale(-lr)
 
     def init(params: Tree) -> Tree:
-        return {"count": torch.zeros((), dtype=torch.int64)}
+        return {"count": torch.zeros((), dtype=torch.int64, device=tree_device(params))}
 
     def update(grads: Tree, state: Tree, params: Tree) -> tuple[Tree, Tree]:
         eta = lr(state["count"])
@@ -204,7 +204,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         return {
             "m": tree_zeros_like(params),
             "v": tree_zeros_like(params),
-            "t": torch.zeros((), dtype=torch.float32),
+            "t": torch.zeros((), dtype=torch.float32, device=tree_device(params)),
         }
 
     def update(grads: Tree, state: Tree, params: Tree) -> tuple[Tree, Tree]:
@@ -252,7 +252,7 @@ def differentially_private_aggregate(
     sigma = noise_multiplier * clip_norm
 
     def init(params: Tree) -> Tree:
-        return {"count": torch.zeros((), dtype=torch.int64)}
+        return {"count": torch.zeros((), dtype=torch.int64, device=tree_device(params))}
 
     def update(grads: Tree, state: Tree, params: Tree) -> tuple[Tree, Tree]:
         leaves = tree_leaves(grads)
