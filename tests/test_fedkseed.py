@@ -1,13 +1,16 @@
 """Zeroth-order clients: SPSA estimates the gradient; FedKSeed's seed-scalar messages rebuild
-the clients' average delta exactly, with 8 bytes per local step on the wire."""
+the clients' average delta exactly, packed as float32 scalars and ⌈log₂ K⌉-bit pool indices."""
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 from torch.testing import assert_close
 
 from conftest import tiny_config
-from fedkin.algorithms.fedkseed import uplink_bytes
+from fedkin.algorithms.fedkseed import decode_scalars, encode_scalars, index_bits
 from fedkin.core.rng import hash_counters
 from fedkin.core.tree import tree_leaves, tree_map, tree_sub
 from fedkin.experiment import Experiment
@@ -91,8 +94,52 @@ def test_fedkseed_server_rebuilds_the_average_client_delta():
     assert_close(own, tree_sub(theta, w0), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("pool_size", [1, 2, 3, 255, 256, 4096, 5000, 65536, 70000])
+def test_wire_buffer_is_the_count_and_decodes_to_the_message(pool_size):
+    g = torch.Generator().manual_seed(pool_size)
+    for n in sorted({0, 1, min(7, pool_size), min(10, pool_size)}):
+        c = torch.zeros(pool_size)
+        idx = torch.randperm(pool_size, generator=g)[:n]
+        c[idx] = torch.randn(n, generator=g) * 10.0 ** torch.randint(-8, 3, (n,), generator=g)
+        if n:
+            c[pool_size - 1] = -3.5  # the largest index uses all b bits
+        buffer = encode_scalars(c, pool_size)
+        n_sent = int((c != 0).sum())
+        b = math.ceil(math.log2(pool_size)) if pool_size > 1 else 1
+        assert index_bits(pool_size) == b
+        assert len(buffer) == 4 * n_sent + math.ceil(n_sent * b / 8)
+        assert torch.equal(decode_scalars(buffer, pool_size), c)  # bit-exact float32
+    assert index_bits(4096) == 12 and index_bits(65536) == 16 and index_bits(65537) == 17
+
+
+def test_the_channel_counts_fedkseed_buffers_and_the_server_gets_the_same_scalars():
+    extra = ("algorithm.name=fedkseed", "algorithm.pool_size=4096", "client.local_steps=5")
+    exp = Experiment(tiny_config(*extra, "rounds=1", "eval.holdout_clients=0"))
+    alg = exp.groups[0].algorithm
+    cohort = exp.sample_cohort(0)
+    batches = exp.dataset.sample_train_batches(cohort, exp.stream.child("batches"), 0, 5, 8)
+    expected = 0
+    for j, c in enumerate(cohort.tolist()):
+        ctx = {"client_id": torch.tensor(c), "round": torch.tensor(0)}
+        w = exp.population["global"]
+        msg, _, _ = alg.client_update({"global": w}, {}, (batches[0][:, j], batches[1][:, j]), ctx)
+        expected += len(encode_scalars(msg["scalars"], 4096))
+    record = exp.run_round()
+    assert record["uplink_bytes"] == expected
+    assert record["uplink_bytes"] <= len(cohort) * (4 * 5 + math.ceil(5 * 12 / 8))
+    # the codec is lossless, so the run equals one whose channel does not pack the scalars
+    plain = Experiment(tiny_config(*extra, "rounds=1", "eval.holdout_clients=0"))
+    plain.channel.codecs = {}
+    plain_record = plain.run_round()
+    assert plain_record["uplink_bytes"] == len(cohort) * 4 * 4096
+    for a, b in zip(tree_leaves(exp.population), tree_leaves(plain.population), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_fedkseed_uplink_is_over_1000x_smaller_than_a_full_delta():
-    exp = Experiment(tiny_config("algorithm.name=fedkseed", "model.hidden=[128]"))
+    cfg = tiny_config("algorithm.name=fedkseed", "model.hidden=[128]", "client.local_steps=2")
+    exp = Experiment(cfg)
     d = sum(t.numel() for t in tree_leaves(exp.population["global"]))
-    assert uplink_bytes(2) == 16
-    assert 4 * d / uplink_bytes(2) > 1000
+    per_client = exp.run_round()["uplink_bytes"] / cfg.cohort.clients_per_round
+    assert per_client <= 2 * 4 + math.ceil(2 * 12 / 8)  # two steps: ≤ 2 float32 + 2·12 bits
+    assert 4 * d / per_client > 1000

@@ -154,6 +154,7 @@ class Experiment:
                 batch_size=config.client.batch_size,
                 seed=config.seed,
             ),
+            codecs=self.algorithm.wire_codecs() if hasattr(self.algorithm, "wire_codecs") else None,
         )
         self.channel_state = ChannelState(clip=self.privacy.clip if self.privacy else None)
         #: per-client channel state (error-feedback residuals, momenta), sized by d on first use

@@ -26,6 +26,7 @@ runs keep their exact numbers.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -70,6 +71,15 @@ class ChannelState:
     downlink_total: float = 0.0
 
 
+class WireCodec(NamedTuple):
+    """How an algorithm packs one message key itself (FedKSeed's per-seed scalars):
+    ``encode(row) -> bytes`` on the client, ``decode(bytes) -> row`` on the server. The row's
+    wire bytes are the buffer's length, and the server receives the decoded row."""
+
+    encode: Callable[[torch.Tensor], bytes]
+    decode: Callable[[bytes], torch.Tensor]
+
+
 class Uplink(NamedTuple):
     """What the client half of a cohort produced."""
 
@@ -95,8 +105,10 @@ class RoundChannel:
         num_classes: int,
         privacy: UserLevelDP | None,
         trusted_updates: TrustedUpdates | None = None,
+        codecs: dict[str, WireCodec] | None = None,
     ) -> None:
         self.default = is_default(channel, attack)
+        self.codecs = codecs or {}  # message keys the algorithm packs itself
         self.trusted_updates = trusted_updates  # the server's trusted data (trusted_direction)
         self.aggregator = channel.aggregator.build(seed, trusted_updates)
         self.compressor = channel.compress.build(seed)
@@ -185,6 +197,7 @@ class RoundChannel:
             )
             messages, residuals, sizes, buffers = half
             ok = ok & finite_rows(messages, k)  # (the default path leaves messages unchanged)
+        messages, sizes = self._pack(messages, sizes)
         was_clipped, scales = torch.zeros(k, dtype=torch.bool), None
         if self.privacy is not None:
             if buffers is not None:  # the release of a compressed delta: its buffer and factor
@@ -199,6 +212,19 @@ class RoundChannel:
                         sizes[row] = float(sum(4 * t[row].numel() for t in tree_leaves(messages)))
             messages, was_clipped = self.privacy.device_release(messages, ok, round_, clients, clip)
         return Uplink(messages, ok, residuals, sizes, was_clipped, buffers, scales)
+
+    def _pack(self, messages: Tree, sizes: torch.Tensor) -> tuple[Tree, torch.Tensor]:
+        """Keys with a :class:`WireCodec`: each row encoded, counted as its buffer's length
+        (instead of 4 bytes per entry) and replaced by its decoding."""
+        sizes = sizes.clone()
+        for key in self.codecs.keys() & messages.keys():
+            codec, rows = self.codecs[key], []
+            for row, value in enumerate(messages[key]):
+                buffer = codec.encode(value)
+                sizes[row] += len(buffer) - 4 * value.numel()
+                rows.append(codec.decode(buffer).to(value.dtype))
+            messages = {**messages, key: torch.stack(rows)}
+        return messages, sizes
 
     def _clip_factors(self, messages: Tree, k: int, clip: float | None) -> torch.Tensor:
         """[K] float64 min(1, C/‖m_k‖), the factor of the DP clip."""
@@ -268,9 +294,11 @@ def build_channel(
     num_classes: int,
     privacy: UserLevelDP | None,
     trusted_updates: TrustedUpdates | None = None,
+    codecs: dict[str, WireCodec] | None = None,
 ) -> RoundChannel:
     """The run's channel: the one place it is assembled from config (``trusted_updates``: the
-    server's trusted-data source, :func:`fedkin.channel.trusted.trusted_updates`)."""
+    server's trusted-data source, :func:`fedkin.channel.trusted.trusted_updates`; ``codecs``:
+    the message keys the algorithm packs itself)."""
     return RoundChannel(
         config.channel,
         config.attack,
@@ -279,4 +307,5 @@ def build_channel(
         num_classes=num_classes,
         privacy=privacy,
         trusted_updates=trusted_updates,
+        codecs=codecs,
     )
