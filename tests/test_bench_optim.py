@@ -1,5 +1,5 @@
 """fedkin bench optim: rows are measured runs (state bytes from the stored state, uplink from
-the parameter count or the number of seed pairs)."""
+the parameter count or, for FedKSeed, the encoded buffers the channel counted)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ def test_bench_optim_rows_measure_the_configured_run():
     zo = run_one("fedkseed", 1e-3, rounds=1, seed=0)
     d = 64 * 128 + 128 + 128 * 10 + 10
     assert sgd["uplink_bytes_per_round"] == 4 * d
-    assert zo["uplink_bytes_per_round"] == 8 * 10  # 10 local steps
+    # 10 local steps: 10 (pool index, scalar) pairs, 10 float32 + 10 × 12-bit indices
+    assert zo["uplink_bytes_per_round"] == 4 * 10 + 15
     assert sgd["state_bytes_per_param"] == 0 and adam["state_bytes_per_param"] > 8
     assert 0 <= sgd["accuracy"] <= 1 and sgd["val"] is not None
     mezo = run_one("mezo", 1e-3, rounds=1, seed=0)

@@ -97,18 +97,20 @@ def test_fedkseed_server_rebuilds_the_average_client_delta():
 @pytest.mark.parametrize("pool_size", [1, 2, 3, 255, 256, 4096, 5000, 65536, 70000])
 def test_wire_buffer_is_the_count_and_decodes_to_the_message(pool_size):
     g = torch.Generator().manual_seed(pool_size)
+    b = math.ceil(math.log2(pool_size)) if pool_size > 1 else 1
+    assert index_bits(pool_size) == b
     for n in sorted({0, 1, min(7, pool_size), min(10, pool_size)}):
         c = torch.zeros(pool_size)
         idx = torch.randperm(pool_size, generator=g)[:n]
         c[idx] = torch.randn(n, generator=g) * 10.0 ** torch.randint(-8, 3, (n,), generator=g)
         if n:
             c[pool_size - 1] = -3.5  # the largest index uses all b bits
-        buffer = encode_scalars(c, pool_size)
         n_sent = int((c != 0).sum())
-        b = math.ceil(math.log2(pool_size)) if pool_size > 1 else 1
-        assert index_bits(pool_size) == b
-        assert len(buffer) == 4 * n_sent + math.ceil(n_sent * b / 8)
-        assert torch.equal(decode_scalars(buffer, pool_size), c)  # bit-exact float32
+        for pairs in (0, 10):  # padded with (0, +0.0) to 10 pairs
+            buffer = encode_scalars(c, pool_size, pairs)
+            m = max(n_sent, pairs)
+            assert len(buffer) == 4 * m + math.ceil(m * b / 8)
+            assert torch.equal(decode_scalars(buffer, pool_size), c)  # bit-exact float32
     assert index_bits(4096) == 12 and index_bits(65536) == 16 and index_bits(65537) == 17
 
 
@@ -123,15 +125,14 @@ def test_the_channel_counts_fedkseed_buffers_and_the_server_gets_the_same_scalar
         ctx = {"client_id": torch.tensor(c), "round": torch.tensor(0)}
         w = exp.population["global"]
         msg, _, _ = alg.client_update({"global": w}, {}, (batches[0][:, j], batches[1][:, j]), ctx)
-        expected += len(encode_scalars(msg["scalars"], 4096))
+        expected += len(encode_scalars(msg["scalars"], 4096, 5))
     record = exp.run_round()
-    assert record["uplink_bytes"] == expected
-    assert record["uplink_bytes"] <= len(cohort) * (4 * 5 + math.ceil(5 * 12 / 8))
+    # every client sends 5 pairs: 5 float32 + 5 × 12-bit indices
+    assert record["uplink_bytes"] == expected == len(cohort) * (4 * 5 + math.ceil(5 * 12 / 8))
     # the codec is lossless, so the run equals one whose channel does not pack the scalars
     plain = Experiment(tiny_config(*extra, "rounds=1", "eval.holdout_clients=0"))
     plain.channel.codecs = {}
-    plain_record = plain.run_round()
-    assert plain_record["uplink_bytes"] == len(cohort) * 4 * 4096
+    assert plain.run_round()["uplink_bytes"] == len(cohort) * 4 * 4096
     for a, b in zip(tree_leaves(exp.population), tree_leaves(plain.population), strict=True):
         assert torch.equal(a, b)
 
@@ -141,5 +142,5 @@ def test_fedkseed_uplink_is_over_1000x_smaller_than_a_full_delta():
     exp = Experiment(cfg)
     d = sum(t.numel() for t in tree_leaves(exp.population["global"]))
     per_client = exp.run_round()["uplink_bytes"] / cfg.cohort.clients_per_round
-    assert per_client <= 2 * 4 + math.ceil(2 * 12 / 8)  # two steps: ≤ 2 float32 + 2·12 bits
+    assert per_client == 2 * 4 + math.ceil(2 * 12 / 8)  # two steps: 2 float32 + 2 × 12 bits
     assert 4 * d / per_client > 1000

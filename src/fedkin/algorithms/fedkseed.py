@@ -10,12 +10,14 @@ the simulation carries them as a K-vector so the channel can average them).
 Population update: w ← ServerOpt(w, −Σ_k c̄_k z_k), c̄ the weighted average of the clients' c
 — exactly the average of the clients' deltas, since each delta is Σ_k c_k z_k.
 
-On the wire (:func:`encode_scalars`, the channel counts ``len`` of the buffer): the n ≤ S
-nonzero c_k as float32, then their pool indices k with b = ⌈log₂ K⌉ bits each (12 for the
-default K = 4096), packed MSB first and zero-padded to a byte: 4n + ⌈nb/8⌉ bytes per client and
-round (S = 10: at most 55 bytes), against 4·d bytes for a full fp32 delta of d parameters. The
-server decodes the buffer back to c exactly (float32 values, no rounding), so learning is
-what it would be without the wire.
+On the wire (:func:`encode_scalars`; the channel counts ``len`` of the buffer): S pairs — the
+nonzero c_k as float32 (a pool index drawn twice is one pair; (0, +0.0) pads to S), then their
+pool indices with b = ⌈log₂ K⌉ bits each (12 for the default K = 4096), packed MSB first and
+zero-padded to a byte: 4S + ⌈Sb/8⌉ bytes per client and round (S = 10: 55 bytes; the same for
+every client, so the count reveals nothing of the data), against 4·d bytes for a full fp32
+delta of d parameters. The server decodes the buffer back to c exactly (float32 values, no
+rounding), so learning is what it would be without the wire. Under local DP the noised release
+is dense and goes as K pairs.
 """
 
 from __future__ import annotations
@@ -49,21 +51,25 @@ def index_bits(pool_size: int) -> int:
     return max(1, math.ceil(math.log2(pool_size)))
 
 
-def encode_scalars(scalars: torch.Tensor, pool_size: int) -> bytes:
-    """One client's message c ∈ ℝ^K as bytes: its n nonzero entries as float32, then their
-    indices (ascending) with :func:`index_bits` bits each. n is not sent: the buffer has
-    L = 4n + ⌈nb/8⌉ bytes, so 8L ∈ [(32 + b)n, (32 + b)n + 7] and n = ⌊8L/(32 + b)⌋."""
-    idx = torch.nonzero(scalars.detach()).flatten()
-    values = scalars.detach()[idx].to(torch.float32).numpy().astype("<f4").tobytes()
-    return values + pack_bits(idx.numpy(), index_bits(pool_size))
+def encode_scalars(scalars: torch.Tensor, pool_size: int, pairs: int = 0) -> bytes:
+    """One client's message c ∈ ℝ^K as bytes: its n nonzero entries as float32, padded with
+    (index 0, +0.0) to at least ``pairs`` entries, then their indices with :func:`index_bits` bits
+    each. The count is not sent: the buffer has L = 4n + ⌈nb/8⌉ bytes, so
+    8L ∈ [(32 + b)n, (32 + b)n + 7] and n = ⌊8L/(32 + b)⌋. With ``pairs`` = S local steps the
+    length is the same for every client (n ≤ S distinct indices drawn), whatever its data."""
+    c = scalars.detach().to(torch.float32)
+    idx = torch.nonzero(c).flatten()
+    pad = max(pairs - len(idx), 0)
+    values = torch.cat([c[idx], torch.zeros(pad)]).numpy().astype("<f4").tobytes()
+    return values + pack_bits(torch.cat([idx, idx.new_zeros(pad)]).numpy(), index_bits(pool_size))
 
 
 def decode_scalars(buffer: bytes, pool_size: int) -> torch.Tensor:
-    """Inverse of :func:`encode_scalars`: the float32 K-vector c."""
+    """Inverse of :func:`encode_scalars`: the float32 K-vector c (padding adds +0.0)."""
     n = 8 * len(buffer) // (32 + index_bits(pool_size))
     values = torch.from_numpy(np.frombuffer(buffer[: 4 * n], dtype="<f4").copy())
-    idx = unpack_bits(buffer[4 * n :], index_bits(pool_size), n).astype(np.int64)
-    return torch.zeros(pool_size).index_put_((torch.from_numpy(idx),), values)
+    idx = torch.from_numpy(unpack_bits(buffer[4 * n :], index_bits(pool_size), n).astype(np.int64))
+    return torch.zeros(pool_size).index_put_((idx,), values, accumulate=True)
 
 
 class FedKSeed(Algorithm):
@@ -90,11 +96,12 @@ class FedKSeed(Algorithm):
         return {"scalars": scalars}, client, metrics
 
     def wire_codecs(self) -> dict[str, WireCodec]:
-        """The message key ``scalars`` goes on the wire as :func:`encode_scalars`' buffer."""
-        k = self.config.pool_size
+        """The message key ``scalars`` goes on the wire as :func:`encode_scalars`' buffer of
+        S = ``client.local_steps`` (index, scalar) pairs."""
+        k, steps = self.config.pool_size, self.local_steps
         return {
             "scalars": WireCodec(
-                lambda c: encode_scalars(c, k), lambda buffer: decode_scalars(buffer, k)
+                lambda c: encode_scalars(c, k, steps), lambda buffer: decode_scalars(buffer, k)
             )
         }
 

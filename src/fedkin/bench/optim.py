@@ -8,9 +8,10 @@ number of rounds is reported with the optimizer's state bytes per parameter (mea
 stored state), the storage bytes per parameter of the weights a client holds during its
 local solve (``weight_bytes_per_param``: 4 in fp32, 2 for the bf16 optimizers, which hold them
 as bf16 tensors; measured after one local step) and the uplink bytes per client and round (4·d
-for an fp32 delta; 8 per local step for FedKSeed's (index, scalar) pairs). Rows ``…@1e-4`` use
-one fixed small learning rate instead of a grid (the regime where bf16 round-to-nearest loses
-Adam's steps).
+for an fp32 delta; for FedKSeed the mean length of the buffers its clients sent — float32
+scalars and ⌈log₂ K⌉-bit pool indices, :func:`fedkin.algorithms.fedkseed.encode_scalars` — as
+the channel counted them). Rows ``…@1e-4`` use one fixed small learning rate instead of a grid
+(the regime where bf16 round-to-nearest loses Adam's steps).
 ``peak_mem_mb`` is one client's measured peak for one local step on one batch (weights,
 optimizer state and batch held, plus the peak of live tensor allocations while the step runs;
 :mod:`fedkin.optim.memory`), and ``inference_peak_mem_mb`` the same model's forward pass on the
@@ -141,8 +142,10 @@ def run_one(
     d = sum(t.numel() for t in tree_leaves(params))
     alg = exp.groups[0].algorithm
     step_mb, inference_mb, weight_bytes = memory_mb(exp)
-    if name == "fedkseed":
-        state, uplink, step_mb, weight_bytes = 0.0, 8 * cfg.client.local_steps, None, None
+    if name == "fedkseed":  # the mean length of the encoded buffers the clients sent
+        sent = rounds * cfg.cohort.clients_per_round
+        uplink = round(exp.channel_state.uplink_total / sent, 2)
+        state, step_mb, weight_bytes = 0.0, None, None
     else:
         state, uplink = state_bytes_per_param(alg.client_optimizer, params), 4 * d
     return {
@@ -297,7 +300,7 @@ def cmd_optim(args: argparse.Namespace) -> int:
             f"{weights if weights is not None else '-':>11} "
             f"{r['state_bytes_per_param']:9.2f} "
             f"{r['peak_mem_mb'] if r['peak_mem_mb'] is not None else '-':>8} "
-            f"{r['uplink_bytes_per_round']:9d}"
+            f"{r['uplink_bytes_per_round']:>9}"
         )
     print(f"inference peak MB: {result['inference_peak_mem_mb']}")
     if "diloco" in result:

@@ -197,7 +197,6 @@ class RoundChannel:
             )
             messages, residuals, sizes, buffers = half
             ok = ok & finite_rows(messages, k)  # (the default path leaves messages unchanged)
-        messages, sizes = self._pack(messages, sizes)
         was_clipped, scales = torch.zeros(k, dtype=torch.bool), None
         if self.privacy is not None:
             if buffers is not None:  # the release of a compressed delta: its buffer and factor
@@ -211,6 +210,7 @@ class RoundChannel:
                         buffers[row] = None
                         sizes[row] = float(sum(4 * t[row].numel() for t in tree_leaves(messages)))
             messages, was_clipped = self.privacy.device_release(messages, ok, round_, clients, clip)
+        messages, sizes = self._pack(messages, sizes)  # what goes on the wire: the release
         return Uplink(messages, ok, residuals, sizes, was_clipped, buffers, scales)
 
     def _pack(self, messages: Tree, sizes: torch.Tensor) -> tuple[Tree, torch.Tensor]:
