@@ -12,7 +12,10 @@ on its own message (a cohort of one) and replies with
 
 The server decodes with the same compressor (the randomness of random-k is regenerated from
 (seed, round, client)) and counts the bytes it received exactly as the in-process client half
-counts them, so records agree across runtimes.
+counts them, so records agree across runtimes. Keys an algorithm packs itself
+(:class:`~fedkin.channel.runtime.WireCodec`, FedKSeed's per-seed scalars) travel in
+``"message"`` as float32 (what the codec decodes them to, exactly) and are counted as the length
+of their encoding, as in-process.
 
 **Omniscient attacks** (sign flip of the honest mean, ALIE, IPM, mimic) see the round's honest
 messages, which no single node holds. The attack is a simulation, so the server plays the
@@ -33,7 +36,7 @@ import torch
 
 from fedkin.channel.flat import TreeSpec, flatten, unflatten
 from fedkin.channel.pipeline import MODEL_KEY
-from fedkin.channel.runtime import RoundChannel, Uplink, tree_bytes
+from fedkin.channel.runtime import RoundChannel, Uplink
 from fedkin.core.tree import Tree, tree_map
 
 CHANNEL_KEY = "fedkin-channel"  # the node's context.state entry: its residual and momentum
@@ -72,7 +75,7 @@ def unpack(content, channel: RoundChannel, round_: int, client: int) -> tuple[Tr
     from fedkin.backends.flower_app import record_to_tree
 
     message = record_to_tree(content["message"])
-    nbytes = float(tree_bytes(message))
+    nbytes = channel.packed_bytes(message)
     if "uplink" not in content:
         return message, nbytes
     arrays = content["uplink"]

@@ -104,6 +104,11 @@ def _aggregators(f: int) -> dict[str, list[str]]:
 
 COMPRESSORS: dict[str, list[str]] = {
     "top_k 1% EF": ["channel.compress.name=top_k", "channel.compress.density=0.01"],
+    "top_k 1% no EF": [
+        "channel.compress.name=top_k",
+        "channel.compress.density=0.01",
+        "channel.compress.error_feedback=false",
+    ],
     "top_k 10% EF": ["channel.compress.name=top_k", "channel.compress.density=0.1"],
     "random_k 10% EF": ["channel.compress.name=random_k", "channel.compress.density=0.1"],
     "qsgd s=4": ["channel.compress.name=qsgd", "channel.compress.levels=4"],
