@@ -31,7 +31,9 @@ robustness.
 Compress. One run per compressor (error feedback where it is the default), the mean rule
 (= FedAvg under uniform weights) so the byte counts are recorded; uplink bytes are the encoded
 buffers' lengths summed over all clients and rounds. ``uncompressed`` is the ``none`` codec
-(float32, 4 bytes per coordinate).
+(float32, 4 bytes per coordinate). ``--compressors`` runs the uncompressed baseline and the
+listed rows only, and adds them (marked with their command) to the stored result of the same
+workload — only if the baseline reproduces the stored one exactly.
 """
 
 from __future__ import annotations
