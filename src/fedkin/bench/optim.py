@@ -48,7 +48,7 @@ GRIDS = {
     "adamw@1e-4": [1e-4],
     "adamw-bf16-nearest@1e-4": [1e-4],
     "adamw-bf16-stochastic@1e-4": [1e-4],
-    "fedkseed": [1e-3, 3e-3, 1e-2, 3e-2],
+    "fedkseed": [1e-3, 3e-3, 1e-2],
     "mezo": [1e-3, 3e-3, 1e-2],
     "zo-sgd": [3e-3, 1e-2, 3e-2],
     "zo-adam": [3e-4, 1e-3, 3e-3],
