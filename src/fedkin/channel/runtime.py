@@ -229,12 +229,9 @@ class RoundChannel:
     def packed_bytes(self, message: Tree) -> float:
         """Wire bytes of one client's (unstacked) message: its codec keys as their buffers'
         lengths, the rest as float32."""
-        return float(
-            sum(
-                len(self.codecs[k].encode(v)) if k in self.codecs else tree_bytes(v)
-                for k, v in message.items()
-            )
-        )
+        rest = {k: v for k, v in message.items() if k not in self.codecs}
+        packed = sum(len(self.codecs[k].encode(v)) for k, v in message.items() if k in self.codecs)
+        return float(tree_bytes(rest) + packed)
 
     def _clip_factors(self, messages: Tree, k: int, clip: float | None) -> torch.Tensor:
         """[K] float64 min(1, C/‖m_k‖), the factor of the DP clip."""
