@@ -60,3 +60,38 @@ def test_robust_heatmap_draws_a_subset_of_the_attacks(tmp_path):
     ]
     robust_heatmap({"clean_fedavg": 0.9, "rows": rows}, tmp_path / "h.png")
     assert (tmp_path / "h.png").stat().st_size > 0
+
+
+def test_compress_rows_merge_only_onto_a_reproduced_baseline():
+    from fedkin.bench.channel import compress_markdown, merge_rows
+
+    base = {"accuracy": 0.8, "uplink_bytes": 1000.0}
+    old = {
+        "command": "fedkin bench compress --data digits --rounds 5",
+        "seconds": 1.0,
+        "uncompressed": base,
+        "rows": [
+            {"compressor": "fedzip 10% EF", "accuracy": 0.79, "uplink_bytes": 50.0, "ratio": 20.0},
+            {"compressor": "top_k 1% EF", "accuracy": 0.7, "uplink_bytes": 15.0, "ratio": 66.7},
+        ],
+    }
+    row = {"compressor": "fedzip 5% EF", "accuracy": 0.785, "uplink_bytes": 12.5, "ratio": 80.0}
+    cmd = "fedkin bench compress --data digits --rounds 5 --compressors 'fedzip 5% EF'"
+    merged = merge_rows(old, {"uncompressed": dict(base), "rows": [row]}, cmd)
+    # in the bench's order, the new row tagged with its command, the stored ones untouched
+    assert [r["compressor"] for r in merged["rows"]] == [
+        "top_k 1% EF",
+        "fedzip 5% EF",
+        "fedzip 10% EF",
+    ]
+    assert merged["rows"][1] == {**row, "command": cmd} and merged["command"] == old["command"]
+    text = compress_markdown(merged, merged["command"])
+    assert "| fedzip 5% EF† | 0.785 | -1.5 |" in text and f"† Added by `{cmd}`" in text
+    assert "**met** by fedzip 5% EF;" in text  # 80× at -1.5 points; top-k 1% is -10 points
+    missed = {**merged, "rows": [r for r in merged["rows"] if r["compressor"] != "fedzip 5% EF"]}
+    assert "**missed**" in compress_markdown(missed, merged["command"])
+    other = {"uncompressed": {**base, "accuracy": 0.81}, "rows": [row]}
+    with pytest.raises(SystemExit, match="does not match"):
+        merge_rows(old, other, cmd)
+    with pytest.raises(SystemExit, match="does not match"):
+        merge_rows(old, {"uncompressed": dict(base), "rows": [row]}, cmd.replace("5", "6", 1))
