@@ -37,6 +37,7 @@ BENCH_MODULES = (
     "fedkin.bench.optim",
     "fedkin.bench.channel",
     "fedkin.bench.diffusion",
+    "fedkin.bench.spire_ablation",
     "fedkin.bench.generative",
 )
 
