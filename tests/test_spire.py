@@ -262,6 +262,7 @@ def test_bench_diffusion_writes_table_json_and_grids(cli, tmp_path, capsys):
     last_layer = 8 * 9 + 1  # conv_out: 8 → 1 channel, 3×3, bias
     assert rows[("fedavg-ft-last", "kid_new_mean")]["trainable_params"] == last_layer
     assert rows[("spire", "forgetting_kid")]["value"] == 0.0
+    assert rows[("split", "new_clients")]["value"] == 2
     assert (tmp_path / "samples_spire.png").stat().st_size > 0
     assert "| spire |" in (tmp_path / "diffusion.md").read_text()
 

@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from fedkin.bench import spire_ablation
+from fedkin.bench import diffusion, spire_ablation
 from fedkin.core.tree import tree_leaves
 
 SMALL = "--clients 10 --channels 8,16 --steps 2 --samples 12 --sample-steps 3"
@@ -27,15 +27,30 @@ def tiny_args(tmp_path, rounds: int) -> argparse.Namespace:
 
 def test_cached_pretraining_continues_bit_identically(tmp_path):
     quiet = lambda *a: None  # noqa: E731
-    spire_ablation.pretrained(tiny_args(tmp_path, 1), "spire", quiet)
-    resumed = spire_ablation.pretrained(tiny_args(tmp_path, 2), "spire", quiet)
-    assert len(list(tmp_path.glob("spire_ablation_*_r*.pt"))) == 2
+    diffusion.pretrained(tiny_args(tmp_path, 1), "spire", quiet)
+    resumed = diffusion.pretrained(tiny_args(tmp_path, 2), "spire", quiet)
+    assert len(list(tmp_path.glob("diffusion_pretrained_*_r*.pt"))) == 2
 
     straight = spire_ablation.experiment(tiny_args(tmp_path, 2), "spire")
-    spire_ablation.train(straight, 2, quiet)
+    diffusion.train(straight, 2, quiet)
     assert resumed["round"] == 2
     pairs = zip(tree_leaves(resumed["population"]), tree_leaves(straight.population), strict=True)
     assert all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_table2_seed0_holds_out_a_class_no_training_client_has():
+    """Table 2's default split (seed 0) holds out both class-5 clients; seed 1's is covered."""
+    from fedkin.config import load_config
+    from fedkin.experiment import Experiment
+
+    def split(seed: int) -> Experiment:
+        args = diffusion.parse(["--seed", str(seed)])
+        return Experiment(load_config(None, diffusion.base_overrides(args)))
+
+    exp = split(0)
+    assert [diffusion.client_class(exp, j) for j in exp.new_clients.tolist()] == [5, 0, 5, 3]
+    assert diffusion.unseen_class_count(exp) == 2
+    assert diffusion.unseen_class_count(split(1)) == 0
 
 
 @pytest.mark.slow

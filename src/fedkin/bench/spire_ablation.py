@@ -3,8 +3,8 @@ on cached pretrained models.
 
 Pretraining is the expensive part, so SPIRE (backbone + embeddings) and FedAvg are each trained
 once in Table 2's setting (:mod:`fedkin.bench.diffusion`; ``--rounds``, ``--seed``, …) and
-cached as experiment state dicts under ``--cache`` (a longer run continues from the longest
-cached shorter one; resume is bit-identical). Only adaptation is then swept, each new client j
+cached under ``--cache`` (:func:`fedkin.bench.diffusion.pretrained`, shared with ``fedkin bench
+diffusion``). Only adaptation is then swept, each new client j
 scored by KID of its samples against its test images on the cached feature CNN:
 
 * ``spire``: ``--adapt-steps`` × ``--adapt-lrs`` × ``--inits`` of the embedding e_new, from
@@ -25,7 +25,6 @@ clients), ``kid_new_covered_mean``, ``kid_new_uncovered_mean`` or ``kid_client{j
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import statistics
 import time
@@ -37,11 +36,12 @@ from fedkin.bench.diffusion import (
     adapted_count,
     add_arguments,
     base_overrides,
+    client_class,
     generate,
     method_overrides,
     normalize,
+    pretrained,
     scores,
-    train,
 )
 from fedkin.config import load_config
 from fedkin.experiment import Experiment
@@ -58,32 +58,6 @@ def experiment(args: argparse.Namespace, method: str, **over) -> Experiment:
     batches = [f"client.local_steps={steps}"] if steps > args.steps else []
     overrides = [*base_overrides(args), *method_overrides(method, steps, lr), *batches]
     return Experiment(load_config(None, overrides))
-
-
-def pretrained(args: argparse.Namespace, method: str, log) -> dict:
-    """The state dict after ``args.rounds`` rounds of ``method``, cached in ``args.cache``."""
-    key = json.dumps([base_overrides(argparse.Namespace(**{**vars(args), "rounds": 0})), method])
-    stem = f"spire_ablation_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-    cache = Path(args.cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    path = cache / f"{stem}_r{args.rounds}.pt"
-    if path.exists():
-        return torch.load(path, weights_only=False)
-    exp = experiment(args, method)
-    done = [int(p.stem.rsplit("_r", 1)[1]) for p in cache.glob(f"{stem}_r*.pt")]
-    start = max([r for r in done if r < args.rounds], default=0)
-    if start:
-        exp.load_state_dict(torch.load(cache / f"{stem}_r{start}.pt", weights_only=False))
-    log(f"{method}: pretraining rounds {start + 1}..{args.rounds}")
-    train(exp, args.rounds - start, log)
-    state = exp.state_dict()
-    torch.save(state, path)
-    return state
-
-
-def client_class(exp: Experiment, i: int) -> int:
-    labels = exp.dataset.client_train(i)[1]
-    return int(torch.mode(labels).values)
 
 
 def kid_of(exp: Experiment, features, params: dict, j: int, args) -> float:
