@@ -25,7 +25,9 @@ population and client stores stay fp32, and FedAvg's message is the fp32 delta. 
 backward run in bf16 (the inputs are cast too; PyTorch's CPU matmul, convolution and
 reduction kernels accumulate in fp32 and round their outputs to bf16), so the gradient is
 bf16; only the update arithmetic above is fp32, on transient copies. A caller that steps fp32
-weights itself (e.g. a server optimizer) gets bf16 *values* in fp32 tensors back.
+weights itself (e.g. a server optimizer) gets bf16 *values* in fp32 tensors back. Zeroth-order
+optimizers (:mod:`fedkin.optim.zeroth`) with a bf16 precision keep that form too (their
+optimizer has no ``dtype``): SPSA's ε-perturbations (~1e-3) are below a bf16 ulp of most weights.
 """
 
 from __future__ import annotations
