@@ -60,7 +60,7 @@ def stochastic_round_bf16(
     parts = []
     for start in range(0, flat.shape[0], chunk):
         bits = flat[start : start + chunk].view(torch.int32)
-        idx = torch.arange(start, start + bits.shape[0])
+        idx = torch.arange(start, start + bits.shape[0], device=x.device)
         h = hash_counters(seed, *counters, idx, bits.to(torch.int64) & 0xFFFFFFFF)
         r = (h >> 16).to(torch.int32)
         parts.append(((bits + r) & -65536).view(torch.float32).bfloat16())
