@@ -118,6 +118,17 @@ def _ctx(n: float, round_: int = 0, client: int = 0) -> dict:
     }
 
 
+def _private_grad(alg, params, x, y, mask, ctx, step: int = 0):
+    """One DP-SGD step's gradient as the local solver forms it: per-example gradients through
+    the solve's clip-and-noise transformation with step count t = ``step``."""
+    per_example, loss = alg.per_example_grads(alg.plain_objective, params, x, y, mask)
+    noised, state = alg.dp_aggregate(ctx, 0).update(
+        per_example, {"count": torch.tensor(step)}, params
+    )
+    assert int(state["count"]) == step + 1
+    return noised, loss
+
+
 def _norm(tree) -> float:
     return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tree_leaves(tree)))
 
@@ -137,9 +148,7 @@ def test_dp_sgd_clips_each_example_and_divides_by_the_expected_batch_size():
     raw = torch.func.grad(lambda p, xi, yi: alg.plain_objective(p, xi, yi)[0])
     singles = []
     for j in range(8):  # a client with one example: q = 1, expected batch size 1
-        g, _ = alg.private_grad(
-            alg.plain_objective, params, x[j : j + 1], y[j : j + 1], one, _ctx(1.0), 0, 0
-        )
+        g, _ = _private_grad(alg, params, x[j : j + 1], y[j : j + 1], one, _ctx(1.0))
         raw_norm = _norm(raw(params, x[j : j + 1], y[j : j + 1]))
         assert _norm(g) == pytest.approx(min(clip, raw_norm), rel=1e-4)
         singles.append(g)
@@ -147,14 +156,12 @@ def test_dp_sgd_clips_each_example_and_divides_by_the_expected_batch_size():
     # n = 100, B = 8: the sum of the clipped gradients of the batch's examples / 8, whatever
     # the realized batch size; masked slots contribute nothing
     mask = torch.tensor([True, False, True, True, False, False, True, False])
-    got, _ = alg.private_grad(alg.plain_objective, params, x, y, mask, _ctx(100.0), 0, 0)
+    got, _ = _private_grad(alg, params, x, y, mask, _ctx(100.0))
     want = tree_map(lambda *ts: torch.stack(ts)[mask].sum(0) / 8, *singles)
     for a, b in zip(tree_leaves(got), tree_leaves(want), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     # n = 3 < B: q = 1 and the expected batch size is n
-    got, _ = alg.private_grad(
-        alg.plain_objective, params, x[:3], y[:3], mask[:3] | True, _ctx(3.0), 0, 0
-    )
+    got, _ = _private_grad(alg, params, x[:3], y[:3], mask[:3] | True, _ctx(3.0))
     want = tree_map(lambda *ts: torch.stack(ts[:3]).sum(0) / 3, *singles)
     for a, b in zip(tree_leaves(got), tree_leaves(want), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
@@ -172,8 +179,8 @@ def test_dp_sgd_noise_std_is_sigma_c_over_expected_batch():
     draws = []
     for step in range(10):
         ctx = _ctx(50.0, round_=4, client=7)
-        a, _ = noisy.private_grad(noisy.plain_objective, params, x, y, mask, ctx, 0, step)
-        b, _ = silent.private_grad(silent.plain_objective, params, x, y, mask, ctx, 0, step)
+        a, _ = _private_grad(noisy, params, x, y, mask, ctx, step)
+        b, _ = _private_grad(silent, params, x, y, mask, ctx, step)
         draws += [(u - v).reshape(-1) for u, v in zip(tree_leaves(a), tree_leaves(b), strict=True)]
     d = torch.cat(draws).double()
     se = 1 / math.sqrt(2 * len(d))

@@ -160,7 +160,7 @@ def test_mezo_local_step_is_the_spsa_update():
     w = exp.population["global"]
     x, y = torch.randn(1, 8, 64), torch.randint(0, 10, (1, 8))
     ctx = {"round": torch.tensor(2), "client_id": torch.tensor(5)}
-    new, _, _ = alg.local_solve(w, alg.plain_objective, (x, y), steps=1, ctx=ctx)
+    new, *_ = alg.local_solve(w, alg.plain_objective, (x, y), steps=1, ctx=ctx)
     est = alg.client_optimizer.estimator
     key = est.key(2, 5, 0, 0, 0)
     z = densify(w, est.seed, SeedGradient(torch.ones(1), key, None, False))

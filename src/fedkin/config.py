@@ -207,6 +207,12 @@ class ExperimentConfig(_Section):
                 f"{self.algorithm.name} computes gradients outside the shared local solver, "
                 f"which takes SAM's second gradient; sam and asam work with: {allowed}"
             )
+        if getattr(self.client.optimizer, "sharpness_aware", False) and self.privacy.dp_sgd:
+            raise ValueError(
+                f"client.optimizer.name={self.client.optimizer.name} is sharpness-aware (a "
+                "second gradient at θ + ε(g, θ), unclipped) and privacy.dp_sgd clips per-example "
+                "gradients; use another client.optimizer (not sam, asam) or privacy.dp_sgd=null"
+            )
         if self.eval.failure_patterns and (
             self.model.name != "mel" or self.client_models or self.backend.name != "local"
         ):

@@ -32,7 +32,7 @@ import torch
 
 from fedkin import round as rounds
 from fedkin.algorithms import ALGORITHMS, Algorithm, ServerStep
-from fedkin.algorithms.base import PHASE_DRY_RUN, PHASE_EVAL_ADAPT, PHASE_EVAL_INIT
+from fedkin.algorithms.base import PHASE_EVAL_ADAPT, PHASE_EVAL_INIT
 from fedkin.channel.runtime import ChannelState, build_channel
 from fedkin.channel.trusted import trusted_updates
 from fedkin.config import ClientModelGroup, ExperimentConfig, holdout_count, load_config
@@ -43,13 +43,12 @@ from fedkin.core.store import ClientStore, MemoryStore, StackedStates, make_stor
 from fedkin.core.tree import Tree, to_device, tree_map
 from fedkin.data import build_dataset
 from fedkin.data.federated import FederatedDataset
-from fedkin.engine import SequentialEngine
 from fedkin.engine.plan import EnginePlan, largest_cohort
 from fedkin.models import build_model
 from fedkin.models.mel import pattern_name
 from fedkin.privacy.release import ReleasePolicy
 from fedkin.registry import OPTIMIZER_REGISTRY
-from fedkin.round import Tracker, cat_rows, take_rows
+from fedkin.round import Tracker, cat_rows
 
 if TYPE_CHECKING:  # dp-accounting (and scipy) load only when a run is private
     from fedkin.privacy.federated import UserLevelDP
@@ -160,7 +159,8 @@ class Experiment:
         #: per-client channel state (error-feedback residuals, momenta), sized by d on first use
         self.channel_clients: ClientStore | None = None
         self.participation = torch.zeros(self.dataset.num_clients, dtype=torch.long, device="cpu")
-        #: DP-SGD gradients on each batch of one client_update (measured in the first round)
+        #: DP-SGD gradients on each batch of one client_update (sorted, unused batches left
+        #: out), from the clients' ``dp_steps`` metric (:meth:`count_dp_steps`)
         self.dp_sgd_uses: list[int] = []
         if config.privacy.dp_sgd is not None:
             for group in self.groups:
@@ -272,22 +272,16 @@ class Experiment:
             return batches
         return draw(batches, self.stream.child(name + "-noise"), clients, round_)
 
-    @staticmethod
-    def _dp_sgd_uses(algorithm: Algorithm, args: tuple[Any, ...]) -> list[int]:
-        """How many DP-SGD gradients one ``client_update`` computes on each of its batches
-        (sorted), from a dry run on the cohort's first client in this process — the engine may
-        run remotely. Its noise has a phase of its own and nothing it computes is kept."""
-        population, states, batches, ctx = args
-        first = torch.tensor([0], device="cpu")
-        phase = torch.tensor([PHASE_DRY_RUN], device=ctx["client_id"].device)
-        ctx = {**take_rows(ctx, first, 0), "phase": phase}
-        algorithm.dp_uses.clear()
-        SequentialEngine().map(
-            algorithm.client_update,
-            (population, take_rows(states, first, 0), take_rows(batches, first, 1), ctx),
-            (None, 0, 1, 0),
-        )
-        return sorted(algorithm.dp_uses.values())
+    def count_dp_steps(self, metrics: Tree) -> Tree:
+        """The clients' metrics without ``dp_steps`` (``[K, S]``, DP-SGD gradients on each
+        batch of a ``client_update``: :meth:`~fedkin.algorithms.base.Algorithm.with_dp_steps`),
+        which goes into the example-level ledger :attr:`dp_sgd_uses` instead of a record."""
+        if "dp_steps" not in metrics:
+            return metrics
+        from fedkin.privacy.dp_sgd import batch_uses
+
+        self.dp_sgd_uses = batch_uses(metrics["dp_steps"], self.dp_sgd_uses)
+        return {k: v for k, v in metrics.items() if k != "dp_steps"}
 
     def example_epsilon(self) -> float:
         """Example-level ε under DP-SGD of the most exposed training client: its Poisson

@@ -13,6 +13,8 @@ A round is two halves with the channel between them:
   server half (non-finite filter, robust rule or DP noise) → the algorithm's population update
   with the server optimizer → guards (non-finite model, rounds where every update was
   rejected) → the round's record (accounted ε, bytes, metrics), filtered by the release policy.
+  It also keeps the example-level DP-SGD ledger: participations, and the per-batch uses the
+  clients report in their ``dp_steps`` metric.
 
 :func:`run` is the loop around rounds for every runtime: the privacy-budget stop, evaluation,
 checkpoints, trackers and the summary. In-process and Ray runs pass
@@ -112,8 +114,6 @@ def train_cohort(exp: Experiment, r: int, cohort: torch.Tensor, phantom: bool) -
         sub_ctx = ctx if whole else take_rows(ctx, pos, 0)
         rows = group.rows(cohort[pos])
         args = (exp.population, group.store.gather(rows), sub_batches, sub_ctx)
-        if group.algorithm.dp_sgd is not None and not exp.dp_sgd_uses:
-            exp.dp_sgd_uses = exp._dp_sgd_uses(group.algorithm, args)
         (msg, states, metrics), lost = map_cohort(
             exp.engine, group.algorithm.client_update, args, (None, 0, 1, 0)
         )
@@ -130,8 +130,6 @@ def train_cohort(exp: Experiment, r: int, cohort: torch.Tensor, phantom: bool) -
         kept_weights.append(weights[pos])
         ids.append(cohort[pos])
     clients, sent = torch.cat(ids), cat_rows(messages)
-    if not phantom:
-        exp.participation[cohort] += 1
     d = model_size(sent)
     store = exp.channel_store(d) if exp.channel.client_keys and d is not None else None
     kept = store.gather(clients) if store is not None else {}
@@ -162,6 +160,9 @@ def server_update(
     """Aggregate what arrived through the channel's server half, update the population, guard
     the run and close round ``r``; returns its (released) record."""
     ok = got.ok
+    if not phantom:  # the example-level DP-SGD ledger: participations and per-batch uses
+        exp.participation[cohort] += 1
+    client_metrics = exp.count_dp_steps(got.metrics)
     aggregate, state, channel_metrics = exp.channel.server_half(
         got.messages, got.weights, got.was_clipped, int(ok.sum()), r, exp.channel_state
     )
@@ -191,7 +192,7 @@ def server_update(
         t0,
         {
             "clients": clients,
-            **client_metric_summary(exp, got.metrics, got.clients, ok),
+            **client_metric_summary(exp, client_metrics, got.clients, ok),
             **channel_metrics,
             **bytes_metrics,
             "rejected_updates": 0.0 if phantom else float((~ok).sum()),

@@ -198,7 +198,7 @@ class AdaPeD(Algorithm):
         def objective(p: Tree, x, y):
             return self.step_objective(p, x, y, scale)
 
-        params, state, loss = self.local_solve(
+        params, state, loss, _ = self.local_solve(
             params, objective, batches, optimizer=self.solver, opt_state=state
         )
         psi_i = self.to_psi(params["u"])

@@ -23,8 +23,7 @@ threads, files or networks.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections import Counter
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from pydantic import BaseModel
@@ -37,14 +36,31 @@ from fedkin.core.tasks import CLASSIFICATION, DIFFUSION, RECONSTRUCTION, Task
 from fedkin.core.tree import Tree, tree_map, tree_sub
 from fedkin.optim import Optimizer
 from fedkin.optim.optimizer import working
-from fedkin.optim.transform import apply_updates, differentially_private_aggregate
+from fedkin.optim.transform import (
+    GradientTransformation,
+    apply_updates,
+    differentially_private_aggregate,
+)
 from fedkin.optim.zeroth import mutable
 from fedkin.privacy.config import DpSgdConfig
 
 #: ``ctx["phase"]`` of local solves other than training (which passes none: phase 0): at
-#: evaluation a held-out client's first ``client_update`` and ``adapt``; and the dry run that
-#: counts DP-SGD steps. With the round and client id it keeps the noise of every solve distinct.
-PHASE_EVAL_INIT, PHASE_EVAL_ADAPT, PHASE_DRY_RUN = 1, 2, 3
+#: evaluation a held-out client's first ``client_update`` and ``adapt``. With the round and
+#: client id it keeps the noise of every solve distinct.
+PHASE_EVAL_INIT, PHASE_EVAL_ADAPT = 1, 2
+
+
+class LocalSolve(NamedTuple):
+    """What :meth:`Algorithm.local_solve` returns."""
+
+    params: Tree
+    state: Tree
+    #: mean data loss over the steps
+    loss: torch.Tensor
+    #: ``[S]`` float: DP-SGD gradients computed on each of the S batches (zeros without DP-SGD);
+    #: a function of the config only, summed over a ``client_update``'s solves into its
+    #: ``dp_steps`` metric (:meth:`Algorithm.with_dp_steps`) for the example-level accountant
+    dp_steps: torch.Tensor
 
 
 class ServerStep:
@@ -112,9 +128,6 @@ class Algorithm(ABC):
         self.client_optimizer = client_optimizer
         self.local_steps = local_steps
         self.dp_sgd: DpSgdConfig | None = None  # see enable_dp_sgd
-        #: DP-SGD gradients computed on each batch index since the caller last cleared it
-        #: (the experiment's dry run of ``client_update``, for accounting)
-        self.dp_uses: Counter[int] = Counter()
         if getattr(model, "reconstructs", False):
             self.task = RECONSTRUCTION
         if getattr(model, "denoises", False):
@@ -122,7 +135,7 @@ class Algorithm(ABC):
 
     def enable_dp_sgd(self, config: DpSgdConfig, seed: int, batch_size: int) -> None:
         """Make every :meth:`local_solve` step an example-level DP-SGD step on Poisson batches
-        of expected size ``batch_size`` (see :meth:`private_grad`)."""
+        of expected size ``batch_size`` (see :meth:`dp_aggregate`)."""
         self.dp_sgd = config
         self.dp_batch_size = batch_size
         self.dp_stream = Stream(seed).child("dp-sgd")
@@ -183,12 +196,13 @@ class Algorithm(ABC):
         ctx: Tree | None = None,
         noise_tag: int = 0,
         batch: int | None = None,
-    ) -> tuple[Tree, Tree, torch.Tensor]:
+    ) -> LocalSolve:
         """Run ``steps`` optimizer steps on ``objective(params, x, y) -> (total, data_loss)``.
 
         ``batches`` are ``(xs [S, B, …], ys [S, B])``; step s uses batch ``s mod S`` (every
         step uses batch ``batch`` if given).
-        Returns the new parameters, the optimizer state and the mean data loss over steps.
+        Returns the new parameters, the optimizer state, the mean data loss over steps and the
+        DP-SGD gradients computed on each batch (:class:`LocalSolve`).
         A sharpness-aware optimizer (``optimizer.perturbation``, :mod:`fedkin.optim.sam`) steps
         with a second gradient on the same batch, at θ + ε(g, θ).
         With a zeroth-order optimizer (``optimizer.estimator``) each step's "gradient" is its
@@ -200,9 +214,10 @@ class Algorithm(ABC):
         inputs in it for every step; the result is returned in the received dtype.
         With DP-SGD on, ``batches`` are Poisson batches ``(xs, ys, masks)`` (see
         :meth:`~fedkin.data.federated.FederatedDataset.sample_poisson_batches`) and each step's
-        gradient is the clipped, noised per-example gradient (:meth:`private_grad`); ``ctx``
-        (client id, round, phase) and ``noise_tag`` (distinct per call within one
-        ``client_update`` or ``adapt``) key the noise.
+        gradient is the clip-and-noise transformation (:meth:`dp_aggregate`, its state the
+        step count t that keys the noise) of the step's per-example gradients
+        (:meth:`per_example_grads`); ``ctx`` (client id, round, phase) and ``noise_tag``
+        (distinct per call within one ``client_update`` or ``adapt``) key the noise.
         """
         optimizer = optimizer or self.client_optimizer
         received = params
@@ -219,22 +234,37 @@ class Algorithm(ABC):
         if zo is not None and mutable():
             params = tree_map(lambda t: t.clone(memory_format=torch.contiguous_format), params)
         where = () if ctx is None else (ctx["round"], ctx["client_id"], ctx.get("phase", 0))
-        loss_sum = torch.zeros((), device=batches[0].device)
+        num_batches, device = batches[0].shape[0], batches[0].device
+        dp_steps = torch.zeros(num_batches, device=device)
+        if self.dp_sgd is not None:
+            aggregate = self.dp_aggregate(ctx, noise_tag)
+            dp_state = aggregate.init(params)
+        loss_sum = torch.zeros((), device=device)
         for s in range(steps):
-            b = s % batches[0].shape[0] if batch is None else batch
+            b = s % num_batches if batch is None else batch
             if self.dp_sgd is None:
                 key = None if zo is None else zo.key(*where, noise_tag, s)
                 x, y = batches[0][b], batches[1][b]
                 g, data_loss = self.local_gradient(objective, params, optimizer, x, y, key)
             else:
                 x, y, mask = (t[b] for t in batches)
-                self.dp_uses[b] += 1
-                g, data_loss = self.private_grad(objective, params, x, y, mask, ctx, noise_tag, s)
+                per_example, data_loss = self.per_example_grads(objective, params, x, y, mask)
+                g, dp_state = aggregate.update(per_example, dp_state, params)
+                dp_steps = dp_steps + (torch.arange(num_batches, device=device) == b)
             params, state = optimizer.step(g, state, params)
             loss_sum = loss_sum + data_loss.detach()
         if optimizer.dtype is not None:
             params = tree_map(lambda new, old: new.to(old.dtype), params, received)
-        return params, state, loss_sum / max(steps, 1)
+        return LocalSolve(params, state, loss_sum / max(steps, 1), dp_steps)
+
+    def with_dp_steps(self, metrics: Tree, *dp_steps: torch.Tensor) -> Tree:
+        """``metrics`` of a ``client_update`` plus, under DP-SGD, ``dp_steps``: the sum of its
+        solves' :attr:`LocalSolve.dp_steps` (``[S]``, the DP-SGD gradients it computed on each
+        of its batches). The experiment's example-level accountant reads it
+        (:meth:`fedkin.experiment.Experiment.count_dp_steps`); it depends on the config only."""
+        if self.dp_sgd is None:
+            return metrics
+        return {**metrics, "dp_steps": sum(dp_steps[1:], dp_steps[0])}
 
     @staticmethod
     def local_gradient(
@@ -257,34 +287,14 @@ class Algorithm(ABC):
             g, _ = grad_fn(apply_updates(params, optimizer.perturbation(g, params)), x, y)
         return g, data_loss
 
-    def private_grad(
-        self,
-        objective: Any,
-        params: Tree,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        mask: torch.Tensor,
-        ctx: Tree | None,
-        noise_tag: int,
-        step: int,
+    @staticmethod
+    def per_example_grads(
+        objective: Any, params: Tree, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
     ) -> tuple[Tree, torch.Tensor]:
-        """DP-SGD gradient (Abadi et al. 2016) on a Poisson batch:
-
-            g = ( Σ_{j: mask_j} clip_C(∇ℓ_j) + N(0, σ²C² I) ) / (q·n),   q = min(1, B/n),
-
-        where the batch took each of the client's n examples independently with probability q
-        and q·n = min(B, n) is its *expected* size (a data-independent denominator, as in
-        Opacus), so one example changes the noised sum by at most C: exactly the
-        Poisson-subsampled Gaussian mechanism the accountant composes. Per-example gradients
-        come from ``vmap`` over the batch slots (nested inside the cohort's ``vmap``); padded
-        slots (mask False) contribute nothing. Noise is counter-based in (round, client, phase,
-        noise_tag, step, leaf, element); ``ctx["phase"]`` (0 if absent: training) separates
-        training from evaluation-time solves of the same round. The clip-and-noise is the
-        transformation :func:`fedkin.optim.transform.differentially_private_aggregate`.
-        """
-        if ctx is None:
-            raise RuntimeError(f"{type(self).__name__} must pass ctx to local_solve for DP-SGD")
-        cfg = self.dp_sgd
+        """Per-example gradients ∇ℓ_j of ``objective`` on a Poisson batch (every leaf gets a
+        leading example dimension; padded slots, mask False, are exact zeros) and the mean data
+        loss over the taken examples. They come from ``vmap`` over the batch slots, nested
+        inside the cohort's ``vmap``."""
         per_example = vmap(
             grad(lambda p, xi, yi: objective(p, xi[None], yi[None]), has_aux=True),
             in_dims=(None, 0, 0),
@@ -292,20 +302,38 @@ class Algorithm(ABC):
         g, losses = per_example(params, x, y)
         taken = mask.to(losses.dtype)
         g = tree_map(lambda t: t * taken.reshape(-1, *([1] * (t.dim() - 1))).to(t.dtype), g)
+        return g, (losses * taken).sum() / taken.sum().clamp(min=1)
+
+    def dp_aggregate(self, ctx: Tree | None, noise_tag: int) -> GradientTransformation:
+        """DP-SGD's clip-and-noise (Abadi et al. 2016) for one solve, as the transformation
+        :func:`~fedkin.optim.transform.differentially_private_aggregate` of per-example
+        gradients on a Poisson batch:
+
+            g = ( Σ_{j: mask_j} clip_C(∇ℓ_j) + N(0, σ²C² I) ) / (q·n),   q = min(1, B/n),
+
+        where the batch took each of the client's n examples independently with probability q
+        and q·n = min(B, n) is its *expected* size (a data-independent denominator, as in
+        Opacus), so one example changes the noised sum by at most C: exactly the
+        Poisson-subsampled Gaussian mechanism the accountant composes. Noise is counter-based in
+        (round, client, phase, noise_tag, t, leaf, element), t the transformation's step count
+        (its state); ``ctx["phase"]`` (0 if absent: training) separates training from
+        evaluation-time solves of the same round.
+        """
+        if ctx is None:
+            raise RuntimeError(f"{type(self).__name__} must pass ctx to local_solve for DP-SGD")
+        cfg = self.dp_sgd
         phase = ctx.get("phase", 0)
 
         def noise(count: torch.Tensor, leaf: int, numel: int) -> torch.Tensor:
             keys = (ctx["round"], ctx["client_id"], phase, noise_tag, count, leaf)
-            return self.dp_stream.normal(*keys, torch.arange(numel, device=x.device))
+            return self.dp_stream.normal(*keys, torch.arange(numel, device=count.device))
 
-        aggregate = differentially_private_aggregate(
+        return differentially_private_aggregate(
             cfg.clip,
             cfg.noise_multiplier,
             ctx["num_samples"].clamp(max=self.dp_batch_size),
             noise,
         )
-        noised, _ = aggregate.update(g, {"count": torch.tensor(step, device=x.device)}, params)
-        return noised, (losses * taken).sum() / taken.sum().clamp(min=1)
 
     def gaussian_objective(self, center: Tree, lam: float):
         """Objective with the Gaussian prior θ ~ N(center, λ⁻¹I): (L_i + λ/2‖θ − center‖², L_i)."""

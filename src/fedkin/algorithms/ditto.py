@@ -41,8 +41,8 @@ class Ditto(Algorithm):
 
     def client_update(self, population: Tree, client: Tree, batches, ctx: Tree):
         w = population["global"]
-        new, _, loss = self.local_solve(w, self.plain_objective, batches, ctx=ctx)
-        v, opt, _ = self.local_solve(
+        new, _, loss, dp_global = self.local_solve(w, self.plain_objective, batches, ctx=ctx)
+        v, opt, _, dp_personal = self.local_solve(
             client["params"],
             self.gaussian_objective(w, self.config.lam),
             batches,
@@ -51,7 +51,8 @@ class Ditto(Algorithm):
             ctx=ctx,
             noise_tag=1,
         )
-        return self.delta_message(new, w), {"params": v, "opt": opt}, {"train_loss": loss}
+        metrics = self.with_dp_steps({"train_loss": loss}, dp_global, dp_personal)
+        return self.delta_message(new, w), {"params": v, "opt": opt}, metrics
 
     def personal_params(self, population: Tree, client: Tree) -> Tree:
         return client["params"]

@@ -29,5 +29,5 @@ class FedAvg(Algorithm):
 
     def client_update(self, population: Tree, client: Tree, batches, ctx: Tree):
         w = population["global"]
-        new, _, loss = self.local_solve(w, self.plain_objective, batches, ctx=ctx)
-        return self.delta_message(new, w), client, {"train_loss": loss}
+        new, _, loss, dp = self.local_solve(w, self.plain_objective, batches, ctx=ctx)
+        return self.delta_message(new, w), client, self.with_dp_steps({"train_loss": loss}, dp)

@@ -44,8 +44,8 @@ class FedAvgFt(Algorithm):
 
     def client_update(self, population: Tree, client: Tree, batches, ctx: Tree):
         w = population["global"]
-        new, _, loss = self.local_solve(w, self.plain_objective, batches, ctx=ctx)
-        return self.delta_message(new, w), client, {"train_loss": loss}
+        new, _, loss, dp = self.local_solve(w, self.plain_objective, batches, ctx=ctx)
+        return self.delta_message(new, w), client, self.with_dp_steps({"train_loss": loss}, dp)
 
     def __init__(self, config, model, client_optimizer, local_steps) -> None:
         super().__init__(config, model, client_optimizer, local_steps)
@@ -62,7 +62,7 @@ class FedAvgFt(Algorithm):
             def objective(part: Tree, x, y):
                 return self.plain_objective({**frozen, **part}, x, y)
 
-        params, _, _ = self.local_solve(
+        params, *_ = self.local_solve(
             tuned, objective, batches, steps=self.config.finetune_steps, ctx=ctx
         )
         return {"params": {**w, **params}}

@@ -33,7 +33,7 @@ class FedPer(BodyHeadAlgorithm):
             loss = self.data_loss(merge(params["body"], params["head"]), x, y)
             return loss, loss
 
-        params, state, loss = self.local_solve(
+        params, state, loss, _ = self.local_solve(
             {"body": phi, "head": client["head"]},
             objective,
             batches,

@@ -31,5 +31,5 @@ class FedProx(Algorithm):
     def client_update(self, population: Tree, client: Tree, batches, ctx: Tree):
         w = population["global"]
         objective = self.gaussian_objective(w, self.config.mu)
-        new, _, loss = self.local_solve(w, objective, batches, ctx=ctx)
-        return self.delta_message(new, w), client, {"train_loss": loss}
+        new, _, loss, dp = self.local_solve(w, objective, batches, ctx=ctx)
+        return self.delta_message(new, w), client, self.with_dp_steps({"train_loss": loss}, dp)

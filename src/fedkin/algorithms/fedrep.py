@@ -44,7 +44,7 @@ class FedRep(BodyHeadAlgorithm):
             loss = self.data_loss(merge(phi, head), x, y)
             return loss, loss
 
-        head, head_opt, _ = self.local_solve(
+        head, head_opt, _, _ = self.local_solve(
             client["head"],
             head_objective,
             batches,
@@ -56,6 +56,8 @@ class FedRep(BodyHeadAlgorithm):
             loss = self.data_loss(merge(body, head), x, y)
             return loss, loss
 
-        body, _, loss = self.local_solve(phi, body_objective, batches, steps=self.config.body_steps)
+        body, _, loss, _ = self.local_solve(
+            phi, body_objective, batches, steps=self.config.body_steps
+        )
         state = {"head": head, "head_opt": head_opt}
         return self.delta_message(body, phi), state, {"train_loss": loss}

@@ -77,7 +77,7 @@ class Fml(Algorithm):
 
     def client_update(self, population: Tree, client: Tree, batches, ctx: Tree):
         w = population["global"]
-        params, state, loss = self.local_solve(
+        params, state, loss, _ = self.local_solve(
             {"v": self._start(population, client), "w": w},
             self.step_objective,
             batches,

@@ -110,7 +110,7 @@ class Ifca(Algorithm):
         clusters = population["clusters"]
         onehot = self.choose(clusters, batches)
         w = self.select(clusters, onehot)
-        new, _, loss = self.local_solve(w, self.plain_objective, batches)
+        new, _, loss, _ = self.local_solve(w, self.plain_objective, batches)
         delta = tree_map(
             lambda a, b: onehot.reshape(-1, *([1] * a.dim())).to(a.dtype) * (a - b).unsqueeze(0),
             new,

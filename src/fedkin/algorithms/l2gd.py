@@ -47,14 +47,15 @@ class L2gd(Algorithm):
 
     def client_update(self, population: Tree, client: Tree, batches, ctx: Tree):
         w = population["global"]
-        x_i, opt, loss = self.local_solve(
+        x_i, opt, loss, dp = self.local_solve(
             client["params"],
             self.gaussian_objective(w, self.config.lam),
             batches,
             opt_state=client["opt"],
             ctx=ctx,
         )
-        return self.delta_message(x_i, w), {"params": x_i, "opt": opt}, {"train_loss": loss}
+        metrics = self.with_dp_steps({"train_loss": loss}, dp)
+        return self.delta_message(x_i, w), {"params": x_i, "opt": opt}, metrics
 
     def population_update(self, population: Tree, aggregate: Tree, server: ServerStep) -> Tree:
         return self.server_step(population, aggregate, server, self.config.mix_rate)

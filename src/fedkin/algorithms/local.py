@@ -35,10 +35,10 @@ class Local(Algorithm):
         return {"params": theta, "opt": self.client_optimizer.init(theta)}
 
     def client_update(self, population: Tree, client: Tree, batches, ctx: Tree):
-        theta, opt, loss = self.local_solve(
+        theta, opt, loss, dp = self.local_solve(
             client["params"], self.plain_objective, batches, opt_state=client["opt"], ctx=ctx
         )
-        return {}, {"params": theta, "opt": opt}, {"train_loss": loss}
+        return {}, {"params": theta, "opt": opt}, self.with_dp_steps({"train_loss": loss}, dp)
 
     def personal_params(self, population: Tree, client: Tree) -> Tree:
         return client["params"]

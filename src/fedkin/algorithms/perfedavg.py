@@ -92,7 +92,7 @@ class PerFedAvg(Algorithm):
 
     def personalize(self, w: Tree, batches) -> Tree:
         cfg = self.config
-        params, _, _ = self.local_solve(
+        params, _, _, _ = self.local_solve(
             w, self.plain_objective, batches, optimizer=sgd(cfg.alpha), steps=cfg.adapt_steps
         )
         return params

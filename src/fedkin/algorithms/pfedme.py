@@ -56,10 +56,10 @@ class PFedMe(Algorithm):
         inner = sgd(cfg.personal_lr)
         w_i, theta = w, w
         opt = self.client_optimizer.init(w_i)
-        loss_sum = torch.zeros((), device=batches[0].device)
+        loss_sum, dp = torch.zeros((), device=batches[0].device), []
         for s in range(self.local_steps):
             b = s % batches[0].shape[0]
-            theta, _, loss = self.local_solve(
+            theta, _, loss, dp_inner = self.local_solve(
                 theta,
                 self.gaussian_objective(w_i, self.config.lam),
                 batches,
@@ -71,7 +71,8 @@ class PFedMe(Algorithm):
             )
             w_i, opt = self.client_optimizer.step(self.envelope_grad(w_i, theta), opt, w_i)
             loss_sum = loss_sum + loss
-        metrics = {"train_loss": loss_sum / self.local_steps}
+            dp.append(dp_inner)
+        metrics = self.with_dp_steps({"train_loss": loss_sum / self.local_steps}, *dp)
         return {"delta": tree_sub(w_i, w)}, {"params": theta}, metrics
 
     def population_update(self, population: Tree, aggregate: Tree, server: ServerStep) -> Tree:

@@ -76,7 +76,7 @@ class QuPeD(QuantizedPersonal):
             loss_w = (1 - a) * ce_w + a * distillation_penalty(z_w, z_q, t)
             return loss_q + loss_w, ce_q
 
-        params, state, loss = self.local_solve(
+        params, state, loss, _ = self.local_solve(
             {"q": {"x": client["x"], "c": client["c"]}, "w": w},
             objective,
             batches,

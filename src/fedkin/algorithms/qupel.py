@@ -50,7 +50,7 @@ class QuPeL(QuantizedPersonal):
             loss = self.data_loss(q, x, y)
             return loss + gaussian_penalty(q, w, self.config.lam_p), loss
 
-        personal, opt, loss = self.local_solve(
+        personal, opt, loss, _ = self.local_solve(
             {"x": client["x"], "c": client["c"]},
             objective,
             batches,

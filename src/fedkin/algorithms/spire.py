@@ -121,7 +121,7 @@ class Spire(Algorithm):
             return {}, {"embedding": embedding, "drawn": done}, {"train_loss": loss}
         phi = population["global"]
         start = self.initial_embedding(client, ctx["client_id"])
-        params, _, loss = self.local_solve({**phi, **start}, self.plain_objective, batches)
+        params, _, loss, _ = self.local_solve({**phi, **start}, self.plain_objective, batches)
         backbone, embedding = self.split(params)
         message = {**self.delta_message(backbone, phi), "embedding": embedding}
         return message, {"embedding": embedding, "drawn": done}, {"train_loss": loss}
@@ -137,7 +137,7 @@ class Spire(Algorithm):
             return loss, loss
 
         steps = self.config.adapt_steps if steps is None else steps
-        embedding, _, loss = self.local_solve(
+        embedding, _, loss, _ = self.local_solve(
             embedding, objective, batches, optimizer=self.adapt_optimizer, steps=steps
         )
         return embedding, loss

@@ -15,8 +15,9 @@ What crosses the wire, per round (everything else stays where it is):
   ``num-examples`` / ``ok`` (``MetricRecord "info"``). Under DP (:mod:`fedkin.privacy.release`)
   the node sends its release only: the clipped message (central; the server broadcasts the
   round's clip norm) or the clipped and noised one (local), plus, under adaptive clipping,
-  whether it was clipped (``info["clipped"]``, the input of the noisy count); metrics, counts
-  and ``ok`` only with ``privacy.release_diagnostics=true``.
+  whether it was clipped (``info["clipped"]``, the input of the noisy count), and under DP-SGD
+  its data-independent ``dp_steps`` metric (the example-level accountant's input); other
+  metrics, counts and ``ok`` only with ``privacy.release_diagnostics=true``.
 
 The personal state s_i (personal model, optimizer state, algorithm extras) and the channel
 state (error-feedback residual, momentum) live only in the node's ``context.state``
@@ -406,8 +407,10 @@ class _ClientHandlers:
                 info["clipped"] = int(up.was_clipped[0])
         if kept and not phantom:
             context.state[wire.CHANNEL_KEY] = tree_to_record(_row(kept))
+        released = exp.release.client_metrics(metrics)  # under DP: data-independent ones only
+        if released:
+            content["metrics"] = tree_to_record(_row(released))
         if exp.release.node_reports:  # exact client-derived values: never under DP by default
-            content["metrics"] = tree_to_record(_row(metrics))
             info.update({"num-examples": float(exp.dataset.train_sizes[cid]), "ok": int(ok)})
         if info:
             content["info"] = MetricRecord(info)

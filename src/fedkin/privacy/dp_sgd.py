@@ -1,5 +1,5 @@
-"""Example-level ε of DP-SGD inside clients (accounting only; the mechanism is
-:meth:`fedkin.algorithms.base.Algorithm.private_grad`).
+"""Example-level ε of DP-SGD inside clients (accounting only; the mechanism is the transformation
+:meth:`fedkin.algorithms.base.Algorithm.dp_aggregate` inside the shared local solver).
 
 In each round it trains, client i draws every local batch by Poisson sampling — each of its n_i
 examples independently with probability q_i = min(1, B/n_i) — and computes r ≥ 1 clipped,
@@ -15,6 +15,11 @@ over the batches of one ``client_update`` and over its p_i participations. ε gr
 with p_i, so the largest ε over clients is attained on the Pareto frontier of (q_i, p_i); this
 module composes exactly those clients (RDP, dp-accounting) and reports their maximum. n_i (and
 with it q_i) is treated as public, as Opacus treats its sample rate.
+
+The uses r per batch come from the clients themselves: every ``client_update`` under DP-SGD
+returns the metric ``dp_steps`` (``[S]``: how many clipped, noised gradients it computed on each
+of its S batches, :meth:`~fedkin.algorithms.base.Algorithm.with_dp_steps`), which
+:func:`batch_uses` turns into the ledger's ``uses``. It is a function of the config only.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from torch.nn.functional import pad
 
 from fedkin.privacy.accountant import PrivacyAccountant, PrivacyEvent
 
@@ -40,6 +46,23 @@ def client_events(
         )
         for r in uses
     ]
+
+
+def batch_uses(dp_steps: torch.Tensor, previous: Sequence[int] = ()) -> list[int]:
+    """The ``uses`` of :func:`example_epsilon` (sorted) from a cohort's ``dp_steps`` metric
+    (``[K, S]``: client k's DP-SGD gradients on each of its S batches) and the ``previous``
+    ledger: with each ledger sorted in decreasing order, their elementwise maximum, unused
+    batches (0) dropped. Every client's row is the same (the counts follow from the config); the
+    maximum is a ledger that dominates each of them (the cost of a batch grows with r). Rows with
+    a non-finite entry (clients lost on the way) are skipped."""
+    rows = dp_steps.detach().to("cpu").reshape(len(dp_steps), -1)
+    rows = rows[torch.isfinite(rows).all(1)].round().long().sort(1, descending=True).values
+    ledger = torch.tensor(sorted(previous, reverse=True), dtype=torch.long)
+    width = max(rows.shape[1], len(ledger))
+    ledger = pad(ledger, (0, width - len(ledger)))
+    if len(rows):
+        ledger = torch.maximum(ledger, pad(rows, (0, width - rows.shape[1])).amax(0))
+    return sorted(int(r) for r in ledger if r > 0)
 
 
 def example_epsilon(

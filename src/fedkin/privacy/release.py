@@ -6,10 +6,12 @@ sends is one of
 
 1. the noised, accounted aggregate and post-processing of it (the population model Γ);
 2. data-independent values: the round, ε spent (and δ, the noise multiplier, the planned ε),
-   the config (so the fixed cohort size k), timings; with fixed cohorts and no compression the
-   round's bytes (k float32 messages up, k copies of Γ down: sizes fixed by the config — with
-   Poisson cohorts they would reveal the cohort size, and a compressor's output size, e.g.
-   FedZip's entropy coding, or a rejected update sent uncompressed, depends on the data);
+   the config (so the fixed cohort size k), timings, a client's DP-SGD step counts per batch
+   (``dp_steps``: a node sends them for the example-level accountant); with fixed cohorts and
+   no compression the round's bytes (k float32 messages up, k copies of Γ down: sizes fixed by
+   the config — with Poisson cohorts they would reveal the cohort size, and a compressor's
+   output size, e.g. FedZip's entropy coding, or a rejected update sent uncompressed, depends
+   on the data);
 3. a release that is itself noised and accounted: adaptive clipping's clip norm, a function of
    a noisy count of unclipped updates.
 
@@ -45,6 +47,10 @@ TRAIN_RELEASE = frozenset({"round", "kind", "epsilon", "clip_norm", "round_time_
 BYTES_RELEASE = frozenset(
     {"uplink_bytes", "downlink_bytes", "uplink_bytes_total", "downlink_bytes_total"}
 )
+#: Per-client metrics of ``client_update`` that are data-independent (functions of the config):
+#: ``dp_steps``, the DP-SGD gradients on each batch, which the example-level accountant reads. A
+#: Flower node sends these under DP too; they never enter a record (the server consumes them).
+CLIENT_METRIC_RELEASE = frozenset({"dp_steps"})
 #: Eval-record keys released under DP.
 EVAL_RELEASE = frozenset({"round", "kind", "example_epsilon", "eval_time_s"})
 #: Summary keys released under DP (plus ``private``).
@@ -118,6 +124,12 @@ class ReleasePolicy:
         """Whether a node reports if its update was clipped: as a diagnostic, or under
         adaptive clipping as its input to the noisy (accounted) count of unclipped updates."""
         return self.mechanism != "none" and (self.diagnostics or self.adaptive_clip)
+
+    def client_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """A client's ``client_update`` metrics as they may leave it (a Flower node's reply)."""
+        if not self.restricted:
+            return metrics
+        return {k: v for k, v in metrics.items() if k in CLIENT_METRIC_RELEASE}
 
     def record(self, record: dict[str, Any]) -> dict[str, Any]:
         """A train/eval record as it may be released."""
