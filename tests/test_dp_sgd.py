@@ -15,10 +15,12 @@ import torch
 from dp_accounting import rdp
 
 from conftest import drop_timings, tiny_config
+from fedkin.core.errors import ConfigError
 from fedkin.core.rng import Stream
 from fedkin.core.tree import tree_leaves, tree_map
 from fedkin.data.federated import FederatedDataset
 from fedkin.experiment import Experiment
+from fedkin.optim import OPTIMIZERS
 
 SIGMA = 1.1
 DP_SGD = ("privacy.dp_sgd.clip=0.5", f"privacy.dp_sgd.noise_multiplier={SIGMA}", "rounds=2")
@@ -346,3 +348,84 @@ def test_a_clients_dp_sgd_update_does_not_depend_on_its_cohort():
         for a, b in zip(together, alone, strict=True):
             torch.testing.assert_close(a[j], b[0], rtol=1e-6, atol=1e-8)
     assert min(widths) < width  # the padding really differed
+
+
+# ----- the step count comes back as a metric -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "per_batch"),
+    [
+        (("algorithm.name=fedavg", "client.local_steps=3"), [1, 1, 1]),
+        # the global solve uses each batch once, the personal one (5 steps) cycles through 3
+        (("algorithm.name=ditto", "client.local_steps=3", "algorithm.personal_steps=5"), [3, 3, 2]),
+        (("algorithm.name=pfedme", "client.local_steps=2", "algorithm.inner_steps=4"), [4, 4]),
+    ],
+    ids=["fedavg", "ditto", "pfedme"],
+)
+@pytest.mark.parametrize("engine", ["vectorized", "sequential"])
+def test_client_update_returns_its_dp_sgd_steps_per_batch_as_a_metric(overrides, per_batch, engine):
+    """``dp_steps`` ([K, S]) leaves ``client_update`` through the engine, every row equal to the
+    count of clipped, noised gradients on each batch; the accountant's ledger is built from it
+    and it never reaches a record (even with nothing withheld: privacy.mechanism=none)."""
+    exp = Experiment(tiny_config(*DP_SGD, f"engine.name={engine}", *overrides))
+    cohort = exp.sample_cohort(0)
+    ctx = {
+        "client_id": cohort,
+        "num_samples": exp.dataset.train_sizes[cohort].to(torch.float32),
+        "round": torch.zeros_like(cohort),
+    }
+    args = (exp.population, exp.store.gather(cohort), exp.client_batches(cohort, "batches", 0), ctx)
+    _, _, metrics = exp.engine.map(exp.algorithm.client_update, args, (None, 0, 1, 0))
+    want = torch.tensor(per_batch, dtype=torch.float32).expand(len(cohort), -1)
+    assert torch.equal(metrics["dp_steps"], want)
+    assert exp.dp_sgd_uses == []
+    record = exp.run_round()
+    assert "dp_steps" not in record and "train_loss" in record
+    assert exp.dp_sgd_uses == sorted(per_batch)
+    assert not hasattr(exp.algorithm, "dp_uses")
+
+
+def test_without_dp_sgd_there_is_no_dp_steps_metric():
+    exp = Experiment(tiny_config("rounds=1"))
+    cohort = exp.sample_cohort(0)
+    ctx = {
+        "client_id": cohort,
+        "num_samples": exp.dataset.train_sizes[cohort].to(torch.float32),
+        "round": torch.zeros_like(cohort),
+    }
+    args = (exp.population, exp.store.gather(cohort), exp.client_batches(cohort, "batches", 0), ctx)
+    _, _, metrics = exp.engine.map(exp.algorithm.client_update, args, (None, 0, 1, 0))
+    assert set(metrics) == {"train_loss"}
+
+
+def test_batch_uses_is_a_ledger_that_dominates_every_client():
+    from fedkin.privacy.dp_sgd import batch_uses
+
+    nan = float("nan")
+    same = torch.tensor([[2.0, 1.0, 0.0], [2.0, 1.0, 0.0]])
+    assert batch_uses(same) == [1, 2]  # unused batches dropped, sorted
+    assert batch_uses(torch.tensor([[1.0, 3.0], [nan, nan]])) == [1, 3]  # a lost client skipped
+    assert batch_uses(torch.tensor([[nan, nan]]), [2, 2]) == [2, 2]  # nothing new: as before
+    # rows sorted decreasingly, then elementwise maximum with each other and the previous ledger
+    assert batch_uses(torch.tensor([[1.0, 4.0], [2.0, 2.0]]), [1, 1, 1]) == [1, 2, 4]
+
+
+#: every registered client optimizer that does not step on one gradient: SAM/ASAM, zeroth-order
+NOT_ONE_GRADIENT = [
+    n
+    for n, c in OPTIMIZERS.items()
+    if getattr(c, "sharpness_aware", False) or getattr(c, "zeroth_order", False)
+]
+
+
+@pytest.mark.parametrize("name", NOT_ONE_GRADIENT)
+def test_dp_sgd_refuses_client_optimizers_that_do_not_step_on_one_gradient(name):
+    """SAM/ASAM (a second, unclipped gradient at θ + ε) and zeroth-order optimizers (SPSA
+    estimates, no per-example gradients) with DP-SGD: one line naming both keys."""
+    with pytest.raises(ConfigError) as err:
+        tiny_config(*DP_SGD, f"client.optimizer.name={name}")
+    assert {"sam", "asam", "mezo"} <= set(NOT_ONE_GRADIENT)
+    message = str(err.value)
+    assert f"client.optimizer.name={name}" in message and "privacy.dp_sgd" in message
+    assert "\n" not in message

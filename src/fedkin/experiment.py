@@ -301,6 +301,13 @@ class Experiment:
             self.dp_sgd_uses,
         )
 
+    def example_accounting(self) -> dict[str, float]:
+        """What an eval record carries under DP-SGD whichever runtime trained the clients:
+        ``example_epsilon``; nothing without DP-SGD."""
+        if self.config.privacy.dp_sgd is None:
+            return {}
+        return {"example_epsilon": self.example_epsilon()}
+
     # ----- evaluation ---------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
         """The eval record: under DP only what :mod:`fedkin.privacy.release` allows (the
@@ -309,8 +316,7 @@ class Experiment:
         record: dict[str, Any] = {"round": self.round, "kind": "eval"}
         if self.release.client_evaluation:
             record.update(self.evaluate_clients())
-        if self.config.privacy.dp_sgd is not None:
-            record["example_epsilon"] = self.example_epsilon()
+        record.update(self.example_accounting())
         record["eval_time_s"] = time.perf_counter() - t0
         return self.release.record(record)
 

@@ -737,7 +737,7 @@ class FlowerServer:
         t0 = time.perf_counter()
         alg, n = exp.algorithm, exp.dataset.num_clients
         if not exp.release.client_evaluation:  # nothing to ask the nodes for (see train)
-            record = {"round": exp.round, "kind": "eval"}
+            record = {"round": exp.round, "kind": "eval", **exp.example_accounting()}
             return exp.release.record({**record, "eval_time_s": time.perf_counter() - t0})
         personal = exp.personalizes()
         population = tree_to_record(exp.population)
@@ -786,6 +786,7 @@ class FlowerServer:
             exp.client_accuracy["new"] = (correct[new] / counts[new]).tolist()
         if not bool(got.all()):
             record["eval_missing_clients"] = float((~got).sum())
+        record.update(exp.example_accounting())
         record["eval_time_s"] = time.perf_counter() - t0
         return exp.release.record(record)
 
