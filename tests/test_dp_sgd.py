@@ -21,6 +21,7 @@ from fedkin.core.tree import tree_leaves, tree_map
 from fedkin.data.federated import FederatedDataset
 from fedkin.experiment import Experiment
 from fedkin.optim import OPTIMIZERS
+from test_privacy_release import flower_identity  # noqa: F401 (a fixture)
 
 SIGMA = 1.1
 DP_SGD = ("privacy.dp_sgd.clip=0.5", f"privacy.dp_sgd.noise_multiplier={SIGMA}", "rounds=2")
@@ -429,3 +430,62 @@ def test_dp_sgd_refuses_client_optimizers_that_do_not_step_on_one_gradient(name)
     message = str(err.value)
     assert f"client.optimizer.name={name}" in message and "privacy.dp_sgd" in message
     assert "\n" not in message
+
+
+# ----- what leaves under central DP with DP-SGD: in-process and through the Flower protocol -------
+
+
+def test_dp_sgd_neighbours_release_the_same_and_flower_accounts_like_in_process(
+    flower_identity,  # noqa: F811 (the imported fixture)
+    tmp_path,
+):
+    """Central DP with DP-SGD (Ditto: two solves per batch) on the neighbouring datasets of
+    ``test_privacy_release``: everything released is the same (the example-level ε included);
+    through the Flower protocol a node sends its clipped update plus the data-independent
+    ``dp_steps`` only, from which the server accounts the same example-level ε as in-process."""
+    from test_privacy_release import (
+        EVAL_KEYS,
+        SUMMARY_KEYS,
+        TRAIN_KEYS,
+        assert_neighbours_release_the_same,
+        assert_same_release,
+        dp_config,
+        neighbours,
+        populations_differ,
+        run_fake_flower,
+        run_in_process,
+        update_norm,
+    )
+
+    config = dp_config(
+        "ditto", "central", "privacy.dp_sgd.clip=0.5", f"privacy.dp_sgd.noise_multiplier={SIGMA}"
+    )
+    dataset, neighbour, _ = neighbours(config)
+    a = run_in_process(config, dataset, tmp_path / "a")
+    b = run_in_process(config, neighbour, tmp_path / "b")
+    assert_neighbours_release_the_same(a, b)
+    assert populations_differ(a.population, b.population)
+    for record in a.records:
+        allowed = TRAIN_KEYS if record["kind"] == "train" else EVAL_KEYS | {"example_epsilon"}
+        assert set(record) <= allowed, record
+    assert set(a.summary) == SUMMARY_KEYS | {"example_epsilon"}
+    assert a.summary["example_epsilon"] > 0
+    if not flower_identity:
+        pytest.skip("flwr is not installed: the Flower half is skipped")
+    server_a, sent_a = run_fake_flower(config, dataset)
+    server_b, sent_b = run_fake_flower(config, neighbour)
+    assert [(t, c) for t, c, _ in sent_a] == [(t, c) for t, c, _ in sent_b]
+    trained = 0
+    for (kind, client, sa), (_, _, sb) in zip(sent_a, sent_b, strict=True):
+        if kind != "train":
+            continue
+        trained += 1
+        assert set(sa) == set(sb) == {"message", "metrics"}, (client, set(sa))
+        assert set(sa["metrics"]) == {"dp_steps"}
+        assert torch.equal(sa["metrics"]["dp_steps"], sb["metrics"]["dp_steps"])
+        assert update_norm(sa["message"]) <= config.privacy.clip * (1 + 1e-6)
+    assert trained > 0
+    for ra, rb, rc in zip(a.records, server_a.records, server_b.records, strict=True):
+        assert_same_release(ra, rb, "in-process vs flower")
+        assert_same_release(rb, rc, "flower neighbours")
+    assert server_a.summary["example_epsilon"] == a.summary["example_epsilon"]

@@ -363,21 +363,15 @@ def check_node_messages(sent_a: list, sent_b: list, config, sends: bool = True) 
     assert [(t, c) for t, c, _ in sent_a] == [(t, c) for t, c, _ in sent_b]
     assert {t for t, _, _ in sent_a} == {"query", "train"}
     adaptive = config.privacy.adaptive_clip is not None
-    dp_sgd = config.privacy.dp_sgd is not None
     changed = 0
     for (kind, client, a), (_, _, b) in zip(sent_a, sent_b, strict=True):
         if kind == "query":
             assert a == b == {"info": {"partition-id": client}}
             continue
-        allowed = (
-            {"message"} | ({"info"} if adaptive else set()) | ({"metrics"} if dp_sgd else set())
-        )
+        allowed = {"message", "info"} if adaptive else {"message"}
         assert set(a) == set(b) and set(a) <= allowed and "message" in a, (client, set(a))
         if adaptive:
             assert set(a["info"]) == {"clipped"}
-        if dp_sgd:  # DP-SGD steps per batch, for the example-level accountant: config only
-            assert set(a["metrics"]) == {"dp_steps"}, (client, set(a["metrics"]))
-            assert torch.equal(a["metrics"]["dp_steps"], b["metrics"]["dp_steps"])
         if config.privacy.mechanism == "central":  # the clipped update, nothing else
             assert update_norm(a["message"]) <= config.privacy.clip * (1 + 1e-6)
         leaves_a, leaves_b = tree_leaves(a["message"]), tree_leaves(b["message"])
@@ -397,39 +391,6 @@ def run_fake_flower(config, dataset):
     assert not grid.errors, grid.errors
     sent = [(kind, client, content_of(reply)) for kind, client, reply in grid.sent]
     return server, sent
-
-
-@pytest.mark.parametrize("algorithm", ["fedavg", "ditto"])
-def test_dp_sgd_neighbours_release_the_same_and_flower_accounts_like_in_process(
-    flower_identity, algorithm, tmp_path
-):
-    """Central DP with DP-SGD inside the clients: neighbours release the same (the example-level
-    ε included), and through the Flower protocol the nodes send their clipped update plus the
-    data-independent ``dp_steps`` only, from which the server accounts the same example-level ε
-    as the in-process run."""
-    dp_sgd = ("privacy.dp_sgd.clip=0.5", "privacy.dp_sgd.noise_multiplier=1.1")
-    config = dp_config(algorithm, "central", *dp_sgd)
-    dataset, neighbour, _ = neighbours(config)
-    a = run_in_process(config, dataset, tmp_path / "a")
-    b = run_in_process(config, neighbour, tmp_path / "b")
-    assert_neighbours_release_the_same(a, b)
-    assert populations_differ(a.population, b.population)
-    for record in a.records:
-        assert set(record) <= (
-            TRAIN_KEYS if record["kind"] == "train" else EVAL_KEYS | {"example_epsilon"}
-        )
-    assert set(a.summary) == SUMMARY_KEYS | {"example_epsilon"}
-    assert a.summary["example_epsilon"] > 0
-    if not flower_identity:
-        pytest.skip("flwr is not installed: the Flower half is skipped")
-    server_a, sent_a = run_fake_flower(config, dataset)
-    server_b, sent_b = run_fake_flower(config, neighbour)
-    check_node_messages(sent_a, sent_b, config)
-    assert any("metrics" in content for kind, _, content in sent_a if kind == "train")
-    for ra, rb, rc in zip(a.records, server_a.records, server_b.records, strict=True):
-        assert_same_release(ra, rb, "in-process vs flower")
-        assert_same_release(rb, rc, "flower neighbours")
-    assert server_a.summary["example_epsilon"] == a.summary["example_epsilon"]
 
 
 def test_flower_adaptive_clipping_sends_the_clipped_bit_only(flower_identity):
