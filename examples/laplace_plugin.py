@@ -90,8 +90,8 @@ class LaplaceDitto(fedkin.Algorithm):
     def client_update(self, population: Tree, client: Tree, batches, ctx: Tree):
         cfg = self.config
         w = population["global"]
-        new, _, loss = self.local_solve(w, self.plain_objective, batches, ctx=ctx)
-        v, _, _ = self.local_solve(
+        new, _, loss, dp_global = self.local_solve(w, self.plain_objective, batches, ctx=ctx)
+        v, _, _, dp_personal = self.local_solve(
             client["params"],
             self.plain_objective,
             batches,
@@ -103,6 +103,8 @@ class LaplaceDitto(fedkin.Algorithm):
         moved = sum((a != b).sum() for a, b in zip(tree_leaves(v), tree_leaves(w), strict=True))
         size = sum(t.numel() for t in tree_leaves(w))
         metrics = {"train_loss": loss, "personal_density": moved / size}
+        # under DP-SGD: the DP steps of both solves, for the example-level accountant
+        metrics = self.with_dp_steps(metrics, dp_global, dp_personal)
         return self.delta_message(new, w), {"params": v}, metrics
 
     def personal_params(self, population: Tree, client: Tree) -> Tree:
