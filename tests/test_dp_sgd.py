@@ -354,6 +354,19 @@ def test_a_clients_dp_sgd_update_does_not_depend_on_its_cohort():
 # ----- the step count comes back as a metric -----------------------------------------------------
 
 
+def first_cohort_metrics(exp: Experiment) -> tuple[torch.Tensor, dict]:
+    """(round 0's cohort, the metrics its ``client_update`` returns through the engine)."""
+    cohort = exp.sample_cohort(0)
+    ctx = {
+        "client_id": cohort,
+        "num_samples": exp.dataset.train_sizes[cohort].to(torch.float32),
+        "round": torch.zeros_like(cohort),
+    }
+    args = (exp.population, exp.store.gather(cohort), exp.client_batches(cohort, "batches", 0), ctx)
+    _, _, metrics = exp.engine.map(exp.algorithm.client_update, args, (None, 0, 1, 0))
+    return cohort, metrics
+
+
 @pytest.mark.parametrize(
     ("overrides", "per_batch"),
     [
@@ -370,14 +383,7 @@ def test_client_update_returns_its_dp_sgd_steps_per_batch_as_a_metric(overrides,
     count of clipped, noised gradients on each batch; the accountant's ledger is built from it
     and it never reaches a record (even with nothing withheld: privacy.mechanism=none)."""
     exp = Experiment(tiny_config(*DP_SGD, f"engine.name={engine}", *overrides))
-    cohort = exp.sample_cohort(0)
-    ctx = {
-        "client_id": cohort,
-        "num_samples": exp.dataset.train_sizes[cohort].to(torch.float32),
-        "round": torch.zeros_like(cohort),
-    }
-    args = (exp.population, exp.store.gather(cohort), exp.client_batches(cohort, "batches", 0), ctx)
-    _, _, metrics = exp.engine.map(exp.algorithm.client_update, args, (None, 0, 1, 0))
+    cohort, metrics = first_cohort_metrics(exp)
     want = torch.tensor(per_batch, dtype=torch.float32).expand(len(cohort), -1)
     assert torch.equal(metrics["dp_steps"], want)
     assert exp.dp_sgd_uses == []
@@ -389,14 +395,7 @@ def test_client_update_returns_its_dp_sgd_steps_per_batch_as_a_metric(overrides,
 
 def test_without_dp_sgd_there_is_no_dp_steps_metric():
     exp = Experiment(tiny_config("rounds=1"))
-    cohort = exp.sample_cohort(0)
-    ctx = {
-        "client_id": cohort,
-        "num_samples": exp.dataset.train_sizes[cohort].to(torch.float32),
-        "round": torch.zeros_like(cohort),
-    }
-    args = (exp.population, exp.store.gather(cohort), exp.client_batches(cohort, "batches", 0), ctx)
-    _, _, metrics = exp.engine.map(exp.algorithm.client_update, args, (None, 0, 1, 0))
+    _, metrics = first_cohort_metrics(exp)
     assert set(metrics) == {"train_loss"}
 
 
