@@ -119,6 +119,17 @@ def test_ray_equals_local_for_a_stateful_algorithm(ray_instance, local_reference
     assert e.engine.workers == 2 and len(set(e.engine.worker_pids())) == 2
 
 
+def ray_and_local(*overrides: str):
+    """(the Ray experiment, the in-process one, its records) after 2 rounds of the small config
+    with ``overrides``, asserting equal records and client states."""
+    local = Experiment(tiny_config(*SMALL, *overrides))
+    want = run(local, 2)
+    e = Experiment(tiny_config(*SMALL, *overrides, *RAY))
+    assert_records_close(run(e, 2), want)
+    assert_same_state(e, local)
+    return e, local, want
+
+
 def test_robust_compressed_attacked_run_on_ray_equals_local(ray_instance):
     """The channel (attack, top-k with error feedback, trimmed mean) runs on the server side of
     the shared round, so a Ray run matches the in-process one."""
@@ -130,11 +141,7 @@ def test_robust_compressed_attacked_run_on_ray_equals_local(ray_instance):
         "attack.name=sign_flip",
         "attack.fraction=0.2",
     )
-    local = Experiment(tiny_config(*SMALL, *channel))
-    want = run(local, 2)
-    e = Experiment(tiny_config(*SMALL, *channel, *RAY))
-    assert_records_close(run(e, 2), want)
-    assert_same_state(e, local)
+    *_, want = ray_and_local(*channel)
     assert all(r["uplink_bytes"] > 0 for r in want if r["kind"] == "train")
 
 
@@ -148,11 +155,7 @@ def test_momentum_monna_run_on_ray_equals_local(ray_instance):
         "attack.name=alie",
         "attack.fraction=0.2",
     )
-    local = Experiment(tiny_config(*SMALL, *channel))
-    want = run(local, 2)
-    e = Experiment(tiny_config(*SMALL, *channel, *RAY))
-    assert_records_close(run(e, 2), want)
-    assert_same_state(e, local)
+    e, local, _ = ray_and_local(*channel)
     everyone = torch.arange(e.dataset.num_clients)
     torch.testing.assert_close(
         e.channel_clients.gather(everyone), local.channel_clients.gather(everyone)
