@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from abc import abstractmethod
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
@@ -339,14 +340,12 @@ class _AggregatorBase(BaseModel):
                 raise ValueError(problem)
         return self
 
-    def _stateless(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
     def _init(self, d: int) -> AggState:
         return {}
 
+    @abstractmethod
     def _rule(self, x: torch.Tensor, w: torch.Tensor, state: AggState, round_: int):
-        return self._stateless(x, w), state, {}
+        """(aggregate ``[d]``, new state, metrics) of messages ``x`` ``[n, d]``, weights ``w``."""
 
     def build(self, seed: int = 0, trusted_updates: TrustedUpdates | None = None) -> Aggregator:
         """The rule after its pre-aggregations; ``trusted_updates`` feeds a trusted-direction
@@ -387,7 +386,18 @@ class _AggregatorBase(BaseModel):
         return Aggregator(init, apply)
 
 
-class MeanConfig(_AggregatorBase):
+class _StatelessRule(_AggregatorBase):
+    """A rule without state across rounds: the aggregate is a function of (x, w) alone."""
+
+    @abstractmethod
+    def _stateless(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The aggregate ``[d]`` of messages ``x`` ``[n, d]`` with weights ``w`` ``[n]``."""
+
+    def _rule(self, x: torch.Tensor, w: torch.Tensor, state: AggState, round_: int):
+        return self._stateless(x, w), state, {}
+
+
+class MeanConfig(_StatelessRule):
     """Plain mean (1/n) Σ x_i: every accepted message counts once."""
 
     name: Literal["mean"] = "mean"
@@ -396,7 +406,7 @@ class MeanConfig(_AggregatorBase):
         return mean(x)
 
 
-class WeightedMeanConfig(_AggregatorBase):
+class WeightedMeanConfig(_StatelessRule):
     """Weighted mean Σ p_i x_i with p ∝ the clients' weights (FedAvg's rule)."""
 
     name: Literal["weighted_mean"] = "weighted_mean"
@@ -405,7 +415,7 @@ class WeightedMeanConfig(_AggregatorBase):
         return weighted_mean(x, w)
 
 
-class MedianConfig(_AggregatorBase):
+class MedianConfig(_StatelessRule):
     """Coordinate-wise median."""
 
     name: Literal["median"] = "median"
@@ -414,7 +424,7 @@ class MedianConfig(_AggregatorBase):
         return coordinate_median(x)
 
 
-class _WithF(_AggregatorBase):
+class _WithF(_StatelessRule):
     f: int = Field(1, ge=0, description="declared Byzantine messages per round f (needs 2f < n)")
 
 
@@ -446,7 +456,7 @@ class MultiKrumConfig(_WithF):
         return multi_krum(x, self.f, self.m)
 
 
-class GeometricMedianConfig(_AggregatorBase):
+class GeometricMedianConfig(_StatelessRule):
     """Geometric median by smoothed Weiszfeld iterations from 0 (RFA, Pillutla et al.)."""
 
     name: Literal["geometric_median"] = "geometric_median"

@@ -10,6 +10,7 @@ Randomness (Gaussian) is keyed by (round, client, coordinate), so runs reproduce
 from __future__ import annotations
 
 import statistics
+from abc import abstractmethod
 from collections.abc import Callable
 from typing import ClassVar, Literal, NamedTuple
 
@@ -95,8 +96,9 @@ class _AttackBase(BaseModel):
     poisons_labels: ClassVar[bool] = False
     omniscient: ClassVar[bool] = False
 
+    @abstractmethod
     def _message(self, seen: Seen, stream: Stream) -> torch.Tensor:
-        raise NotImplementedError
+        """The Byzantine message ``[d]`` sent instead of ``seen.own``."""
 
     def _sees_honest(self) -> bool:
         return self.omniscient

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import struct
 import zlib
+from abc import abstractmethod
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
@@ -111,8 +112,9 @@ class _CompressorBase(BaseModel):
         False, description="add the kept residual to the next message (error feedback)"
     )
 
+    @abstractmethod
     def _codec(self, stream: Stream) -> tuple[Encode, Decode]:
-        raise NotImplementedError
+        """The compressor's (encode, decode) pair; ``stream`` seeds its randomness."""
 
     def build(self, seed: int = 0) -> Compressor:
         encode, decode = self._codec(Stream(seed).child(f"compress/{self.name}"))

@@ -8,6 +8,7 @@ optimizer. ``fedkin list optimizers`` shows them with their options.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -117,9 +118,9 @@ class MatrixOptimizerConfig(BaseOptimizerConfig):
     other_lr: float = Field(1e-3, gt=0, description="AdamW learning rate of non-2-D parameters")
     other_weight_decay: float = Field(0.0, ge=0, description="AdamW decay of non-2-D parameters")
 
+    @abstractmethod
     def matrix_direction(self) -> GradientTransformation:
         """The direction on 2-D weights (before decay and the learning rate)."""
-        raise NotImplementedError
 
     def transform(self) -> GradientTransformation:
         matrix = chain(
