@@ -96,8 +96,9 @@ def test_ddpm_makes_algorithms_use_the_diffusion_task():
     assert "global_denoise_mean" in record
 
 
-def test_spire_adaptation_trains_only_a_new_embedding():
-    exp = experiment("algorithm.name=spire", "algorithm.adapt_steps=3")
+@pytest.mark.parametrize(("width", "d_e"), [([], 32), (["model.embedding_dim=12"], 12)])
+def test_spire_adaptation_trains_only_a_new_embedding(width, d_e):
+    exp = experiment("algorithm.name=spire", "algorithm.adapt_steps=3", *width)
     train(exp, 2)
     alg = exp.algorithm
     population_before = snapshot(exp.population)
@@ -111,10 +112,10 @@ def test_spire_adaptation_trains_only_a_new_embedding():
     tuned, embedding = alg.split(params)
     for k, v in backbone.items():
         assert torch.equal(tuned[k], v), k
-    # exactly the embedding was trained: 4·channels[0] = 32 numbers, ≤ 0.1% of the model
+    # exactly the embedding was trained: d_e numbers (default 4·channels[0] = 32), ≤ 0.1%
     trainable = sum(v.numel() for v in embedding.values())
     assert list(embedding) == ["unet.class_embedding.weight"]
-    assert trainable == 32 and trainable * 1000 < total
+    assert trainable == d_e and trainable * 1000 < total
     start = exp.population["embedding_mean"]["unet.class_embedding.weight"]
     assert not torch.equal(embedding["unet.class_embedding.weight"], start)
     # trained clients keep their own embeddings, which differ from client to client

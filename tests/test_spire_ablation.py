@@ -18,10 +18,10 @@ from fedkin.core.tree import tree_leaves
 SMALL = "--clients 10 --channels 8,16 --steps 2 --samples 12 --sample-steps 3"
 
 
-def tiny_args(tmp_path, rounds: int) -> argparse.Namespace:
+def tiny_args(tmp_path, rounds: int, *extra: str) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     spire_ablation.add_arguments(p)
-    args = p.parse_args([*SMALL.split(), "--rounds", str(rounds), "--cache", str(tmp_path)])
+    args = p.parse_args([*SMALL.split(), "--rounds", str(rounds), "--cache", str(tmp_path), *extra])
     return spire_ablation.normalize(args, ValueError)
 
 
@@ -36,6 +36,26 @@ def test_cached_pretraining_continues_bit_identically(tmp_path):
     assert resumed["round"] == 2
     pairs = zip(tree_leaves(resumed["population"]), tree_leaves(straight.population), strict=True)
     assert all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_few_shot_new_clients_share_the_pretraining_cache(tmp_path):
+    """--new-client-images caps only what new clients adapt on, so pretraining is reused."""
+    quiet = lambda *a: None  # noqa: E731
+    full = diffusion.pretrained(tiny_args(tmp_path, 1), "spire", quiet)
+    few = tiny_args(tmp_path, 1, "--new-client-images", "3")
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            *(
+                tree_leaves(s["population"])
+                for s in (full, diffusion.pretrained(few, "spire", quiet))
+            ),
+            strict=True,
+        )
+    )
+    assert len(list(tmp_path.glob("diffusion_pretrained_*_r*.pt"))) == 1
+    exp = spire_ablation.experiment(few, "spire")
+    assert exp.dataset.train_sizes[exp.new_clients].tolist() == [3] * len(exp.new_clients)
 
 
 def test_table2_seed0_holds_out_a_class_no_training_client_has():

@@ -76,11 +76,27 @@ class EvalConfig(_Section):
         description="fraction of clients that never train; evaluated as new clients after one "
         "local adaptation from the population model (new_acc_*)",
     )
+    new_client_train_samples: int | None = Field(
+        None,
+        gt=0,
+        description="keep only this many training samples on each new (held-out) client: the "
+        "data it adapts on, a nested random subset as data.train_per_client; training clients "
+        "and every test split are unchanged. None: all",
+    )
     failure_patterns: bool = Field(
         False,
         description="model mel, local backend: also report accuracy under every failure pattern of "
         "the ensemble (global_acc_<pattern>, personal_acc_<pattern>; e.g. combiner+branch1)",
     )
+
+    @model_validator(mode="after")
+    def _new_clients_exist(self) -> EvalConfig:
+        if self.new_client_train_samples is not None and self.holdout_clients == 0:
+            raise ValueError(
+                "eval.new_client_train_samples needs new clients: set eval.holdout_clients "
+                "(allowed: 0 < holdout_clients <= 0.5) or leave it null"
+            )
+        return self
 
 
 class CheckpointConfig(_Section):

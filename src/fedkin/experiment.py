@@ -98,6 +98,18 @@ class Experiment:
         self.device = torch.device(config.engine.device)
         with torch.device("cpu"):  # built on the host whatever torch's default device
             built = build_dataset(config.data, config.seed) if dataset is None else dataset
+        n_new = holdout_count(built.num_clients, config.eval.holdout_clients)
+        order = torch.argsort(
+            self.stream.child("holdout").keys(torch.arange(built.num_clients, device="cpu"))
+        )
+        self.new_clients = order[len(order) - n_new :].sort().values
+        if config.eval.new_client_train_samples is not None:
+            built = built.with_train_cap(
+                config.eval.new_client_train_samples,
+                Stream(config.seed).child("data").child("new-client-cap"),
+                clients=self.new_clients,
+                key="eval.new_client_train_samples",
+            )
         self.dataset = built.to(self.device)
         self.engine = config.backend.wrap(config.engine.build(engine_plan(config, self.dataset)))
         self.groups = self._build_groups()
@@ -117,11 +129,6 @@ class Experiment:
         self.server = ServerStep(OPTIMIZER_REGISTRY.build(config.server.optimizer))
         self.round = 0  # rounds completed
         self.client_accuracy: dict[str, list[float]] = {}  # per-client, from the last evaluate()
-        n_new = holdout_count(self.dataset.num_clients, config.eval.holdout_clients)
-        order = torch.argsort(
-            self.stream.child("holdout").keys(torch.arange(self.dataset.num_clients, device="cpu"))
-        )
-        self.new_clients = order[len(order) - n_new :].sort().values
         self.is_training = torch.ones(self.dataset.num_clients, dtype=torch.bool, device="cpu")
         self.is_training[self.new_clients] = False
         self.training_clients = torch.nonzero(self.is_training).squeeze(1)

@@ -9,7 +9,8 @@ all training clients each round; a new client then gets the *same adaptation bud
 round's ``steps`` steps on its own training data:
 
 * ``spire``: backbone averaged, embeddings personal; a new client trains only a fresh
-  embedding (initialized at the mean embedding) — 4·channels[0] parameters.
+  embedding (initialized at the mean embedding) — d_e parameters (``--embedding-dim``,
+  default 4·channels[0]).
 * ``adept-dgm``: ADEPT's Gaussian/inverse-gamma prior on every parameter; a new client runs
   ADEPT's local solver from μ (all parameters).
 * ``local``: each client trains alone from the initialization; a new client from scratch.
@@ -80,9 +81,15 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
         "data.partition.name=pathological",
         "data.partition.classes_per_client=1",
         f"eval.holdout_clients={args.holdout}",
+        *(
+            [f"eval.new_client_train_samples={args.new_client_images}"]
+            if args.new_client_images
+            else []
+        ),
         f"cohort.clients_per_round={args.clients - round(args.clients * args.holdout)}",
         "model.name=ddpm",
         f"model.channels={json.dumps(args.channels)}",
+        *([f"model.embedding_dim={args.embedding_dim}"] if args.embedding_dim else []),
         f"client.local_steps={args.steps}",
         f"client.batch_size={args.batch}",
         "client.optimizer.name=adam",
@@ -119,6 +126,9 @@ def pretrained(args: argparse.Namespace, method: str, log) -> dict:
     continues from the longest cached shorter one (resume is bit-identical). The key does not
     cover the code: clear the cache after changing an algorithm or the model."""
     method = "fedavg-ft" if method == "fedavg-ft-last" else method
+    # training never reads a new client's data (tests/test_new_client_data.py), so runs that
+    # differ only in --new-client-images share their pretraining
+    args = argparse.Namespace(**{**vars(args), "new_client_images": None})
     key = json.dumps([base_overrides(argparse.Namespace(**{**vars(args), "rounds": 0})), method])
     stem = f"diffusion_pretrained_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     cache = Path(args.cache)
@@ -319,6 +329,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", type=int, default=20, help="clients, one digit class each")
     p.add_argument("--holdout", type=float, default=0.2, help="fraction of new clients")
     p.add_argument("--channels", default="16,32", help="U-Net block widths")
+    p.add_argument(
+        "--embedding-dim",
+        type=int,
+        default=None,
+        help="client (timestep) embedding width d_e; default 4·channels[0]",
+    )
+    p.add_argument(
+        "--new-client-images",
+        type=int,
+        default=None,
+        help="training images each new client keeps to adapt on (few-shot); default all",
+    )
     p.add_argument("--rounds", type=int, default=30, help="training rounds")
     p.add_argument("--steps", type=int, default=10, help="local steps = adaptation budget")
     p.add_argument("--batch", type=int, default=16, help="local batch size")
@@ -374,6 +396,8 @@ def command_line(args: argparse.Namespace) -> str:
         f"--rounds {args.rounds} --steps {args.steps} --batch {args.batch} --lr {args.lr} "
         f"--adapt-lr {args.adapt_lr} --samples {args.samples} "
         f"--sample-steps {args.sample_steps} --seed {args.seed}"
+        + (f" --embedding-dim {args.embedding_dim}" if args.embedding_dim else "")
+        + (f" --new-client-images {args.new_client_images}" if args.new_client_images else "")
     )
 
 

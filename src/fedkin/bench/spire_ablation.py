@@ -203,6 +203,8 @@ def command_line(args: argparse.Namespace) -> str:
         f"--adapt-lrs {','.join(map(str, args.adapt_lrs))} --inits {','.join(args.inits)} "
         f"--ft-steps {','.join(map(str, args.ft_steps))} --samples {args.samples} "
         f"--sample-steps {args.sample_steps}"
+        + (f" --embedding-dim {args.embedding_dim}" if args.embedding_dim else "")
+        + (f" --new-client-images {args.new_client_images}" if args.new_client_images else "")
     )
 
 
@@ -225,7 +227,9 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        tag = f"spire_ablation_seed{args.seed}_r{args.rounds}"
+        width = f"_d{args.embedding_dim}" if args.embedding_dim else ""
+        shots = f"_n{args.new_client_images}" if args.new_client_images else ""
+        tag = f"spire_ablation_seed{args.seed}_r{args.rounds}{width}{shots}"
         (out / f"{tag}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
         (out / f"{tag}.md").write_text(text + "\n")
     print(text)

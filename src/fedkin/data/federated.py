@@ -270,24 +270,36 @@ class FederatedDataset:
             val_sizes=val_sizes,
         )
 
-    def with_train_cap(self, n: int, stream: Stream) -> FederatedDataset:
-        """This dataset with every client's train split cut to ``n`` samples: those with the
-        ``n`` smallest keys of (stream, client, position), so the subset for ``n`` lies inside
-        the one for any larger ``n``. A client with fewer than ``n`` is an error."""
-        short = torch.nonzero(self.train_sizes < n).flatten()
+    def with_train_cap(
+        self,
+        n: int,
+        stream: Stream,
+        clients: torch.Tensor | None = None,
+        key: str = "data.train_per_client",
+    ) -> FederatedDataset:
+        """This dataset with the train split of ``clients`` (default: every client) cut to
+        ``n`` samples: those with the ``n`` smallest keys of (stream, client, position), so the
+        subset for ``n`` lies inside the one for any larger ``n``; the other clients keep
+        theirs unchanged. A capped client with fewer than ``n`` is an error naming ``key``."""
+        all_clients = torch.arange(self.num_clients, device="cpu")
+        clients = all_clients if clients is None else clients.cpu()
+        sizes = self.train_sizes.cpu()
+        short = clients[sizes[clients] < n]
         if len(short):
+            fewest = int(sizes[clients].min())
             raise DataError(
-                f"data.train_per_client: {n} exceeds the {int(self.train_sizes.min())} training "
-                f"samples of client {int(short[0])} ({len(short)} clients hold fewer than {n}); "
-                f"allowed: 1..{int(self.train_sizes.min())} or null (all)"
+                f"{key}: {n} exceeds the {fewest} training samples of client "
+                f"{int(short[0])} ({len(short)} clients hold fewer than {n}); "
+                f"allowed: 1..{fewest} or null (all)"
             )
         table = self.train_index.cpu()  # built on the host
         positions = torch.arange(table.shape[1], device="cpu")
-        clients = torch.arange(self.num_clients, device="cpu")
-        keys = stream.keys(clients[:, None], positions[None, :])
-        keys = keys.masked_fill(positions[None, :] >= self.train_sizes[:, None], _PAD_KEY)
-        order = torch.argsort(keys, dim=1, stable=True)[:, :n]
-        train_index, train_sizes = pad_index(list(torch.gather(table, 1, order)))
+        keys = stream.keys(all_clients[:, None], positions[None, :])
+        keys = keys.masked_fill(positions[None, :] >= sizes[:, None], _PAD_KEY)
+        capped = torch.gather(table, 1, torch.argsort(keys, dim=1, stable=True)[:, :n])
+        chosen = set(clients.tolist())
+        rows = [capped[c] if c in chosen else table[c, : sizes[c]] for c in range(len(table))]
+        train_index, train_sizes = pad_index(rows)
         return replace(self, train_index=train_index.to(self.device), train_sizes=train_sizes)
 
     def eval_split(self, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,8 @@ Model (Ho et al. 2020, ε-prediction, linear β schedule β_1..β_T, ᾱ_t = Π_
     x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε,   ε ~ N(0, I),  t ~ U{0, …, T−1},
     L(φ, e) = E_{t,ε} ‖ε − ε_φ(x_t, t, e)‖² / D      (D = pixels; the diffusion task's loss).
 
-The client embedding e ∈ ℝ^{d_e} (d_e = the time-embedding width, 4·channels[0]) is added to
+The client embedding e ∈ ℝ^{d_e} (d_e = the time-embedding width, ``embedding_dim``, by default
+4·channels[0] as in diffusers) is added to
 the timestep embedding: it is the U-Net's class-embedding table with **one row**, the row of the
 client that holds the model (``unet.class_embedding.weight``, shape ``[1, d_e]``), looked up
 with class label 0. A server-side table E ∈ ℝ^{m×d_e} of which client i updates only row i is
@@ -93,6 +94,7 @@ class ConditionalDDPM(nn.Module):
         timesteps: int,
         beta_start: float,
         beta_end: float,
+        embedding_dim: int | None = None,
     ) -> None:
         from diffusers import DDPMScheduler, UNet2DModel
 
@@ -111,6 +113,7 @@ class ConditionalDDPM(nn.Module):
                 norm_num_groups=norm_groups,
                 add_attention=False,
                 num_class_embeds=1,
+                time_embedding_dim=embedding_dim,
             )
         )
         self.scheduler = DDPMScheduler(
@@ -175,7 +178,13 @@ class DdpmConfig(BaseModel):
         [16, 32],
         min_length=1,
         description="U-Net block widths (diffusers block_out_channels), one down/up block "
-        "each; every width a multiple of norm_groups; the client embedding has 4·channels[0]",
+        "each; every width a multiple of norm_groups",
+    )
+    embedding_dim: int | None = Field(
+        None,
+        gt=0,
+        description="d_e, the width of the timestep embedding and so of the client embedding "
+        "added to it (diffusers time_embedding_dim); None: 4·channels[0]",
     )
     layers_per_block: int = Field(1, gt=0, description="ResNet layers per U-Net block")
     norm_groups: int = Field(8, gt=0, description="groups of every GroupNorm")
@@ -201,4 +210,5 @@ class DdpmConfig(BaseModel):
             self.timesteps,
             self.beta_start,
             self.beta_end,
+            self.embedding_dim,
         )
