@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_config
 from fedkin.algorithms.fedavg import FedAvg, FedAvgConfig
 from fedkin.algorithms.fedprox import FedProx, FedProxConfig
-from fedkin.engine import VectorizedEngine
+from fedkin.engine import SequentialEngine, VectorizedEngine
 from fedkin.engine.buckets import pad_args, unpad
 from fedkin.engine.fastpath import fast_client_update
 from fedkin.models import CnnConfig, LogRegConfig, MlpConfig, build_model
@@ -71,6 +71,41 @@ def test_cnn_fast_path_matches_vmap(channels, image_shape, feature_shape):
     assert not torch.allclose(
         out[0]["delta"]["features.0.weight"][0], out[0]["delta"]["features.0.weight"][1]
     )
+
+
+def _quantized_images(clients: int, batches: int, batch: int):
+    """sklearn's digits (17 grey levels, about half the pixels exactly 0) upscaled 2x to 1×16×16
+    by repeating pixels, as ``[batches, clients, batch, 256]``: images whose convolutions have
+    many exactly tied max-pool windows, unlike uniform random inputs."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images / 16.0).repeat_interleave(2, 1).repeat_interleave(2, 2)
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    idx = idx[: batches * clients * batch].reshape(batches, clients, batch)
+    return x[idx].flatten(3), torch.tensor(digits.target)[idx]
+
+
+def test_cnn_fast_path_matches_the_sequential_engine_in_float64_on_quantized_images():
+    """In float64 the grouped-convolution solve gives the sequential engine's update to 1e-12
+    over several steps on real (quantized) images, so the formula is exact; in float32 the two
+    differ where rounding decides a max-pool near-tie (benchmarks/results/throughput.md)."""
+    model = build_model(CnnConfig(channels=[4, 8], hidden=16), (256,), (1, 16, 16), 10, seed=1)
+    algorithm = FedAvg(FedAvgConfig(), model, sgd(0.5), 4)
+    params = {k: v.double() for k, v in algorithm.initial_params().items()}
+    population = algorithm.init_population(params)
+    xs, ys = _quantized_images(6, 4, 8)
+    ctx = {"client_id": torch.arange(6), "round": torch.zeros(6, dtype=torch.long)}
+    args = (population, {}, (xs, ys), ctx)
+    fast = VectorizedEngine()
+    out = fast.map(algorithm.client_update, args, IN_DIMS)
+    assert fast.last_path == "fast:cnn"
+    ref = SequentialEngine().map(algorithm.client_update, args, IN_DIMS)
+    for name, delta in out[0]["delta"].items():
+        assert delta.dtype == torch.float64, name  # the solve ran in float64
+        torch.testing.assert_close(delta, ref[0]["delta"][name], rtol=0, atol=1e-12)
+        assert delta.abs().amax(tuple(range(1, delta.dim()))).min() > 1e-3, name  # it trained
+    torch.testing.assert_close(out[2], ref[2], rtol=0, atol=1e-12)
 
 
 def test_cnn_fast_path_padded_clients_change_nothing():
