@@ -15,7 +15,11 @@ and the parameters after one SGD step ``θ − η ∇θ`` — for a linear layer
 one fused ``baddbmm``. Convolution and max-pooling backward call the ATen kernels autograd
 would call (``convolution_backward`` with only the gradients needed — none for the data —,
 ``max_pool2d_with_indices_backward``), so the numbers are those of ``vmap(grad(…))`` up to
-float reassociation (tested in ``tests/test_engine_fastpath.py``).
+float reassociation (tested in ``tests/test_engine_fastpath.py``; in float64 those of the
+sequential engine to 1e-12 on quantized images). In float32 the reassociation can decide a
+max-pool window whose two largest inputs are a few ulps apart the other way, which sends that
+window's gradient to another position: on real images the update then differs from the
+sequential engine's by ~1e-5, as vmap's does (benchmarks/results/throughput.md).
 """
 
 from __future__ import annotations
