@@ -250,19 +250,23 @@ def test_fid_matches_torchmetrics():
 @pytest.mark.slow
 def test_bench_diffusion_writes_table_json_and_grids(cli, tmp_path, capsys):
     small = "--clients 10 --channels 8,16 --rounds 1 --steps 2 --samples 12 --sample-steps 3"
-    methods = ["--methods", "spire,fedavg-ft,fedavg-ft-last"]
+    methods = ["--methods", "spire,fedavg,fedavg-ft,fedavg-ft-last"]
     out = ["--cache", str(tmp_path / "cache"), "--out", str(tmp_path)]
     args = ["bench", "diffusion", *methods, *small.split(), *out]
     assert cli(args) == 0
 
     record = json.loads((tmp_path / "diffusion.json").read_text())
-    assert record["command"].startswith("fedkin bench diffusion --methods spire,fedavg-ft")
+    assert record["command"].startswith("fedkin bench diffusion --methods spire,fedavg,")
     rows = {(r["method"], r["metric"]): r for r in record["rows"]}
     assert set(record["rows"][0]) == {"method", "dataset", "metric", "value", "trainable_params"}
     assert rows[("spire", "kid_new_mean")]["trainable_params"] == 32
     last_layer = 8 * 9 + 1  # conv_out: 8 → 1 channel, 3×3, bias
     assert rows[("fedavg-ft-last", "kid_new_mean")]["trainable_params"] == last_layer
     assert rows[("spire", "forgetting_kid")]["value"] == 0.0
+    # the global baseline: FedAvg's model as is, nothing trained in adaptation, nothing forgotten
+    assert rows[("fedavg", "kid_new_mean")]["trainable_params"] == 0
+    assert rows[("fedavg", "forgetting_kid")]["value"] == 0.0
+    assert len(list((tmp_path / "cache").glob("diffusion_pretrained_*.pt"))) == 2  # spire, fedavg
     assert rows[("split", "new_clients")]["value"] == 2
     assert (tmp_path / "samples_spire.png").stat().st_size > 0
     assert "| spire |" in (tmp_path / "diffusion.md").read_text()

@@ -14,6 +14,7 @@ round's ``steps`` steps on its own training data:
 * ``adept-dgm``: ADEPT's Gaussian/inverse-gamma prior on every parameter; a new client runs
   ADEPT's local solver from μ (all parameters).
 * ``local``: each client trains alone from the initialization; a new client from scratch.
+* ``fedavg``: FedAvg's global model for every client, no adaptation (the *global* baseline).
 * ``fedavg-ft``: FedAvg, then every client fine-tunes all parameters (full fine-tuning).
 * ``fedavg-ft-last``: the same FedAvg model (same pretraining), fine-tuning only the last
   layer (``unet.conv_out``).
@@ -30,9 +31,10 @@ pooled training data and caches (Inception weights cannot be downloaded here). M
 over clients. ``data`` rows give the floor: KID of each client's *training* images against its
 test images. Forgetting: the mean change of the old (training) clients' KID when the shared
 weights are replaced by those adapted to a new client (FedAvg: the old clients then generate
-with the fine-tuned model; averaged over new clients). SPIRE, ADEPT-DGM and Local never change
-the weights old clients generate with during adaptation: the population is checked byte for
-byte after adaptation (an error if it moved), so their forgetting is 0 without resampling.
+with the fine-tuned model; averaged over new clients). SPIRE, ADEPT-DGM, Local and FedAvg (no
+adaptation) never change the weights old clients generate with during adaptation: the population
+is checked byte for byte after adaptation (an error if it moved), so their forgetting is 0
+without resampling.
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ from fedkin.core.tree import tree_leaves
 from fedkin.experiment import Experiment
 from fedkin.models.diffusion_metrics import feature_classifier, fid, kid
 
-METHODS = ("spire", "adept-dgm", "local", "fedavg-ft", "fedavg-ft-last")
+METHODS = ("spire", "adept-dgm", "local", "fedavg", "fedavg-ft", "fedavg-ft-last")
+#: methods that reuse another's pretraining (the FedAvg model, adapted differently)
+SHARED_PRETRAINING = {"fedavg": "fedavg-ft", "fedavg-ft-last": "fedavg-ft"}
 LAST_LAYER = "unet.conv_out"
 
 
@@ -64,6 +68,8 @@ def method_overrides(method: str, steps: int, adapt_lr: float) -> list[str]:
             f"algorithm.adapt_steps={steps}",
             f"algorithm.adapt_lr={adapt_lr}",
         ]
+    if method == "fedavg":
+        return ["algorithm.name=fedavg_ft", "algorithm.finetune_steps=0"]
     if method in ("fedavg-ft", "fedavg-ft-last"):
         layers = f"[{LAST_LAYER}]" if method == "fedavg-ft-last" else "null"
         return [
@@ -104,6 +110,8 @@ def adapted_count(exp: Experiment, method: str) -> int:
     params = dict(exp.model.named_parameters())
     if method == "spire":
         return sum(v.numel() for v in exp.algorithm.split(params)[1].values())
+    if method == "fedavg":
+        return 0
     if method == "fedavg-ft-last":
         return sum(v.numel() for k, v in params.items() if k.startswith(LAST_LAYER + "."))
     return sum(v.numel() for v in params.values())
@@ -122,10 +130,10 @@ def train(exp: Experiment, rounds: int, log) -> None:
 def pretrained(args: argparse.Namespace, method: str, log) -> dict:
     """The experiment state after ``args.rounds`` training rounds of ``method`` (pretraining
     is the expensive part), cached in ``args.cache`` under a hash of the settings that shape
-    it (adaptation settings do not; ``fedavg-ft-last`` shares ``fedavg-ft``'s). A longer run
-    continues from the longest cached shorter one (resume is bit-identical). The key does not
-    cover the code: clear the cache after changing an algorithm or the model."""
-    method = "fedavg-ft" if method == "fedavg-ft-last" else method
+    it (adaptation settings do not; ``fedavg`` and ``fedavg-ft-last`` share ``fedavg-ft``'s).
+    A longer run continues from the longest cached shorter one (resume is bit-identical). The
+    key does not cover the code: clear the cache after changing an algorithm or the model."""
+    method = SHARED_PRETRAINING.get(method, method)
     # training never reads a new client's data (tests/test_new_client_data.py), so runs that
     # differ only in --new-client-images share their pretraining
     args = argparse.Namespace(**{**vars(args), "new_client_images": None})
@@ -210,7 +218,7 @@ def evaluate_method(
 
 def forgetting(exp, method, features, args, old, new, unchanged: bool) -> float:
     """Mean over old clients (and new clients j) of KID_i(after adapting to j) − KID_i(before)."""
-    if method in ("spire", "adept-dgm", "local"):
+    if method in ("spire", "adept-dgm", "local", "fedavg"):
         if not unchanged:
             raise RuntimeError(f"{method}: adaptation changed the population")
         return 0.0  # the weights old clients generate with are byte-identical (checked above)
