@@ -76,6 +76,7 @@ def test_table2_seed0_holds_out_a_class_no_training_client_has():
 @pytest.mark.slow
 def test_ablation_rows_split_new_clients_by_class_coverage(cli, tmp_path):
     sweep = "--adapt-steps 0,2 --adapt-lrs 0.1 --inits mean,twin --ft-steps 2 --rounds 1"
+    sweep += " --ft-lrs 0.002,0.05"
     args = ["bench", "spire-ablation", *SMALL.split(), *sweep.split()]
     assert cli([*args, "--cache", str(tmp_path / "cache"), "--out", str(tmp_path)]) == 0
 
@@ -102,4 +103,6 @@ def test_ablation_rows_split_new_clients_by_class_coverage(cli, tmp_path):
     assert {int(m[len("kid_client") :]) for m in twin if "client" in m} == covered
     ft = [r for r in rows if r["method"] == "fedavg-ft" and r["metric"] == "kid_new_mean"]
     assert ft[0]["trainable_params"] > 100 * 32
+    assert [r["lr"] for r in ft] == [0.002, 0.05]  # fine-tuning at each --ft-lrs value
+    assert ft[0]["value"] != ft[1]["value"]  # the lr reaches the fine-tuning
     assert "| spire | mean | 2 | 0.1 |" in (tmp_path / "spire_ablation_seed0_r1.md").read_text()

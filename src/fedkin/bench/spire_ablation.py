@@ -13,7 +13,8 @@ scored by KID of its samples against its test images on the cached feature CNN:
   clients). 0 steps scores the initialization itself.
 * ``spire-best-train-embedding``: per new client, the lowest KID over the training clients'
   trained embeddings, unadapted (what the frozen backbone can produce for j at all).
-* ``fedavg-ft``: full fine-tuning from the FedAvg model for ``--ft-steps`` steps (client lr).
+* ``fedavg-ft``: full fine-tuning from the FedAvg model for ``--ft-steps`` steps at each of
+  ``--ft-lrs`` (Adam; default the client lr of pretraining).
 
 A new client is *covered* when some training client holds its class (one class per client:
 an uncovered client's digit never reaches the backbone in pretraining). Rows: the Table-2 row
@@ -51,12 +52,15 @@ INITS = ("mean", "random", "zero", "twin")
 
 
 def experiment(args: argparse.Namespace, method: str, **over) -> Experiment:
-    """Table 2's experiment of ``method`` (``over``: adaptation ``steps``/``lr``). Adaptation
-    longer than a round draws that many batches (``client.local_steps``; batch s of a solve
-    is batch s mod local_steps with its fixed diffusion noise), so no step repeats a batch."""
+    """Table 2's experiment of ``method`` (``over``: adaptation ``steps``/``lr``, fine-tuning
+    ``ft_lr``: the client optimizer's lr, which only fine-tuning uses once the pretrained
+    state is loaded). Adaptation longer than a round draws that many batches
+    (``client.local_steps``; batch s of a solve is batch s mod local_steps with its fixed
+    diffusion noise), so no step repeats a batch."""
     steps, lr = over.get("steps", args.steps), over.get("lr", args.adapt_lr)
     batches = [f"client.local_steps={steps}"] if steps > args.steps else []
-    overrides = [*base_overrides(args), *method_overrides(method, steps, lr), *batches]
+    ft_lr = [f"client.optimizer.lr={over['ft_lr']}"] if "ft_lr" in over else []
+    overrides = [*base_overrides(args), *method_overrides(method, steps, lr), *batches, *ft_lr]
     return Experiment(load_config(None, overrides))
 
 
@@ -150,18 +154,19 @@ def sweep(args: argparse.Namespace, log=print) -> list[dict]:
                 )
     state = pretrained(args, "fedavg-ft", log)
     for steps in args.ft_steps:
-        exp = experiment(args, "fedavg-ft", steps=steps)
-        exp.load_state_dict(state)
-        values = {j: kid_of(exp, features, exp.personal_params(j), j, args) for j in new}
-        setting = {
-            **base,
-            "method": "fedavg-ft",
-            "steps": steps,
-            "lr": args.lr,
-            "trainable_params": adapted_count(exp, "fedavg-ft"),
-        }
-        rows += summary_rows(setting, values, covered)
-        log(f"fedavg-ft steps={steps}: { {j: round(v) for j, v in values.items()} }")
+        for ft_lr in args.ft_lrs or [args.lr]:
+            exp = experiment(args, "fedavg-ft", steps=steps, ft_lr=ft_lr)
+            exp.load_state_dict(state)
+            values = {j: kid_of(exp, features, exp.personal_params(j), j, args) for j in new}
+            setting = {
+                **base,
+                "method": "fedavg-ft",
+                "steps": steps,
+                "lr": ft_lr,
+                "trainable_params": adapted_count(exp, "fedavg-ft"),
+            }
+            rows += summary_rows(setting, values, covered)
+            log(f"fedavg-ft steps={steps} lr={ft_lr}: { {j: round(v) for j, v in values.items()} }")
     return rows
 
 
@@ -201,7 +206,9 @@ def command_line(args: argparse.Namespace) -> str:
         f"fedkin bench spire-ablation --rounds {args.rounds} --seed {args.seed} "
         f"--steps {args.steps} --lr {args.lr} --adapt-steps {','.join(map(str, args.adapt_steps))} "
         f"--adapt-lrs {','.join(map(str, args.adapt_lrs))} --inits {','.join(args.inits)} "
-        f"--ft-steps {','.join(map(str, args.ft_steps))} --samples {args.samples} "
+        f"--ft-steps {','.join(map(str, args.ft_steps))} "
+        + (f"--ft-lrs {','.join(map(str, args.ft_lrs))} " if args.ft_lrs else "")
+        + f"--samples {args.samples} "
         f"--sample-steps {args.sample_steps}"
         + (f" --embedding-dim {args.embedding_dim}" if args.embedding_dim else "")
         + (f" --new-client-images {args.new_client_images}" if args.new_client_images else "")
@@ -215,6 +222,7 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     args.adapt_steps = numbers(args.adapt_steps, int)
     args.adapt_lrs = numbers(args.adapt_lrs, float)
     args.ft_steps = numbers(args.ft_steps, int)
+    args.ft_lrs = numbers(args.ft_lrs, float)
     args.inits = [s for s in args.inits.split(",") if s]
     bad = [s for s in args.inits if s not in INITS]
     if bad or not args.inits:
@@ -247,4 +255,7 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapt-lrs", default="0.01,0.1,1.0", help="SPIRE embedding Adam lrs")
     p.add_argument("--inits", default=",".join(INITS), help=f"embedding inits of {INITS}")
     p.add_argument("--ft-steps", default="10,100", help="FedAvg full fine-tuning steps")
+    p.add_argument(
+        "--ft-lrs", default="", help="FedAvg fine-tuning Adam lrs (default: the client --lr)"
+    )
     p.set_defaults(func=cmd_ablation)
