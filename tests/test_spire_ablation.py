@@ -56,6 +56,10 @@ def test_few_shot_new_clients_share_the_pretraining_cache(tmp_path):
     assert len(list(tmp_path.glob("diffusion_pretrained_*_r*.pt"))) == 1
     exp = spire_ablation.experiment(few, "spire")
     assert exp.dataset.train_sizes[exp.new_clients].tolist() == [3] * len(exp.new_clients)
+    # the KID feature CNN is trained on the full data whatever the cap: one cached network
+    diffusion.feature_map(tiny_args(tmp_path, 1))
+    diffusion.feature_map(few)
+    assert len(list(tmp_path.glob("features-*.pt"))) == 1
 
 
 def test_table2_seed0_holds_out_a_class_no_training_client_has():

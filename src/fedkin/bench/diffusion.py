@@ -51,8 +51,9 @@ import torch
 
 from fedkin.config import load_config
 from fedkin.core.tree import tree_leaves
+from fedkin.data import build_dataset
 from fedkin.experiment import Experiment
-from fedkin.models.diffusion_metrics import feature_classifier, fid, kid
+from fedkin.models.diffusion_metrics import FeatureMap, feature_classifier, fid, kid
 
 METHODS = ("spire", "adept-dgm", "local", "fedavg", "fedavg-ft", "fedavg-ft-last")
 #: methods that reuse another's pretraining (the FedAvg model, adapted differently)
@@ -127,6 +128,21 @@ def train(exp: Experiment, rounds: int, log) -> None:
         )
 
 
+def all_new_client_data(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` without ``--new-client-images``. Training never reads a new client's data
+    (tests/test_new_client_data.py), so runs that differ only in it share their pretraining,
+    and the feature CNN (:func:`feature_map`) is the same for all of them."""
+    return argparse.Namespace(**{**vars(args), "new_client_images": None})
+
+
+def feature_map(args: argparse.Namespace) -> tuple[FeatureMap, float]:
+    """The KID/FID feature CNN and its pooled test accuracy, trained on every client's full
+    training data (whatever ``--new-client-images``, so few-shot KIDs share the full-data
+    scale) and cached in ``args.cache``."""
+    cfg = load_config(None, base_overrides(all_new_client_data(args)))
+    return feature_classifier(build_dataset(cfg.data, cfg.seed), Path(args.cache))
+
+
 def pretrained(args: argparse.Namespace, method: str, log) -> dict:
     """The experiment state after ``args.rounds`` training rounds of ``method`` (pretraining
     is the expensive part), cached in ``args.cache`` under a hash of the settings that shape
@@ -134,9 +150,7 @@ def pretrained(args: argparse.Namespace, method: str, log) -> dict:
     A longer run continues from the longest cached shorter one (resume is bit-identical). The
     key does not cover the code: clear the cache after changing an algorithm or the model."""
     method = SHARED_PRETRAINING.get(method, method)
-    # training never reads a new client's data (tests/test_new_client_data.py), so runs that
-    # differ only in --new-client-images share their pretraining
-    args = argparse.Namespace(**{**vars(args), "new_client_images": None})
+    args = all_new_client_data(args)  # training never reads a new client's data
     key = json.dumps([base_overrides(argparse.Namespace(**{**vars(args), "rounds": 0})), method])
     stem = f"diffusion_pretrained_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     cache = Path(args.cache)
@@ -286,7 +300,7 @@ def data_floor(exp_args: argparse.Namespace, features) -> list[dict]:
 def table2(args: argparse.Namespace, log=print) -> tuple[list[dict], dict]:
     """All rows of Table 2 and the generated images per method and client."""
     probe = Experiment(load_config(None, base_overrides(args)))
-    features, accuracy = feature_classifier(probe.dataset, Path(args.cache))
+    features, accuracy = feature_map(args)
     log(f"feature CNN: pooled test accuracy {accuracy:.3f}")
     rows = [
         row("feature-cnn", "test_accuracy", accuracy, 0),
@@ -433,7 +447,7 @@ def markdown(rows: list[dict], command: str) -> str:
         lines.append(
             f"| {m} | {cell(m, 'kid_train')} | {cell(m, 'kid_new')} | "
             f"{cell(m, 'fid_train', 2)} | {cell(m, 'fid_new', 2)} | {forget_cell} | "
-            f"{params or ''} |"
+            f"{'' if m == 'data' else params} |"
         )
     acc = by[("feature-cnn", "test_accuracy")]["value"]
     lines += ["", f"Feature CNN (KID/FID features) pooled test accuracy: {acc:.3f}."]

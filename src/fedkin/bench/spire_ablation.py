@@ -38,6 +38,7 @@ from fedkin.bench.diffusion import (
     add_arguments,
     base_overrides,
     client_class,
+    feature_map,
     generate,
     method_overrides,
     normalize,
@@ -46,7 +47,6 @@ from fedkin.bench.diffusion import (
 )
 from fedkin.config import load_config
 from fedkin.experiment import Experiment
-from fedkin.models.diffusion_metrics import feature_classifier
 
 INITS = ("mean", "random", "zero", "twin")
 
@@ -83,7 +83,7 @@ def summary_rows(setting: dict, values: dict[int, float], covered: dict[int, boo
 
 def sweep(args: argparse.Namespace, log=print) -> list[dict]:
     probe = experiment(args, "spire")
-    features, _ = feature_classifier(probe.dataset, Path(args.cache))
+    features, _ = feature_map(args)
     old, new = probe.training_clients.tolist(), probe.new_clients.tolist()
     cls = {i: client_class(probe, i) for i in old + new}
     covered = {j: any(cls[i] == cls[j] for i in old) for j in new}
