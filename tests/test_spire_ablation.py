@@ -15,7 +15,7 @@ pytest.importorskip("diffusers")
 from fedkin.bench import diffusion, spire_ablation
 from fedkin.core.tree import tree_leaves
 
-SMALL = "--clients 10 --channels 8,16 --steps 2 --samples 12 --sample-steps 3"
+SMALL = "--clients 10 --channels 8,16 --steps 2 --samples 12 --sample-steps 3 --seed 0"
 
 
 def tiny_args(tmp_path, rounds: int, *extra: str) -> argparse.Namespace:

@@ -363,14 +363,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="training images each new client keeps to adapt on (few-shot); default all",
     )
-    p.add_argument("--rounds", type=int, default=30, help="training rounds")
+    p.add_argument("--rounds", type=int, default=240, help="training rounds")
     p.add_argument("--steps", type=int, default=10, help="local steps = adaptation budget")
     p.add_argument("--batch", type=int, default=16, help="local batch size")
     p.add_argument("--lr", type=float, default=2e-3, help="client Adam learning rate")
     p.add_argument("--adapt-lr", type=float, default=0.1, help="SPIRE embedding Adam lr")
     p.add_argument("--samples", type=int, default=50, help="generated images per client")
     p.add_argument("--sample-steps", type=int, default=25, help="DDPM sampling steps")
-    p.add_argument("--seed", type=int, default=0, help="seed (partition, init, noise)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=1,
+        help="seed (partition, init, noise); 1: every new digit is trained on",
+    )
     p.add_argument(
         "--cache",
         default=str(Path.home() / ".cache" / "fedkin"),
