@@ -422,9 +422,14 @@ def command_line(args: argparse.Namespace) -> str:
         f"--holdout {args.holdout} --channels {','.join(map(str, args.channels))} "
         f"--rounds {args.rounds} --steps {args.steps} --batch {args.batch} --lr {args.lr} "
         f"--adapt-lr {args.adapt_lr} --samples {args.samples} "
-        f"--sample-steps {args.sample_steps} --seed {args.seed}"
-        + (f" --embedding-dim {args.embedding_dim}" if args.embedding_dim else "")
-        + (f" --new-client-images {args.new_client_images}" if args.new_client_images else "")
+        f"--sample-steps {args.sample_steps} --seed {args.seed}{optional_flags(args)}"
+    )
+
+
+def optional_flags(args: argparse.Namespace) -> str:
+    """The optional model/data flags that were given, as they appear on a command line."""
+    return (f" --embedding-dim {args.embedding_dim}" if args.embedding_dim else "") + (
+        f" --new-client-images {args.new_client_images}" if args.new_client_images else ""
     )
 
 

@@ -42,6 +42,7 @@ from fedkin.bench.diffusion import (
     generate,
     method_overrides,
     normalize,
+    optional_flags,
     pretrained,
     scores,
 )
@@ -209,9 +210,7 @@ def command_line(args: argparse.Namespace) -> str:
         f"--ft-steps {','.join(map(str, args.ft_steps))} "
         + (f"--ft-lrs {','.join(map(str, args.ft_lrs))} " if args.ft_lrs else "")
         + f"--samples {args.samples} "
-        f"--sample-steps {args.sample_steps}"
-        + (f" --embedding-dim {args.embedding_dim}" if args.embedding_dim else "")
-        + (f" --new-client-images {args.new_client_images}" if args.new_client_images else "")
+        f"--sample-steps {args.sample_steps}{optional_flags(args)}"
     )
 
 

@@ -7,12 +7,12 @@ Model (Ho et al. 2020, ε-prediction, linear β schedule β_1..β_T, ᾱ_t = Π_
     L(φ, e) = E_{t,ε} ‖ε − ε_φ(x_t, t, e)‖² / D      (D = pixels; the diffusion task's loss).
 
 The client embedding e ∈ ℝ^{d_e} (d_e = the time-embedding width, ``embedding_dim``, by default
-4·channels[0] as in diffusers) is added to
-the timestep embedding: it is the U-Net's class-embedding table with **one row**, the row of the
-client that holds the model (``unet.class_embedding.weight``, shape ``[1, d_e]``), looked up
-with class label 0. A server-side table E ∈ ℝ^{m×d_e} of which client i updates only row i is
-the same thing; keeping the row in the client's parameters lets every algorithm treat it as an
-ordinary parameter (SPIRE keeps it on the client, FedAvg averages it, Local trains it).
+4·channels[0] as in diffusers) is added to the timestep embedding: it is the U-Net's
+class-embedding table with **one row**, the row of the client that holds the model
+(``unet.class_embedding.weight``, shape ``[1, d_e]``), looked up with class label 0. A
+server-side table E ∈ ℝ^{m×d_e} of which client i updates only row i is the same thing; keeping
+the row in the client's parameters lets every algorithm treat it as an ordinary parameter (SPIRE
+keeps it on the client, FedAvg averages it, Local trains it).
 
 Images: data rows in [0, 1] are reshaped to ``image_shape`` and mapped to x_0 = 2x − 1;
 samples are mapped back by (x + 1)/2.
